@@ -1,0 +1,1 @@
+//! CPU kernels (written by the cpu-kernels work).

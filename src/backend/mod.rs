@@ -1,0 +1,52 @@
+//! Backends execute kernel graphs. They know kernels and buffers, never GPT-2.
+//!
+//! * `cpu`  — plain Rust, multithreaded; the numerical reference and the fallback.
+//! * `wgpu` — WGSL compute shaders (`shaders/`), Vulkan/Metal/DX12/GL.
+//! * `cuda` — CUDA C (`cuda/`) compiled with NVRTC at run time, cuBLAS for matmuls.
+
+pub mod cpu;
+
+use crate::error::Result;
+use crate::graph::{BufId, BufferTable, Launch};
+
+/// What every backend implements. A typical life: `alloc` once with the graph's buffer table,
+/// `upload` parameters, then per step `upload` tokens/targets/hyper, `run` the phases, and
+/// `download` the losses. `run` may return before the device finishes; `download` and `sync` wait.
+pub trait Backend {
+    /// Short name and device, e.g. "cpu (2 threads)" or "wgpu: NVIDIA H100 (Vulkan)".
+    fn name(&self) -> String;
+    /// Allocate every buffer of the table (zero-filled). Called once; buffer ids index the table.
+    fn alloc(&mut self, table: &BufferTable) -> Result<()>;
+    /// Copy host f32 data into a whole f32 buffer (`data.len()` must equal its length).
+    fn upload_f32(&mut self, id: BufId, data: &[f32]) -> Result<()>;
+    /// Copy host i32 data into a whole i32 buffer.
+    fn upload_i32(&mut self, id: BufId, data: &[i32]) -> Result<()>;
+    /// Read a whole f32 buffer back (waits for pending work).
+    fn download_f32(&mut self, id: BufId) -> Result<Vec<f32>>;
+    /// Execute launches in order.
+    fn run(&mut self, launches: &[Launch]) -> Result<()>;
+    /// Wait until all submitted work has finished.
+    fn sync(&mut self) -> Result<()>;
+}
+
+/// Which backend the user asked for (`--backend`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    /// the best available: a real GPU through CUDA or wgpu, else cpu
+    Auto,
+    Cpu,
+    Wgpu,
+    Cuda,
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            BackendKind::Auto => "auto",
+            BackendKind::Cpu => "cpu",
+            BackendKind::Wgpu => "wgpu",
+            BackendKind::Cuda => "cuda",
+        };
+        f.write_str(s)
+    }
+}

@@ -1,0 +1,1 @@
+//! Data: llm.c token shards, the GPT-2 tokenizer, and `wgpt prepare`.

@@ -1,0 +1,197 @@
+//! The kernel vocabulary: every operation a backend must implement. A `Launch` is one kernel with
+//! its buffer views and static scalars. Backends map each variant to an implementation
+//! (`src/backend/cpu/kernels.rs`, `shaders/<family>.wgsl`, `cuda/<family>.cu`) and know nothing else.
+//!
+//! Conventions, for all backends:
+//! * A `View` is `len` elements of buffer `buf` starting at element `offset` (f32 unless stated).
+//! * Row-major activations: `(n, c)` means n rows of c contiguous values; n = B·T.
+//! * Matrices are (out, in) like nn.Linear: y = x·Wᵀ + b.
+//! * "writes" means the output is overwritten; "adds" means the kernel accumulates (+=) into it.
+//!   Parameter gradients are always accumulated (so micro-batches add up); activation gradients are
+//!   written, except where `accumulate` says otherwise.
+//! * `hyper` is a small f32 buffer of per-step optimiser scalars, see [`Hyper`].
+
+/// Identifies one buffer in a [`crate::graph::BufferTable`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BufId(pub u32);
+
+/// `len` elements of buffer `buf` starting at element `offset`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct View {
+    pub buf: BufId,
+    pub offset: usize,
+    pub len: usize,
+}
+
+impl View {
+    /// The sub-view `[start, start+len)` of this view.
+    pub fn slice(&self, start: usize, len: usize) -> View {
+        assert!(start + len <= self.len, "view slice out of range");
+        View { buf: self.buf, offset: self.offset + start, len }
+    }
+}
+
+/// Slots of the `hyper` buffer (f32). The host writes LR..BC2 before each update; `ClipScale`
+/// writes GRAD_SCALE and GRAD_NORM on the device, so no host round trip sits inside a step.
+pub struct Hyper;
+impl Hyper {
+    pub const LR: usize = 0;
+    pub const BETA1: usize = 1;
+    pub const BETA2: usize = 2;
+    pub const EPS: usize = 3;
+    /// 1 − β1^t (t = 1-based step)
+    pub const BC1: usize = 4;
+    /// 1 − β2^t
+    pub const BC2: usize = 5;
+    /// multiplier applied to every gradient in AdamW (1/norm when clipping, else 1)
+    pub const GRAD_SCALE: usize = 6;
+    /// the global L2 norm of the gradients before clipping
+    pub const GRAD_NORM: usize = 7;
+    pub const LEN: usize = 8;
+}
+
+/// One operation. Sizes are element counts; `n` = rows (B·T), `c` = channels.
+#[derive(Clone, Debug)]
+pub enum Kernel {
+    /// out[b,t,:] = wte[tokens[b,t],:] + wpe[t,:].  tokens: i32 (b·t); out: (b·t, c)
+    EncoderForward { out: View, tokens: View, wte: View, wpe: View, b: usize, t: usize, c: usize },
+    /// dwte[tokens[b,t],:] += dout[b,t,:];  dwpe[t,:] += dout[b,t,:]
+    EncoderBackward { dwte: View, dwpe: View, dout: View, tokens: View, b: usize, t: usize, c: usize },
+
+    /// out = (x − mean)·rstd·weight + bias per row, rstd = 1/√(var + 1e-5) (biased var);
+    /// writes out (n,c), mean (n), rstd (n)
+    LayerNormForward { out: View, mean: View, rstd: View, inp: View, weight: View, bias: View, n: usize, c: usize },
+    /// x̂ = (x−mean)·rstd, g = dout·weight:  dinp = rstd·(g − mean(g) − x̂·mean(g·x̂)) (adds if
+    /// `accumulate`, else writes);  dweight += Σ_rows dout·x̂;  dbias += Σ_rows dout
+    LayerNormBackward {
+        dinp: View, dweight: View, dbias: View, dout: View, inp: View, weight: View, mean: View, rstd: View,
+        n: usize, c: usize, accumulate: bool,
+    },
+
+    /// out (n,oc) = inp (n,c) · weightᵀ (weight is (oc,c)) + bias (oc, optional). Writes out.
+    MatmulForward { out: View, inp: View, weight: View, bias: Option<View>, n: usize, c: usize, oc: usize },
+    /// dinp (n,c) = dout (n,oc) · weight (writes);  dweight (oc,c) += doutᵀ·inp;  dbias (oc) += Σ_rows dout
+    MatmulBackward {
+        dinp: View, dweight: View, dbias: Option<View>, dout: View, inp: View, weight: View,
+        n: usize, c: usize, oc: usize,
+    },
+
+    /// Causal self-attention. qkv: (b,t,3c) = [q | k | v], head h uses features [h·hs, (h+1)·hs),
+    /// hs = c/nh.  s[u] = q_t·k_u/√hs for u ≤ t, p = softmax(s), out[b,t,h·hs..] = Σ_u p[u]·v_u.
+    /// Writes out (b·t, c) and lse (b, nh, t) = max + ln Σ exp(s − max), the softmax statistics
+    /// that the backward uses to recompute p (no (t,t) matrix is stored).
+    AttentionForward { out: View, lse: View, qkv: View, b: usize, t: usize, c: usize, nh: usize },
+    /// Recomputes p = exp(s − lse); with dP = dout·vᵀ, D_t = Σ dout_t·out_t, dS = p∘(dP − D):
+    /// dq = dS·k/√hs, dk = dSᵀ·q/√hs, dv = pᵀ·dout.  Writes dqkv (b·t, 3c).
+    AttentionBackward { dqkv: View, dout: View, out: View, lse: View, qkv: View, b: usize, t: usize, c: usize, nh: usize },
+
+    /// out = 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
+    GeluForward { out: View, inp: View, n: usize },
+    /// dinp = dout·gelu'(x) (writes)
+    GeluBackward { dinp: View, inp: View, dout: View, n: usize },
+
+    /// out = a + b (elementwise, n elements)
+    ResidualForward { out: View, a: View, b: View, n: usize },
+
+    /// Per row r < n: logits row (vp wide, only the first v are real). Writes losses[r] =
+    /// logsumexp(logits[r,:v]) − logits[r,targets[r]].  If `write_grad`, overwrites the logits row
+    /// in place with dlogits = (softmax(logits[r,:v]) − onehot(target))·dloss and 0 in [v, vp);
+    /// otherwise leaves the logits untouched. targets: i32 (n).
+    CrossEntropy { logits: View, losses: View, targets: View, n: usize, v: usize, vp: usize, dloss: f32, write_grad: bool },
+
+    /// out = 0
+    Zero { out: View },
+
+    /// out[slot] = Σ inp²  (one launch per gradient tensor; `out` is the norm-parts buffer)
+    SumSquares { out: View, inp: View, slot: usize },
+    /// norm = √(Σ parts); hyper[GRAD_NORM] = norm; hyper[GRAD_SCALE] = if max_norm > 0 && norm > max_norm
+    /// { max_norm / norm } else { 1 }
+    ClipScale { hyper: View, parts: View, max_norm: f32 },
+
+    /// g = grad·hyper[GRAD_SCALE]; m = β1·m + (1−β1)·g; v = β2·v + (1−β2)·g²;
+    /// param −= lr·((m/bc1) / (√(v/bc2) + eps) + weight_decay·param)   (decoupled decay, old param)
+    AdamW { param: View, grad: View, m: View, v: View, hyper: View, weight_decay: f32 },
+}
+
+impl Kernel {
+    /// The kernel family: the file name (without extension) under `shaders/` and `cuda/`.
+    pub fn family(&self) -> &'static str {
+        use Kernel::*;
+        match self {
+            EncoderForward { .. } | EncoderBackward { .. } => "encoder",
+            LayerNormForward { .. } | LayerNormBackward { .. } => "layernorm",
+            MatmulForward { .. } | MatmulBackward { .. } => "matmul",
+            AttentionForward { .. } | AttentionBackward { .. } => "attention",
+            GeluForward { .. } | GeluBackward { .. } => "gelu",
+            ResidualForward { .. } => "residual",
+            CrossEntropy { .. } => "classifier",
+            AdamW { .. } => "adamw",
+            Zero { .. } | SumSquares { .. } | ClipScale { .. } => "reduce",
+        }
+    }
+
+    /// Views the kernel writes or accumulates into (for hazard tracking and the cpu executor).
+    pub fn outputs(&self) -> Vec<View> {
+        use Kernel::*;
+        match self {
+            EncoderForward { out, .. } => vec![*out],
+            EncoderBackward { dwte, dwpe, .. } => vec![*dwte, *dwpe],
+            LayerNormForward { out, mean, rstd, .. } => vec![*out, *mean, *rstd],
+            LayerNormBackward { dinp, dweight, dbias, .. } => vec![*dinp, *dweight, *dbias],
+            MatmulForward { out, .. } => vec![*out],
+            MatmulBackward { dinp, dweight, dbias, .. } => {
+                let mut v = vec![*dinp, *dweight];
+                v.extend(dbias.iter().copied());
+                v
+            }
+            AttentionForward { out, lse, .. } => vec![*out, *lse],
+            AttentionBackward { dqkv, .. } => vec![*dqkv],
+            GeluForward { out, .. } => vec![*out],
+            GeluBackward { dinp, .. } => vec![*dinp],
+            ResidualForward { out, .. } => vec![*out],
+            CrossEntropy { logits, losses, write_grad, .. } => {
+                if *write_grad { vec![*logits, *losses] } else { vec![*losses] }
+            }
+            Zero { out } => vec![*out],
+            SumSquares { out, .. } => vec![*out],
+            ClipScale { hyper, .. } => vec![*hyper],
+            AdamW { param, m, v, .. } => vec![*param, *m, *v],
+        }
+    }
+
+    /// Views the kernel only reads.
+    pub fn inputs(&self) -> Vec<View> {
+        use Kernel::*;
+        match self {
+            EncoderForward { tokens, wte, wpe, .. } => vec![*tokens, *wte, *wpe],
+            EncoderBackward { dout, tokens, .. } => vec![*dout, *tokens],
+            LayerNormForward { inp, weight, bias, .. } => vec![*inp, *weight, *bias],
+            LayerNormBackward { dout, inp, weight, mean, rstd, .. } => vec![*dout, *inp, *weight, *mean, *rstd],
+            MatmulForward { inp, weight, bias, .. } => {
+                let mut v = vec![*inp, *weight];
+                v.extend(bias.iter().copied());
+                v
+            }
+            MatmulBackward { dout, inp, weight, .. } => vec![*dout, *inp, *weight],
+            AttentionForward { qkv, .. } => vec![*qkv],
+            AttentionBackward { dout, out, lse, qkv, .. } => vec![*dout, *out, *lse, *qkv],
+            GeluForward { inp, .. } => vec![*inp],
+            GeluBackward { inp, dout, .. } => vec![*inp, *dout],
+            ResidualForward { a, b, .. } => vec![*a, *b],
+            CrossEntropy { logits, targets, write_grad, .. } => {
+                if *write_grad { vec![*targets] } else { vec![*logits, *targets] }
+            }
+            Zero { .. } => vec![],
+            SumSquares { inp, .. } => vec![*inp],
+            ClipScale { parts, .. } => vec![*parts],
+            AdamW { grad, hyper, .. } => vec![*grad, *hyper],
+        }
+    }
+}
+
+/// One kernel launch in a graph, with a label for profiling and error messages ("l3.ln1.fwd").
+#[derive(Clone, Debug)]
+pub struct Launch {
+    pub label: String,
+    pub kernel: Kernel,
+}

@@ -1,0 +1,10 @@
+//! GPT-2 model definition: configuration, parameter layout, initialisation, llm.c checkpoints.
+
+pub mod checkpoint;
+pub mod config;
+pub mod debug_state;
+pub mod init;
+pub mod params;
+
+pub use config::Config;
+pub use params::{ParamLayout, NUM_PARAM_TENSORS, PARAM_NAMES};

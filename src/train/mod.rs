@@ -1,0 +1,1 @@
+//! Training loop, schedules, checkpoints and logging.

@@ -5,6 +5,8 @@
 //! * `cuda` — CUDA C (`cuda/`) compiled with NVRTC at run time, cuBLAS for matmuls.
 
 pub mod cpu;
+pub mod cuda;
+pub mod wgpu;
 
 use crate::error::Result;
 use crate::graph::{BufId, BufferTable, Launch};

@@ -1,8 +1,11 @@
 pub mod atomic;
 pub mod backend;
+pub mod bench;
 pub mod data;
 pub mod error;
 pub mod graph;
+pub mod info;
 pub mod model;
 pub mod rng;
 pub mod train;
+pub mod verify;

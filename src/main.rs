@@ -1,1 +1,215 @@
-fn main() {}
+//! The `wgpt` command line.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use wgpt::backend::{self, BackendKind};
+use wgpt::bench::{BenchArgs, BenchKernel};
+use wgpt::error::{Error, Result};
+use wgpt::train::TrainArgs;
+use wgpt::verify::VerifyArgs;
+
+#[derive(Parser)]
+#[command(name = "wgpt", version, about = "GPT-2 training on any GPU (wgpu), on CUDA, or on the CPU; llm.c-compatible files")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Train a GPT-2 (with no flags: a small model on the bundled Shakespeare, ~3 min on 2 CPU cores)
+    Train(TrainArgs),
+    /// Generate text from a checkpoint
+    Sample(SampleArgs),
+    /// Check a backend against an llm.c debug state (the port of llm.c's test_gpt2)
+    Verify(VerifyArgs),
+    /// Encode text files with the GPT-2 BPE into llm.c token shards
+    Prepare(PrepareArgs),
+    /// Time training steps or a kernel
+    Bench(BenchArgs),
+    /// List the backends and devices available here, and why an absent one is absent
+    Info,
+    /// Compile the CUDA kernels with NVRTC for the given architectures (no GPU needed)
+    Kernels(KernelsArgs),
+}
+
+#[derive(clap::Args)]
+struct SampleArgs {
+    /// llm.c model checkpoint
+    #[arg(long)]
+    model: PathBuf,
+    /// text to continue (default: start from <|endoftext|>)
+    #[arg(long, default_value = "")]
+    prompt: String,
+    /// tokens to generate
+    #[arg(long, default_value_t = 64)]
+    tokens: usize,
+    /// softmax temperature (0 = greedy)
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    /// keep only the K most likely tokens (0 = all)
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// sampler seed
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    /// context window used for generation (default: min(maxT, prompt + tokens))
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// tokenizer file (default: the built-in GPT-2 BPE)
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
+    backend: BackendKind,
+    /// device index for wgpu/cuda
+    #[arg(long)]
+    device: Option<usize>,
+    /// cpu backend threads (default: all cores)
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(clap::Args)]
+struct PrepareArgs {
+    /// text files (UTF-8); documents are separated by blank lines
+    #[arg(required = true)]
+    text: Vec<PathBuf>,
+    /// output directory for <name>_train.bin, <name>_val.bin and gpt2_tokenizer.bin
+    #[arg(long)]
+    out: PathBuf,
+    /// tokens in the validation shard (the first ones, like llm.c's tinyshakespeare.py)
+    #[arg(long, default_value_t = 32768)]
+    val_tokens: usize,
+}
+
+#[derive(clap::Args)]
+struct KernelsArgs {
+    /// compile the CUDA kernels
+    #[arg(long)]
+    cuda: bool,
+    /// comma-separated architectures
+    #[arg(long, default_value = "sm_70,sm_80,sm_90", value_delimiter = ',')]
+    arch: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("wgpt: internal error: {info}");
+    }));
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let cmd = cli.cmd.unwrap_or_else(|| {
+        eprintln!("wgpt: no command given; running `wgpt train` with its defaults (see `wgpt --help`)");
+        Cmd::Train(TrainArgs::parse_from_defaults())
+    });
+    match cmd {
+        Cmd::Train(a) => {
+            wgpt::train::run(&a)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Sample(a) => sample(&a),
+        Cmd::Verify(mut a) => {
+            if a.expected.is_none() {
+                let beside = a.state.with_file_name("expected.json");
+                if beside.exists() {
+                    a.expected = Some(beside);
+                }
+            }
+            let r = wgpt::verify::run(&a)?;
+            wgpt::verify::print(&r, &a);
+            if a.json {
+                println!("{}", serde_json::to_string(&r).unwrap());
+            }
+            Ok(if r.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Cmd::Prepare(a) => {
+            let s = wgpt::data::prepare::prepare(&a.text, &a.out, a.val_tokens)?;
+            println!("train: {} ({} tokens)", s.train_path.display(), s.train_tokens);
+            println!("val:   {} ({} tokens)", s.val_path.display(), s.val_tokens);
+            println!("tokenizer: {}", s.tokenizer_path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench(a) => {
+            match a.kernel {
+                BenchKernel::Step => {
+                    let r = wgpt::bench::run_step(&a)?;
+                    println!(
+                        "{} | {} B={} T={} | {:.1} ms/step (median of {}) | {:.0} tokens/s | {:.2} TFLOP/s",
+                        r.backend, r.model, r.batch, r.seq_len, r.ms_per_step, r.ms_all.len(), r.tokens_per_s, r.tflops
+                    );
+                    if a.json {
+                        println!("{}", serde_json::to_string(&r).unwrap());
+                    }
+                }
+                BenchKernel::Matmul => {
+                    let r = wgpt::bench::run_matmul(&a)?;
+                    println!("{} | matmul {}x{}x{} | {:.3} ms | {:.1} GFLOP/s", r.backend, a.m, a.k, a.n, r.ms, r.gflops);
+                    if a.json {
+                        println!("{}", serde_json::to_string(&r).unwrap());
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Info => {
+            print!("{}", wgpt::info::report());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Kernels(a) => {
+            if !a.cuda {
+                return Err(Error::flag("--cuda", "say which kernels to compile (only --cuda exists)"));
+            }
+            wgpt::info::compile_cuda(&a.arch)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+trait ParseDefaults {
+    fn parse_from_defaults() -> Self;
+}
+impl ParseDefaults for TrainArgs {
+    fn parse_from_defaults() -> Self {
+        #[derive(Parser)]
+        struct W {
+            #[command(flatten)]
+            a: TrainArgs,
+        }
+        W::parse_from(["wgpt"]).a
+    }
+}
+
+fn sample(a: &SampleArgs) -> Result<ExitCode> {
+    use wgpt::data::tokenizer::Tokenizer;
+    use wgpt::train::{sample, session::Session};
+    let (cfg, params) = wgpt::model::checkpoint::read_checkpoint(&a.model)?;
+    let tok = match &a.tokenizer {
+        Some(p) => Tokenizer::read(p)?,
+        None => Tokenizer::gpt2()?,
+    };
+    let prompt = if a.prompt.is_empty() { vec![] } else { tok.encode(&a.prompt) };
+    if let Some(&bad) = prompt.iter().find(|&&id| id as usize >= cfg.v) {
+        return Err(Error::flag("--prompt", format!("token id {bad} is outside the model's vocabulary of {}", cfg.v)));
+    }
+    let want = prompt.len().max(1) + a.tokens;
+    let t = a.seq_len.unwrap_or(want.min(cfg.max_t));
+    if t == 0 || t > cfg.max_t {
+        return Err(Error::flag("--seq-len", format!("must be in 1..={}", cfg.max_t)));
+    }
+    let backend = backend::create(a.backend, a.device, a.threads)?;
+    let mut sess = Session::new(backend, wgpt::graph::build_forward(&cfg, 1, t))?;
+    sess.upload_params(&params)?;
+    let ids = sample::generate(&mut sess, &prompt, a.tokens, a.temperature, a.top_k, a.seed)?;
+    println!("{}{}", a.prompt, tok.decode(&ids));
+    Ok(ExitCode::SUCCESS)
+}

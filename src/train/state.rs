@@ -1,0 +1,108 @@
+//! Training checkpoints in `--out DIR`, laid out like llm.c's train_gpt2.cu:
+//! `model_%08d.bin` (llm.c model file), `state_%08d_00000.bin` (optimiser + data position) and an
+//! empty `DONE_%08d` written last, which marks the checkpoint complete. Every file is written to a
+//! temporary name and renamed, so a crash never leaves a half-written checkpoint that `--resume`
+//! would pick.
+//!
+//! State file: a 256 × i32 header with llm.c's magic 20240527, version 1, num_processes 1, rank 0,
+//! use_master_weights 0, should_shuffle, step at word 10 (as llm.c); then AdamW m and v (f32, in
+//! checkpoint-parameter order, as llm.c); then — where llm.c stores its shuffle RNG structs — a
+//! u64 length and a JSON object with wgpt's loader state and run shape.
+
+use crate::atomic::write_atomic_with;
+use crate::data::shards::LoaderState;
+use crate::error::{Error, Result};
+use std::path::{Path, PathBuf};
+
+pub const STATE_MAGIC: i32 = 20240527;
+pub const STATE_VERSION: i32 = 1;
+
+/// What the state file carries besides m and v.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StateExtra {
+    pub loader: LoaderState,
+    pub b: usize,
+    pub t: usize,
+    pub grad_accum: usize,
+    pub num_params: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct TrainState {
+    /// optimiser steps already taken
+    pub step: usize,
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+    pub extra: StateExtra,
+}
+
+pub fn model_path(dir: &Path, step: usize) -> PathBuf {
+    dir.join(format!("model_{step:08}.bin"))
+}
+pub fn state_path(dir: &Path, step: usize) -> PathBuf {
+    dir.join(format!("state_{step:08}_00000.bin"))
+}
+pub fn done_path(dir: &Path, step: usize) -> PathBuf {
+    dir.join(format!("DONE_{step:08}"))
+}
+
+/// The newest step with a DONE marker in `dir`.
+pub fn latest_done(dir: &Path) -> Option<usize> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("DONE_")?.parse::<usize>().ok())
+        .max()
+}
+
+pub fn write_state(path: &Path, st: &TrainState, shuffle: bool) -> Result<()> {
+    let json = serde_json::to_vec(&st.extra).map_err(|e| Error::Data(format!("serialising state: {e}")))?;
+    write_atomic_with(path, |w| {
+        let mut header = [0i32; 256];
+        header[0] = STATE_MAGIC;
+        header[1] = STATE_VERSION;
+        header[2] = 1;
+        header[5] = shuffle as i32;
+        header[10] = st.step as i32;
+        w.write_all(bytemuck::cast_slice(&header))?;
+        w.write_all(bytemuck::cast_slice(&st.m))?;
+        w.write_all(bytemuck::cast_slice(&st.v))?;
+        w.write_all(&(json.len() as u64).to_le_bytes())?;
+        w.write_all(&json)
+    })
+}
+
+pub fn read_state(path: &Path, num_params: usize) -> Result<TrainState> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let fail = |msg: String| Error::format(path, msg);
+    if bytes.len() < 1024 {
+        return Err(fail(format!("truncated state file ({} bytes, header alone is 1024)", bytes.len())));
+    }
+    let word = |i: usize| i32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap());
+    if word(0) != STATE_MAGIC {
+        return Err(fail(format!("bad magic {} (expected training-state magic {STATE_MAGIC})", word(0))));
+    }
+    if word(1) != STATE_VERSION {
+        return Err(fail(format!("unsupported state version {} (expected {STATE_VERSION})", word(1))));
+    }
+    let step = word(10).max(0) as usize;
+    let mv_bytes = 2 * num_params * 4;
+    if bytes.len() < 1024 + mv_bytes + 8 {
+        return Err(fail(format!(
+            "truncated state file: {} bytes, expected at least {} for {num_params} parameters",
+            bytes.len(),
+            1024 + mv_bytes + 8
+        )));
+    }
+    let to_f32 = |b: &[u8]| -> Vec<f32> { b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect() };
+    let m = to_f32(&bytes[1024..1024 + num_params * 4]);
+    let v = to_f32(&bytes[1024 + num_params * 4..1024 + mv_bytes]);
+    let p = 1024 + mv_bytes;
+    let len = u64::from_le_bytes(bytes[p..p + 8].try_into().unwrap()) as usize;
+    let js = bytes.get(p + 8..p + 8 + len).ok_or_else(|| fail("truncated state file (loader state cut off)".into()))?;
+    let extra: StateExtra = serde_json::from_slice(js).map_err(|e| fail(format!("corrupt loader state: {e}")))?;
+    if extra.num_params != num_params {
+        return Err(fail(format!("state is for {} parameters, the model has {num_params}", extra.num_params)));
+    }
+    Ok(TrainState { step, m, v, extra })
+}

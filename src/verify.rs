@@ -1,0 +1,189 @@
+//! `wgpt verify`: the port of llm.c's test_gpt2. Step 0's logits, loss and all 16 gradients are
+//! compared with an llm.c debug-state file, then N AdamW steps run on the same batch.
+
+use crate::backend::{self, BackendKind};
+use crate::error::{Error, Result};
+use crate::graph::{build_train_step, TrainOptions};
+use crate::model::checkpoint::read_checkpoint;
+use crate::model::debug_state::read_debug_state;
+use crate::model::{ParamLayout, NUM_PARAM_TENSORS, PARAM_NAMES};
+use crate::train::session::{AdamConsts, Session};
+use std::path::PathBuf;
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// llm.c model checkpoint (version 3 or 5)
+    #[arg(long)]
+    pub model: PathBuf,
+    /// llm.c debug state (x, y, logits, loss, gradients)
+    #[arg(long)]
+    pub state: PathBuf,
+    #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
+    pub backend: BackendKind,
+    /// device index for wgpu/cuda
+    #[arg(long)]
+    pub device: Option<usize>,
+    /// cpu backend threads (default: all cores)
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// AdamW steps after the step-0 comparison
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f32,
+    /// weight decay, applied to every tensor like test_gpt2.c
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f32,
+    /// expected losses (a JSON file with a "losses" list, like the fixtures' expected.json); each
+    /// step's loss must be within --loss-tol of it
+    #[arg(long)]
+    pub expected: Option<PathBuf>,
+    /// tolerance for the loss (step 0 vs the state file, and per step vs --expected)
+    #[arg(long, default_value_t = 1e-4)]
+    pub loss_tol: f32,
+    /// tolerance for logits (absolute)
+    #[arg(long, default_value_t = 1e-4)]
+    pub logits_tol: f32,
+    /// tolerance for each gradient tensor, relative to its largest magnitude
+    #[arg(long, default_value_t = 1e-4)]
+    pub grad_tol: f32,
+    /// print one JSON object as the last line of stdout
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct GradError {
+    pub name: &'static str,
+    pub max_abs_error: f32,
+    pub max_abs_ref: f32,
+    /// max_abs_error / max_abs_ref
+    pub rel_error: f32,
+    pub ok: bool,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct VerifyReport {
+    pub ok: bool,
+    pub backend: String,
+    pub loss: f32,
+    pub expected_loss: f32,
+    pub logits_max_abs_error: f32,
+    pub grads: Vec<GradError>,
+    pub losses: Vec<f32>,
+    pub expected_losses: Option<Vec<f64>>,
+    pub max_loss_error: Option<f32>,
+}
+
+pub fn run(a: &VerifyArgs) -> Result<VerifyReport> {
+    let (cfg, params) = read_checkpoint(&a.model)?;
+    let st = read_debug_state(&a.state, &cfg)?;
+    let expected: Option<Vec<f64>> = match &a.expected {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::format(p, format!("not JSON: {e}")))?;
+            let list = v["losses"].as_array().ok_or_else(|| Error::format(p, "no \"losses\" list"))?;
+            Some(list.iter().filter_map(|x| x.as_f64()).collect())
+        }
+        None => None,
+    };
+    let (b, t) = (st.b, st.t);
+    if t > cfg.max_t {
+        return Err(Error::format(&a.state, format!("T={t} exceeds the model's maxT={}", cfg.max_t)));
+    }
+    let backend = backend::create(a.backend, a.device, a.threads)?;
+    let graph = build_train_step(&cfg, &TrainOptions { b, t, grad_accum: 1, weight_decay: a.weight_decay, decay_all: true, grad_clip: 0.0 });
+    let mut sess = Session::new(backend, graph)?;
+    sess.upload_params(&params)?;
+    let adam = AdamConsts { beta1: 0.9, beta2: 0.999, eps: 1e-8 };
+    let (v, vp) = (cfg.v, cfg.vp);
+
+    // step 0: logits from a forward pass, then loss and gradients from a training micro-step
+    let mut logits_err = 0f32;
+    sess.eval(&st.x, &st.y)?;
+    let rows = sess.graph.io.logits_rows.min(b * t);
+    for r in 0..rows {
+        let got = sess.logits_row(r)?;
+        for (g, e) in got.iter().zip(&st.logits[r * v..(r + 1) * v]) {
+            logits_err = logits_err.max((g - e).abs());
+        }
+    }
+    let _ = vp;
+    sess.zero_grad()?;
+    let loss0 = sess.train_micro(&st.x, &st.y)?;
+    let grads = sess.download_grads()?;
+    let layout = ParamLayout::new(&cfg);
+    let mut gerrs = Vec::new();
+    for i in 0..NUM_PARAM_TENSORS {
+        let o = layout.offsets[i];
+        // wte's padded rows are compared too: both must be zero there
+        let (g, e) = (&grads[o..o + layout.sizes[i]], &st.grads[o..o + layout.sizes[i]]);
+        let max_ref = e.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let max_err = g.iter().zip(e).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        let rel = if max_ref > 0.0 { max_err / max_ref } else { max_err };
+        gerrs.push(GradError { name: PARAM_NAMES[i], max_abs_error: max_err, max_abs_ref: max_ref, rel_error: rel, ok: rel <= a.grad_tol });
+    }
+    // the update of step 0 and the following steps
+    let mut losses = vec![loss0];
+    sess.update(a.lr, adam, 1)?;
+    for s in 1..a.steps {
+        sess.zero_grad()?;
+        losses.push(sess.train_micro(&st.x, &st.y)?);
+        sess.update(a.lr, adam, s + 1)?;
+    }
+    losses.truncate(a.steps.max(1));
+    let max_loss_error = expected.as_ref().map(|e| {
+        losses.iter().zip(e).fold(0f32, |m, (l, x)| m.max((*l as f64 - x).abs() as f32))
+    });
+    let steps_ok = match (&expected, max_loss_error) {
+        (Some(e), Some(err)) => e.len() >= losses.len() && err <= a.loss_tol,
+        _ => true,
+    };
+    let ok = logits_err <= a.logits_tol
+        && (loss0 - st.loss).abs() <= a.loss_tol
+        && gerrs.iter().all(|g| g.ok)
+        && steps_ok
+        && losses.iter().all(|l| l.is_finite());
+    Ok(VerifyReport {
+        ok,
+        backend: sess.backend.name(),
+        loss: loss0,
+        expected_loss: st.loss,
+        logits_max_abs_error: logits_err,
+        grads: gerrs,
+        losses,
+        expected_losses: expected,
+        max_loss_error,
+    })
+}
+
+/// Human-readable report on stdout (test_gpt2's style).
+pub fn print(r: &VerifyReport, a: &VerifyArgs) {
+    println!("backend: {}", r.backend);
+    println!("logits: max abs error {:.3e} (tol {:.0e}) {}", r.logits_max_abs_error, a.logits_tol, okstr(r.logits_max_abs_error <= a.logits_tol));
+    println!(
+        "loss: {:.6} expected {:.6} error {:.3e} {}",
+        r.loss,
+        r.expected_loss,
+        (r.loss - r.expected_loss).abs(),
+        okstr((r.loss - r.expected_loss).abs() <= a.loss_tol)
+    );
+    for g in &r.grads {
+        println!("grad {:9}: max abs error {:.3e}, relative to max |ref| {:.3e} {}", g.name, g.max_abs_error, g.rel_error, okstr(g.ok));
+    }
+    for (i, l) in r.losses.iter().enumerate() {
+        match r.expected_losses.as_ref().and_then(|e| e.get(i)) {
+            Some(e) => println!("step {i}: loss {l:.6} (expected {e:.6}, error {:.2e})", (*l as f64 - e).abs()),
+            None => println!("step {i}: loss {l:.6}"),
+        }
+    }
+    println!("overall okay: {}", r.ok as i32);
+}
+
+fn okstr(ok: bool) -> &'static str {
+    if ok {
+        "OK"
+    } else {
+        "FAIL"
+    }
+}

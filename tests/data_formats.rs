@@ -347,7 +347,7 @@ fn tokenizer_file_round_trip() {
     small.write(&ps).unwrap();
     let sb = std::fs::read(&ps).unwrap();
     let mut expect = Vec::new();
-    for w in [20240328u32, 2, 4, 3].into_iter().chain(std::iter::repeat(0).take(252)) {
+    for w in [20240328u32, 2, 4, 3].into_iter().chain(std::iter::repeat_n(0, 252)) {
         expect.extend_from_slice(&w.to_le_bytes());
     }
     expect.extend_from_slice(b"\x01a\x02bc\x02\xff\x00\x05<eot>");
@@ -452,11 +452,11 @@ fn prepare_bad_inputs() {
     expect_err(prepare(&[ok.clone(), e], &out, 1), &["empty.txt", "empty"]);
     let bin = put(d, "latin1.txt", b"caf\xe9 au lait");
     expect_err(prepare(&[bin], &out, 1), &["latin1.txt", "UTF-8"]);
-    expect_err(prepare(&[ok.clone()], &out, 5), &["--val-tokens", "5"]);
-    expect_err(prepare(&[ok.clone()], &out, 100), &["--val-tokens"]);
-    expect_err(prepare(&[ok.clone()], &out, 0), &["--val-tokens"]);
+    expect_err(prepare(std::slice::from_ref(&ok), &out, 5), &["--val-tokens", "5"]);
+    expect_err(prepare(std::slice::from_ref(&ok), &out, 100), &["--val-tokens"]);
+    expect_err(prepare(std::slice::from_ref(&ok), &out, 0), &["--val-tokens"]);
     // out dir under a regular file
-    expect_err(prepare(&[ok.clone()], &ok.join("sub"), 1), &["ok.txt"]);
+    expect_err(prepare(std::slice::from_ref(&ok), &ok.join("sub"), 1), &["ok.txt"]);
     assert!(prepare(&[ok], &out, 4).is_ok());
 }
 

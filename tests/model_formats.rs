@@ -401,7 +401,8 @@ fn random_init_d12_size_and_speed() {
     let layout = ParamLayout::new(&cfg);
     let wte = &p[..layout.sizes[idx::WTE]];
     assert!(wte[50257 * 768..].iter().all(|&x| x == 0.0));
-    let (_, sd) = std_dev(&p[layout.offsets[idx::ATTPROJW]..layout.offsets[idx::ATTPROJW] + layout.sizes[idx::ATTPROJW]]);
+    let (_, sd) =
+        std_dev(&p[layout.offsets[idx::ATTPROJW]..layout.offsets[idx::ATTPROJW] + layout.sizes[idx::ATTPROJW]]);
     assert!((sd / (0.02 / 24f64.sqrt()) - 1.0).abs() < 0.01, "attprojw std {sd}");
 }
 
@@ -427,8 +428,8 @@ fn normal_fill_matches_torch_seed_42() {
     check(
         &a,
         &[
-            0.3367, 0.1288, 0.2345, 0.2303, -1.1229, -0.1863, 2.2082, -0.6380, 0.4617, 0.2674, 0.5349, 0.8094,
-            1.1103, -1.6898, -0.9890, 0.9580,
+            0.3367, 0.1288, 0.2345, 0.2303, -1.1229, -0.1863, 2.2082, -0.6380, 0.4617, 0.2674, 0.5349, 0.8094, 1.1103,
+            -1.6898, -0.9890, 0.9580,
         ],
     );
     // n >= 16, torch's vectorised Box–Muller: torch.randn(4, 4) after manual_seed(42)

@@ -227,8 +227,9 @@ fn header_bytes(path: &Path, cfg: &Config, precision: Precision) -> Result<Vec<u
     h[1] = precision.version();
     let vals = [cfg.max_t, cfg.v, cfg.l, cfg.nh, cfg.c, cfg.vp];
     for (i, &v) in vals.iter().enumerate() {
-        h[2 + i] = i32::try_from(v)
-            .map_err(|_| Error::format(path, format!("cannot write config {cfg:?}: {v} does not fit in int32")))?;
+        h[2 + i] = i32::try_from(v).map_err(|_| {
+            Error::format(path, format!("cannot write config {}: {v} does not fit in int32", describe(cfg)))
+        })?;
     }
     Ok(h.iter().flat_map(|w| w.to_le_bytes()).collect())
 }
@@ -240,7 +241,7 @@ pub fn write_checkpoint(path: &Path, cfg: &Config, params: &[f32], precision: Pr
     if params.len() != n {
         return Err(Error::format(
             path,
-            format!("refusing to write {} parameters for {cfg:?}, which has {n}", params.len()),
+            format!("refusing to write {} parameters for {}, which has {n}", params.len(), describe(cfg)),
         ));
     }
     let header = header_bytes(path, cfg, precision)?;

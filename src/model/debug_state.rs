@@ -2,7 +2,9 @@
 //! [20240327, 2, B, T, 0...], then x (B·T i32), y (B·T i32), logits (B·T·V f32, unpadded rows),
 //! loss (1 f32) and the gradients of every parameter (f32, checkpoint layout, wte padded to Vp).
 
-use super::checkpoint::{bad_magic, describe, checked_param_count, open_with_header, read_f32s, read_i32s, HEADER_BYTES};
+use super::checkpoint::{
+    bad_magic, checked_param_count, describe, open_with_header, read_f32s, read_i32s, HEADER_BYTES,
+};
 use super::Config;
 use crate::error::{Error, Result};
 use std::path::Path;

@@ -1,0 +1,335 @@
+// attention.cu: causal multi-head self-attention, flash style (fp32): no (T,T) matrix is stored.
+// qkv is (B, T, 3C) = [q | k | v]; head h uses features [h·hs, (h+1)·hs), hs = C/NH ≤ 128.
+// Every kernel: block of 256 threads = 8 warps; a block owns 32 rows (4 per warp) of one (b, h) and
+// streams tiles of 32 rows of the other operand through shared memory (padded rows, no bank
+// conflicts). Lanes index the streamed rows for dot products and the feature dimension
+// (lane + 32·k, k < 4) for accumulations. Grid: (⌈T/32⌉, B·NH). Dynamic shared memory:
+// (2·32·hs + 2·32·(hs+1)) floats for the backward kernels, (32·hs + 2·32·(hs+1)) for the forward.
+
+#define TILE 32
+#define RPW 4   // rows per warp
+#define NDL 4   // feature dims per lane: hs ≤ 32·NDL
+#define FULL 0xffffffffu
+#define NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL, v, o));
+    return v;
+}
+
+// Copy rows [r0, r0+TILE) of one head's slice (feature offset `feat`) of a (B·T, stride) tensor into
+// dst[TILE][ld]; rows ≥ T are zero.
+__device__ __forceinline__ void load_tile(float* dst, int ld, const float* src, long long stride, int feat,
+                                          int r0, int T, int hs) {
+    for (int e = threadIdx.x; e < TILE * hs; e += blockDim.x) {
+        int r = e / hs, d = e - r * hs;
+        int t = r0 + r;
+        dst[r * ld + d] = t < T ? src[(long long)t * stride + feat + d] : 0.0f;
+    }
+}
+
+// s[u] = q_t·k_u/√hs (u ≤ t), p = softmax(s), out[b,t,h·hs..] = Σ_u p[u]·v_u;
+// lse[b,h,t] = max + ln Σ exp(s − max)
+extern "C" __global__ void __launch_bounds__(256, 2) attention_forward(float* __restrict__ out, float* __restrict__ lse,
+                                                                    const float* __restrict__ qkv, int B, int T,
+                                                                    int C, int NH) {
+    extern __shared__ float smem[];
+    int hs = C / NH, hsp = hs + 1;
+    float* Qs = smem;              // [TILE][hs]   own query rows
+    float* Ks = Qs + TILE * hs;    // [TILE][hsp]  streamed keys
+    float* Vs = Ks + TILE * hsp;   // [TILE][hsp]  streamed values
+    int b = blockIdx.y / NH, h = blockIdx.y % NH;
+    int q0 = blockIdx.x * TILE;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int rb = warp * RPW;
+    float scale = 1.0f / sqrtf((float)hs);
+    long long stride = 3LL * C;
+    const float* base = qkv + (long long)b * T * stride;
+
+    load_tile(Qs, hs, base, stride, h * hs, q0, T, hs);
+
+    float m[RPW], l[RPW], o[RPW][NDL];
+#pragma unroll
+    for (int r = 0; r < RPW; r++) {
+        m[r] = NEG_INF;
+        l[r] = 0.0f;
+#pragma unroll
+        for (int k = 0; k < NDL; k++) o[r][k] = 0.0f;
+    }
+    int tlast = min(q0 + TILE, T) - 1;
+    for (int k0 = 0; k0 <= tlast; k0 += TILE) {
+        __syncthreads();
+        load_tile(Ks, hsp, base, stride, C + h * hs, k0, T, hs);
+        load_tile(Vs, hsp, base, stride, 2 * C + h * hs, k0, T, hs);
+        __syncthreads();
+        float s[RPW];
+#pragma unroll
+        for (int r = 0; r < RPW; r++) s[r] = 0.0f;
+        for (int d = 0; d < hs; d++) {
+            float kv = Ks[lane * hsp + d];
+#pragma unroll
+            for (int r = 0; r < RPW; r++) s[r] += Qs[(rb + r) * hs + d] * kv;
+        }
+        int u = k0 + lane;
+#pragma unroll
+        for (int r = 0; r < RPW; r++) {
+            int t = q0 + rb + r;
+            bool valid = t < T && u <= t;
+            float sv = valid ? s[r] * scale : NEG_INF;
+            float mnew = fmaxf(m[r], warp_max(sv));
+            if (mnew == NEG_INF) {  // warp-uniform: nothing visible to this row in this tile
+                s[r] = 0.0f;
+                continue;
+            }
+            float p = valid ? expf(sv - mnew) : 0.0f;
+            float corr = expf(m[r] - mnew);
+            l[r] = l[r] * corr + warp_sum(p);
+#pragma unroll
+            for (int k = 0; k < NDL; k++) o[r][k] *= corr;
+            m[r] = mnew;
+            s[r] = p;
+        }
+        for (int j = 0; j < TILE; j++) {
+            float vv[NDL];
+#pragma unroll
+            for (int k = 0; k < NDL; k++) {
+                int d = lane + 32 * k;
+                vv[k] = d < hs ? Vs[j * hsp + d] : 0.0f;
+            }
+#pragma unroll
+            for (int r = 0; r < RPW; r++) {
+                float pj = __shfl_sync(FULL, s[r], j);
+#pragma unroll
+                for (int k = 0; k < NDL; k++) o[r][k] += pj * vv[k];
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < RPW; r++) {
+        int t = q0 + rb + r;
+        if (t >= T) continue;
+        float inv = 1.0f / l[r];
+        float* orow = out + ((long long)b * T + t) * C + h * hs;
+#pragma unroll
+        for (int k = 0; k < NDL; k++) {
+            int d = lane + 32 * k;
+            if (d < hs) orow[d] = o[r][k] * inv;
+        }
+        if (lane == 0) lse[((long long)b * NH + h) * T + t] = m[r] + logf(l[r]);
+    }
+}
+
+// Backward, part 1 (per query row t): p = exp(s − lse), dP = dout·vᵀ, D_t = Σ dout_t·out_t,
+// dS = p∘(dP − D): dq_t = Σ_u dS[u]·k_u/√hs, written to dqkv[b,t,h·hs..]; D_t saved to Dbuf[b,h,t].
+extern "C" __global__ void __launch_bounds__(256, 2) attention_backward_dq(float* __restrict__ dqkv, float* __restrict__ Dbuf,
+                                                                       const float* __restrict__ dout,
+                                                                       const float* __restrict__ out,
+                                                                       const float* __restrict__ lse,
+                                                                       const float* __restrict__ qkv, int B, int T,
+                                                                       int C, int NH) {
+    extern __shared__ float smem[];
+    int hs = C / NH, hsp = hs + 1;
+    float* Qs = smem;               // [TILE][hs]   own query rows
+    float* Os = Qs + TILE * hs;     // [TILE][hs]   own dout rows
+    float* Ks = Os + TILE * hs;     // [TILE][hsp]  streamed keys
+    float* Vs = Ks + TILE * hsp;    // [TILE][hsp]  streamed values
+    int b = blockIdx.y / NH, h = blockIdx.y % NH;
+    int q0 = blockIdx.x * TILE;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int rb = warp * RPW;
+    float scale = 1.0f / sqrtf((float)hs);
+    long long stride = 3LL * C;
+    const float* base = qkv + (long long)b * T * stride;
+    const float* dbase = dout + (long long)b * T * C;
+    const float* obase = out + (long long)b * T * C;
+    long long lbase = ((long long)b * NH + h) * T;
+
+    load_tile(Qs, hs, base, stride, h * hs, q0, T, hs);
+    load_tile(Os, hs, dbase, C, h * hs, q0, T, hs);
+
+    float D[RPW], L[RPW], dq[RPW][NDL];
+#pragma unroll
+    for (int r = 0; r < RPW; r++) {
+        int t = q0 + rb + r;
+        float acc = 0.0f;
+        if (t < T) {
+#pragma unroll
+            for (int k = 0; k < NDL; k++) {
+                int d = lane + 32 * k;
+                if (d < hs) acc += dbase[(long long)t * C + h * hs + d] * obase[(long long)t * C + h * hs + d];
+            }
+        }
+        D[r] = warp_sum(acc);
+        L[r] = t < T ? lse[lbase + t] : 0.0f;
+        if (lane == 0 && t < T) Dbuf[lbase + t] = D[r];
+#pragma unroll
+        for (int k = 0; k < NDL; k++) dq[r][k] = 0.0f;
+    }
+    int tlast = min(q0 + TILE, T) - 1;
+    for (int k0 = 0; k0 <= tlast; k0 += TILE) {
+        __syncthreads();
+        load_tile(Ks, hsp, base, stride, C + h * hs, k0, T, hs);
+        load_tile(Vs, hsp, base, stride, 2 * C + h * hs, k0, T, hs);
+        __syncthreads();
+        float s[RPW], dp[RPW];
+#pragma unroll
+        for (int r = 0; r < RPW; r++) {
+            s[r] = 0.0f;
+            dp[r] = 0.0f;
+        }
+        for (int d = 0; d < hs; d++) {
+            float kv = Ks[lane * hsp + d];
+            float vv = Vs[lane * hsp + d];
+#pragma unroll
+            for (int r = 0; r < RPW; r++) {
+                s[r] += Qs[(rb + r) * hs + d] * kv;
+                dp[r] += Os[(rb + r) * hs + d] * vv;
+            }
+        }
+        int u = k0 + lane;
+#pragma unroll
+        for (int r = 0; r < RPW; r++) {
+            int t = q0 + rb + r;
+            bool valid = t < T && u <= t;
+            float p = valid ? expf(s[r] * scale - L[r]) : 0.0f;
+            s[r] = p * (dp[r] - D[r]);  // dS
+        }
+        for (int j = 0; j < TILE; j++) {
+            float kk[NDL];
+#pragma unroll
+            for (int k = 0; k < NDL; k++) {
+                int d = lane + 32 * k;
+                kk[k] = d < hs ? Ks[j * hsp + d] : 0.0f;
+            }
+#pragma unroll
+            for (int r = 0; r < RPW; r++) {
+                float dsj = __shfl_sync(FULL, s[r], j);
+#pragma unroll
+                for (int k = 0; k < NDL; k++) dq[r][k] += dsj * kk[k];
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < RPW; r++) {
+        int t = q0 + rb + r;
+        if (t >= T) continue;
+        float* row = dqkv + ((long long)b * T + t) * stride + h * hs;
+#pragma unroll
+        for (int k = 0; k < NDL; k++) {
+            int d = lane + 32 * k;
+            if (d < hs) row[d] = dq[r][k] * scale;
+        }
+    }
+}
+
+// Backward, part 2 (per key row u, run after part 1): over queries t ≥ u, p = exp(s − lse),
+// dS = p∘(dout_t·v_u − D_t): dk_u = Σ_t dS·q_t/√hs, dv_u = Σ_t p·dout_t; written to dqkv[b,u,C+h·hs..]
+// and dqkv[b,u,2C+h·hs..].
+extern "C" __global__ void __launch_bounds__(256, 2) attention_backward_dkv(float* __restrict__ dqkv,
+                                                                        const float* __restrict__ Dbuf,
+                                                                        const float* __restrict__ dout,
+                                                                        const float* __restrict__ lse,
+                                                                        const float* __restrict__ qkv, int B, int T,
+                                                                        int C, int NH) {
+    extern __shared__ float smem[];
+    __shared__ float Ls[TILE], Ds[TILE];
+    int hs = C / NH, hsp = hs + 1;
+    float* Ks = smem;               // [TILE][hs]   own key rows
+    float* Vs = Ks + TILE * hs;     // [TILE][hs]   own value rows
+    float* Qs = Vs + TILE * hs;     // [TILE][hsp]  streamed queries
+    float* Os = Qs + TILE * hsp;    // [TILE][hsp]  streamed dout rows
+    int b = blockIdx.y / NH, h = blockIdx.y % NH;
+    int u0 = blockIdx.x * TILE;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int rb = warp * RPW;
+    float scale = 1.0f / sqrtf((float)hs);
+    long long stride = 3LL * C;
+    const float* base = qkv + (long long)b * T * stride;
+    const float* dbase = dout + (long long)b * T * C;
+    long long lbase = ((long long)b * NH + h) * T;
+
+    load_tile(Ks, hs, base, stride, C + h * hs, u0, T, hs);
+    load_tile(Vs, hs, base, stride, 2 * C + h * hs, u0, T, hs);
+
+    float dk[RPW][NDL], dv[RPW][NDL];
+#pragma unroll
+    for (int r = 0; r < RPW; r++)
+#pragma unroll
+        for (int k = 0; k < NDL; k++) {
+            dk[r][k] = 0.0f;
+            dv[r][k] = 0.0f;
+        }
+    for (int q0 = u0; q0 < T; q0 += TILE) {
+        __syncthreads();
+        load_tile(Qs, hsp, base, stride, h * hs, q0, T, hs);
+        load_tile(Os, hsp, dbase, C, h * hs, q0, T, hs);
+        if (threadIdx.x < TILE) {
+            int t = q0 + threadIdx.x;
+            Ls[threadIdx.x] = t < T ? lse[lbase + t] : 0.0f;
+            Ds[threadIdx.x] = t < T ? Dbuf[lbase + t] : 0.0f;
+        }
+        __syncthreads();
+        float s[RPW], dp[RPW];
+#pragma unroll
+        for (int r = 0; r < RPW; r++) {
+            s[r] = 0.0f;
+            dp[r] = 0.0f;
+        }
+        for (int d = 0; d < hs; d++) {
+            float qv = Qs[lane * hsp + d];
+            float ov = Os[lane * hsp + d];
+#pragma unroll
+            for (int r = 0; r < RPW; r++) {
+                s[r] += qv * Ks[(rb + r) * hs + d];
+                dp[r] += ov * Vs[(rb + r) * hs + d];
+            }
+        }
+        int t = q0 + lane;
+        float Lt = Ls[lane], Dt = Ds[lane];
+#pragma unroll
+        for (int r = 0; r < RPW; r++) {
+            int u = u0 + rb + r;
+            bool valid = t < T && u <= t;
+            float p = valid ? expf(s[r] * scale - Lt) : 0.0f;
+            s[r] = p;                    // p
+            dp[r] = p * (dp[r] - Dt);    // dS
+        }
+        for (int j = 0; j < TILE; j++) {
+            float qq[NDL], oo[NDL];
+#pragma unroll
+            for (int k = 0; k < NDL; k++) {
+                int d = lane + 32 * k;
+                qq[k] = d < hs ? Qs[j * hsp + d] : 0.0f;
+                oo[k] = d < hs ? Os[j * hsp + d] : 0.0f;
+            }
+#pragma unroll
+            for (int r = 0; r < RPW; r++) {
+                float pj = __shfl_sync(FULL, s[r], j);
+                float dsj = __shfl_sync(FULL, dp[r], j);
+#pragma unroll
+                for (int k = 0; k < NDL; k++) {
+                    dv[r][k] += pj * oo[k];
+                    dk[r][k] += dsj * qq[k];
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < RPW; r++) {
+        int u = u0 + rb + r;
+        if (u >= T) continue;
+        float* row = dqkv + ((long long)b * T + u) * stride + h * hs;
+#pragma unroll
+        for (int k = 0; k < NDL; k++) {
+            int d = lane + 32 * k;
+            if (d < hs) {
+                row[C + d] = dk[r][k] * scale;
+                row[2 * C + d] = dv[r][k];
+            }
+        }
+    }
+}

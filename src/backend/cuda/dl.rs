@@ -1,0 +1,403 @@
+//! Finding and loading NVIDIA's shared libraries (libcuda, libnvrtc, libcublas) at run time.
+//!
+//! cudarc loads its libraries lazily *by name* and panics when one is missing, so nothing here
+//! touches a cudarc function before the library it lives in has been found. Where a library is
+//! not on the loader path (a `pip install nvidia-cuda-nvrtc-cu12`, a toolkit in `$CUDA_HOME`), it
+//! is opened here by absolute path with RTLD_GLOBAL; the dynamic loader then hands that same
+//! object to cudarc's later by-name `dlopen`, because it matches the library's SONAME. Every
+//! library is also checked for the symbols this backend uses, so an old driver gives an error
+//! instead of a panic deep inside cudarc.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// A loaded shared library (never unloaded).
+#[derive(Clone, Debug)]
+pub struct Lib {
+    /// where it was loaded from
+    pub path: String,
+    #[allow(dead_code)]
+    handle: usize,
+}
+
+#[cfg(target_os = "linux")]
+mod sys {
+    use std::ffi::{c_char, c_int, c_void};
+    pub const RTLD_NOW: c_int = 2;
+    pub const RTLD_GLOBAL: c_int = 0x100;
+    #[repr(C)]
+    pub struct DlInfo {
+        pub dli_fname: *const c_char,
+        pub dli_fbase: *mut c_void,
+        pub dli_sname: *const c_char,
+        pub dli_saddr: *mut c_void,
+    }
+    extern "C" {
+        pub fn dlopen(filename: *const c_char, flag: c_int) -> *mut c_void;
+        pub fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
+        pub fn dlerror() -> *mut c_char;
+        pub fn dladdr(addr: *const c_void, info: *mut DlInfo) -> c_int;
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl Lib {
+    /// `dlopen(name_or_path, RTLD_NOW | RTLD_GLOBAL)`; the error is dlerror()'s text.
+    pub fn open(name: &str) -> Result<Lib, String> {
+        use std::ffi::{CStr, CString};
+        let c = CString::new(name).map_err(|_| format!("{name}: bad library name"))?;
+        unsafe {
+            let h = sys::dlopen(c.as_ptr(), sys::RTLD_NOW | sys::RTLD_GLOBAL);
+            if h.is_null() {
+                let e = sys::dlerror();
+                let msg = if e.is_null() { "dlopen failed".to_string() } else { CStr::from_ptr(e).to_string_lossy().into_owned() };
+                return Err(msg);
+            }
+            Ok(Lib { path: name.to_string(), handle: h as usize })
+        }
+    }
+
+    /// Whether the library exports `sym`.
+    pub fn has(&self, sym: &str) -> bool {
+        self.sym(sym).is_some()
+    }
+
+    fn sym(&self, sym: &str) -> Option<*mut std::ffi::c_void> {
+        let c = std::ffi::CString::new(sym).ok()?;
+        let p = unsafe { sys::dlsym(self.handle as *mut _, c.as_ptr()) };
+        (!p.is_null()).then_some(p)
+    }
+
+    /// The file the library was actually loaded from (resolved through one of its symbols).
+    fn resolve_path(mut self, sym: &str) -> Lib {
+        if let Some(p) = self.sym(sym) {
+            let mut info = sys::DlInfo {
+                dli_fname: std::ptr::null(),
+                dli_fbase: std::ptr::null_mut(),
+                dli_sname: std::ptr::null(),
+                dli_saddr: std::ptr::null_mut(),
+            };
+            if unsafe { sys::dladdr(p, &mut info) } != 0 && !info.dli_fname.is_null() {
+                let f = unsafe { std::ffi::CStr::from_ptr(info.dli_fname) }.to_string_lossy().into_owned();
+                self.path = std::fs::canonicalize(&f).map(|p| p.display().to_string()).unwrap_or(f);
+            }
+        }
+        self
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+impl Lib {
+    /// Off Linux, libraries are only looked up the way cudarc does (by name, on the loader path).
+    pub fn open(name: &str) -> Result<Lib, String> {
+        Err(format!("{name}: explicit loading is only implemented on Linux"))
+    }
+    pub fn has(&self, _sym: &str) -> bool {
+        true
+    }
+    fn resolve_path(self, _sym: &str) -> Lib {
+        self
+    }
+}
+
+/// One of the libraries the backend needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Which {
+    Driver,
+    Nvrtc,
+    CublasLt,
+    Cublas,
+}
+
+impl Which {
+    /// The base name cudarc uses (`get_lib_name_candidates`).
+    fn base(self) -> &'static str {
+        match self {
+            Which::Driver => "cuda",
+            Which::Nvrtc => "nvrtc",
+            Which::CublasLt => "cublasLt",
+            Which::Cublas => "cublas",
+        }
+    }
+    /// File names to look for in candidate directories, most wanted first.
+    fn files(self) -> &'static [&'static str] {
+        match self {
+            Which::Driver => &["libcuda.so.1", "libcuda.so"],
+            Which::Nvrtc => &["libnvrtc.so.12", "libnvrtc.so"],
+            Which::CublasLt => &["libcublasLt.so.12", "libcublasLt.so"],
+            Which::Cublas => &["libcublas.so.12", "libcublas.so"],
+        }
+    }
+    /// The pip package directory under `site-packages/nvidia/`.
+    fn pip_dir(self) -> Option<&'static str> {
+        match self {
+            Which::Driver => None,
+            Which::Nvrtc => Some("cuda_nvrtc"),
+            Which::CublasLt | Which::Cublas => Some("cublas"),
+        }
+    }
+    /// Symbols this backend (through cudarc) calls; all must exist.
+    fn symbols(self) -> &'static [&'static str] {
+        match self {
+            Which::Driver => &[
+                "cuInit", "cuDriverGetVersion", "cuDeviceGetCount", "cuDeviceGet", "cuDeviceGetName",
+                "cuDeviceGetAttribute", "cuDeviceTotalMem_v2", "cuDevicePrimaryCtxRetain",
+                "cuDevicePrimaryCtxRelease_v2", "cuCtxGetCurrent", "cuCtxSetCurrent", "cuCtxSynchronize",
+                "cuStreamCreate", "cuStreamDestroy_v2", "cuStreamSynchronize", "cuMemAlloc_v2", "cuMemFree_v2",
+                "cuMemGetInfo_v2", "cuMemsetD8Async", "cuMemcpyHtoDAsync_v2", "cuMemcpyDtoHAsync_v2",
+                "cuModuleLoadData", "cuModuleUnload", "cuModuleGetFunction", "cuFuncSetAttribute",
+                "cuLaunchKernel", "cuGetErrorString", "cuGetErrorName",
+            ],
+            Which::Nvrtc => &[
+                "nvrtcVersion", "nvrtcCreateProgram", "nvrtcCompileProgram", "nvrtcDestroyProgram",
+                "nvrtcGetProgramLogSize", "nvrtcGetProgramLog", "nvrtcGetCUBINSize", "nvrtcGetCUBIN",
+                "nvrtcGetPTXSize", "nvrtcGetPTX", "nvrtcGetNumSupportedArchs", "nvrtcGetSupportedArchs",
+            ],
+            Which::CublasLt => &["cublasLtCreate"],
+            Which::Cublas => &[
+                "cublasCreate_v2", "cublasDestroy_v2", "cublasSetStream_v2", "cublasSgemm_v2", "cublasSetMathMode",
+            ],
+        }
+    }
+}
+
+/// The loaded library, found once per process.
+pub fn lib(which: Which) -> Result<&'static Lib, String> {
+    static DRIVER: OnceLock<Result<Lib, String>> = OnceLock::new();
+    static NVRTC: OnceLock<Result<Lib, String>> = OnceLock::new();
+    static CUBLASLT: OnceLock<Result<Lib, String>> = OnceLock::new();
+    static CUBLAS: OnceLock<Result<Lib, String>> = OnceLock::new();
+    let cell = match which {
+        Which::Driver => &DRIVER,
+        Which::Nvrtc => &NVRTC,
+        Which::CublasLt => &CUBLASLT,
+        Which::Cublas => &CUBLAS,
+    };
+    cell.get_or_init(|| find(which)).as_ref().map_err(|e| e.clone())
+}
+
+/// Can cudarc load this library by one of its names now? (what `is_culib_present` checks)
+fn by_name(which: Which) -> Option<Lib> {
+    for name in cudarc::get_lib_name_candidates(which.base()) {
+        if let Ok(l) = Lib::open(&name) {
+            return Some(l);
+        }
+    }
+    None
+}
+
+#[cfg(target_os = "linux")]
+fn find(which: Which) -> Result<Lib, String> {
+    let check = |l: Lib| -> Result<Lib, String> {
+        let l = l.resolve_path(which.symbols()[0]);
+        let missing: Vec<&str> = which.symbols().iter().copied().filter(|s| !l.has(s)).collect();
+        if missing.is_empty() {
+            Ok(l)
+        } else {
+            Err(format!("{} lacks {} (too old?)", l.path, missing.join(", ")))
+        }
+    };
+    if which == Which::Nvrtc {
+        if let Some(p) = std::env::var_os("WGPT_NVRTC").filter(|p| !p.is_empty()) {
+            let p = PathBuf::from(p);
+            let l = Lib::open(&p.display().to_string()).map_err(|e| format!("$WGPT_NVRTC: {e}"))?;
+            if by_name(which).is_none() {
+                return Err(format!("$WGPT_NVRTC: {} loaded but not under a name cudarc looks for", p.display()));
+            }
+            return check(l);
+        }
+    }
+    if which == Which::Cublas {
+        // libcublas needs libcublasLt; preload it from wherever it is.
+        lib(Which::CublasLt).map_err(|e| format!("libcublas needs libcublasLt: {e}"))?;
+    }
+    if let Some(l) = by_name(which) {
+        return check(l);
+    }
+    let mut tried = Vec::new();
+    let mut last_err = None;
+    for dir in search_dirs(which) {
+        for f in which.files() {
+            let p = dir.join(f);
+            if !p.is_file() {
+                continue;
+            }
+            tried.push(p.display().to_string());
+            match Lib::open(&p.display().to_string()) {
+                Ok(_) => {
+                    if let Some(l) = by_name(which) {
+                        return check(l);
+                    }
+                    last_err = Some(format!("{} loads but its SONAME is not one cudarc looks for", p.display()));
+                }
+                Err(e) => last_err = Some(e),
+            }
+        }
+    }
+    let what = match which {
+        Which::Driver => "no CUDA driver found (libcuda.so)".to_string(),
+        _ => format!("lib{}.so not found", which.base()),
+    };
+    Err(match last_err {
+        Some(e) => format!("{what}: {e}"),
+        None if which == Which::Driver => what,
+        None => format!(
+            "{what} (searched the loader path, $CUDA_HOME, $CUDA_PATH, /usr/local/cuda and Python site-packages{})",
+            match which {
+                Which::Nvrtc => "; pip install nvidia-cuda-nvrtc-cu12",
+                _ => "; pip install nvidia-cublas-cu12",
+            }
+        ),
+    })
+}
+
+#[cfg(not(target_os = "linux"))]
+fn find(which: Which) -> Result<Lib, String> {
+    let present = unsafe {
+        match which {
+            Which::Driver => cudarc::driver::sys::is_culib_present(),
+            Which::Nvrtc => cudarc::nvrtc::sys::is_culib_present(),
+            Which::CublasLt => cudarc::cublaslt::sys::is_culib_present(),
+            Which::Cublas => cudarc::cublas::sys::is_culib_present(),
+        }
+    };
+    if present {
+        Ok(Lib { path: which.base().to_string(), handle: 0 })
+    } else if which == Which::Driver {
+        Err("no CUDA driver found (nvcuda)".to_string())
+    } else {
+        Err(format!("{} not found on the library path", which.base()))
+    }
+}
+
+/// Toolkit roots from the environment, then the usual places.
+fn toolkit_roots() -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    for var in ["CUDA_HOME", "CUDA_PATH", "CUDA_ROOT", "CUDA_TOOLKIT_ROOT_DIR"] {
+        if let Some(p) = std::env::var_os(var).filter(|p| !p.is_empty()) {
+            v.push(PathBuf::from(p));
+        }
+    }
+    v.push(PathBuf::from("/usr/local/cuda"));
+    let mut versioned: Vec<PathBuf> = glob_paths("/usr/local/cuda-12*");
+    versioned.sort();
+    versioned.reverse();
+    v.extend(versioned);
+    v.push(PathBuf::from("/opt/cuda"));
+    v
+}
+
+fn glob_paths(pattern: &str) -> Vec<PathBuf> {
+    glob::glob(pattern).map(|g| g.filter_map(|p| p.ok()).collect()).unwrap_or_default()
+}
+
+/// Directories that may hold the library, in order.
+fn search_dirs(which: Which) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    if which == Which::Driver {
+        for d in ["/usr/lib/wsl/lib", "/usr/local/nvidia/lib64", "/usr/lib64/nvidia", "/usr/lib/x86_64-linux-gnu", "/usr/lib64"] {
+            v.push(PathBuf::from(d));
+        }
+        return v;
+    }
+    for root in toolkit_roots() {
+        for sub in ["lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib"] {
+            v.push(root.join(sub));
+        }
+    }
+    if let Some(pkg) = which.pip_dir() {
+        for sp in site_packages() {
+            v.push(sp.join("nvidia").join(pkg).join("lib"));
+        }
+    }
+    dedup(v)
+}
+
+fn dedup(v: Vec<PathBuf>) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = Vec::new();
+    for p in v {
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Python package directories: virtualenv/conda/user/system ones, then whatever `python3` reports.
+pub fn site_packages() -> &'static [PathBuf] {
+    static SP: OnceLock<Vec<PathBuf>> = OnceLock::new();
+    SP.get_or_init(|| {
+        let mut v = Vec::new();
+        let mut prefixes = Vec::new();
+        for var in ["VIRTUAL_ENV", "CONDA_PREFIX"] {
+            if let Some(p) = std::env::var_os(var).filter(|p| !p.is_empty()) {
+                prefixes.push(PathBuf::from(p));
+            }
+        }
+        if let Some(h) = std::env::var_os("HOME") {
+            prefixes.push(PathBuf::from(h).join(".local"));
+        }
+        prefixes.push(PathBuf::from("/usr/local"));
+        prefixes.push(PathBuf::from("/usr"));
+        for p in prefixes {
+            for kind in ["site-packages", "dist-packages"] {
+                let pat = format!("{}/lib/python3*/{kind}", p.display());
+                v.extend(glob_paths(&pat));
+            }
+        }
+        v.push(PathBuf::from("/usr/lib/python3/dist-packages"));
+        // the interpreter knows best (pyenv, custom prefixes); a missing python3 is fine
+        for exe in ["python3", "python"] {
+            if let Ok(out) = std::process::Command::new(exe)
+                .args(["-c", "import sys\nfor p in sys.path:\n    print(p)"])
+                .stdin(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .output()
+            {
+                if out.status.success() {
+                    for line in String::from_utf8_lossy(&out.stdout).lines() {
+                        if !line.trim().is_empty() {
+                            v.push(PathBuf::from(line.trim()));
+                        }
+                    }
+                    break;
+                }
+            }
+        }
+        dedup(v.into_iter().filter(|p| p.is_dir()).collect())
+    })
+}
+
+/// Directory holding NVIDIA's CUDA headers (`cuda_fp16.h`): `$WGPT_CUDA_INCLUDE`, the toolkit
+/// roots, pip's `nvidia-cuda-runtime-cu12`, or next to the NVRTC found.
+pub fn include_dir() -> Result<PathBuf, String> {
+    static INC: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    INC.get_or_init(|| {
+        let has = |d: &Path| d.join("cuda_fp16.h").is_file();
+        if let Some(p) = std::env::var_os("WGPT_CUDA_INCLUDE").filter(|p| !p.is_empty()) {
+            let p = PathBuf::from(p);
+            return if has(&p) { Ok(p) } else { Err(format!("$WGPT_CUDA_INCLUDE: no cuda_fp16.h in {}", p.display())) };
+        }
+        let mut cands = Vec::new();
+        for root in toolkit_roots() {
+            cands.push(root.join("include"));
+            cands.push(root.join("targets/x86_64-linux/include"));
+        }
+        for sp in site_packages() {
+            cands.push(sp.join("nvidia/cuda_runtime/include"));
+        }
+        if let Ok(l) = lib(Which::Nvrtc) {
+            if let Some(libdir) = Path::new(&l.path).parent() {
+                cands.push(libdir.join("../include"));
+                cands.push(libdir.join("../../cuda_runtime/include"));
+            }
+        }
+        for c in dedup(cands) {
+            if has(&c) {
+                return Ok(std::fs::canonicalize(&c).unwrap_or(c));
+            }
+        }
+        Err("CUDA headers (cuda_fp16.h) not found; set $WGPT_CUDA_INCLUDE or pip install nvidia-cuda-runtime-cu12".to_string())
+    })
+    .clone()
+}

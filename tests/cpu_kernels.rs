@@ -1,0 +1,955 @@
+//! The cpu kernels checked on their own: forward kernels against naive f64 loops written here,
+//! every backward against central finite differences of the f32 forward, the optimiser kernels
+//! against hand-computed updates, and the `CpuBackend` executor on small hand-built graphs.
+//! Awkward sizes throughout: B=3, T=37, C=96, NH=6 (hs 16) and NH=2 (hs 48), V=1531, Vp=1536.
+//!
+//! `cargo test --release --test cpu_kernels -- --ignored --nocapture` runs the GPT-2 124M
+//! (d12, B=4, T=64) benchmarks instead.
+
+use wgpt::backend::cpu::kernels as k;
+use wgpt::backend::cpu::CpuBackend;
+use wgpt::backend::Backend;
+use wgpt::graph::{BufferTable, DType, Hyper, Kernel, Launch, Role, View};
+
+const B: usize = 3;
+const T: usize = 37;
+const C: usize = 96;
+const N: usize = B * T; // 111 rows
+const V: usize = 1531;
+const VP: usize = 1536;
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+
+/// SplitMix64: a tiny deterministic generator for test data.
+struct Rng(u64);
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// uniform in [-1, 1)
+    fn uni(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uni() * scale).collect()
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+    fn ids(&mut self, n: usize, limit: usize) -> Vec<i32> {
+        (0..n).map(|_| self.below(limit) as i32).collect()
+    }
+    /// `k` indices in [0, n) (with repeats possible), plus the first and last.
+    fn sample(&mut self, n: usize, k: usize) -> Vec<usize> {
+        let mut v: Vec<usize> = (0..k).map(|_| self.below(n)).collect();
+        v.push(0);
+        v.push(n - 1);
+        v
+    }
+}
+
+/// Σ r·x accumulated in f64: the scalar whose gradient w.r.t. x is r.
+fn proj(r: &[f32], x: &[f32]) -> f64 {
+    r.iter().zip(x).map(|(&a, &b)| a as f64 * b as f64).sum()
+}
+
+/// Max |got − want| must be ≤ atol + rtol·|want| elementwise.
+fn assert_close(name: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64) {
+    assert_eq!(got.len(), want.len(), "{name}: length");
+    let mut worst = (0.0f64, 0usize);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let e = (g as f64 - w).abs() - rtol * w.abs();
+        if !(e <= atol) {
+            panic!("{name}[{i}]: got {g}, want {w} (|diff| {:.3e}, atol {atol:e}, rtol {rtol:e})", (g as f64 - w).abs());
+        }
+        if e > worst.0 {
+            worst = (e, i);
+        }
+    }
+}
+
+/// Central finite differences of `loss` at the entries `idx` of `x` (perturbation ±h·max(1,|x|)).
+fn fd_grad(x: &[f32], idx: &[usize], h: f32, mut loss: impl FnMut(&[f32]) -> f64) -> Vec<f64> {
+    let mut xp = x.to_vec();
+    idx.iter()
+        .map(|&i| {
+            let x0 = xp[i];
+            let step = h * x0.abs().max(1.0);
+            xp[i] = x0 + step;
+            let lp = loss(&xp);
+            let hi = xp[i] as f64;
+            xp[i] = x0 - step;
+            let lm = loss(&xp);
+            let lo = xp[i] as f64;
+            xp[i] = x0;
+            (lp - lm) / (hi - lo)
+        })
+        .collect()
+}
+
+/// |analytic − fd| ≤ rtol·max|analytic| at every sampled index (the criterion).
+fn check_grad(name: &str, analytic: &[f32], idx: &[usize], fd: &[f64], rtol: f64) {
+    let scale = analytic.iter().fold(0f64, |m, &a| m.max(a.abs() as f64));
+    assert!(scale > 0.0, "{name}: analytic gradient is all zero");
+    let mut worst = 0f64;
+    for (&i, &f) in idx.iter().zip(fd) {
+        let e = (analytic[i] as f64 - f).abs();
+        assert!(
+            e <= rtol * scale,
+            "{name}[{i}]: analytic {} vs finite difference {f} (|diff| {e:.3e} > {rtol}·max|grad| {scale:.3e})",
+            analytic[i]
+        );
+        worst = worst.max(e / scale);
+    }
+    eprintln!("{name}: {} FD samples, worst |diff|/max|grad| = {worst:.2e}", idx.len());
+}
+
+// ---------------------------------------------------------------------------------------------
+// naive f64 references
+
+fn ln_ref(x: &[f32], w: &[f32], b: &[f32], n: usize, c: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (mut out, mut mean, mut rstd) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
+    for r in 0..n {
+        let row = &x[r * c..(r + 1) * c];
+        let m = row.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
+        let var = row.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / c as f64;
+        let s = 1.0 / (var + 1e-5).sqrt();
+        for i in 0..c {
+            out[r * c + i] = (row[i] as f64 - m) * s * w[i] as f64 + b[i] as f64;
+        }
+        mean[r] = m;
+        rstd[r] = s;
+    }
+    (out, mean, rstd)
+}
+
+fn matmul_ref(x: &[f32], w: &[f32], bias: Option<&[f32]>, n: usize, c: usize, oc: usize) -> Vec<f64> {
+    let mut out = vec![0.0; n * oc];
+    for r in 0..n {
+        for o in 0..oc {
+            let mut s = bias.map_or(0.0, |b| b[o] as f64);
+            for i in 0..c {
+                s += x[r * c + i] as f64 * w[o * c + i] as f64;
+            }
+            out[r * oc + o] = s;
+        }
+    }
+    out
+}
+
+fn attn_ref(qkv: &[f32], b: usize, t: usize, c: usize, nh: usize) -> (Vec<f64>, Vec<f64>) {
+    let hs = c / nh;
+    let mut out = vec![0.0; b * t * c];
+    let mut lse = vec![0.0; b * nh * t];
+    for bb in 0..b {
+        for h in 0..nh {
+            for tt in 0..t {
+                let q = |i: usize| qkv[(bb * t + tt) * 3 * c + h * hs + i] as f64;
+                let kk = |u: usize, i: usize| qkv[(bb * t + u) * 3 * c + c + h * hs + i] as f64;
+                let vv = |u: usize, i: usize| qkv[(bb * t + u) * 3 * c + 2 * c + h * hs + i] as f64;
+                let s: Vec<f64> =
+                    (0..=tt).map(|u| (0..hs).map(|i| q(i) * kk(u, i)).sum::<f64>() / (hs as f64).sqrt()).collect();
+                let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = s.iter().map(|x| (x - mx).exp()).sum();
+                for i in 0..hs {
+                    out[(bb * t + tt) * c + h * hs + i] = (0..=tt).map(|u| (s[u] - mx).exp() / z * vv(u, i)).sum();
+                }
+                lse[(bb * nh + h) * t + tt] = mx + z.ln();
+            }
+        }
+    }
+    (out, lse)
+}
+
+fn gelu_ref(x: f64) -> f64 {
+    0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
+}
+
+fn ce_ref(logits: &[f32], targets: &[i32], n: usize, v: usize, vp: usize) -> Vec<f64> {
+    (0..n)
+        .map(|r| {
+            let row = &logits[r * vp..r * vp + v];
+            let mx = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+            let z: f64 = row.iter().map(|&x| (x as f64 - mx).exp()).sum();
+            mx + z.ln() - row[targets[r] as usize] as f64
+        })
+        .collect()
+}
+
+fn f64s(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| v as f64).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// encoder
+
+#[test]
+fn encoder_forward_matches_reference() {
+    let mut g = Rng(1);
+    let vocab = 50;
+    let (wte, wpe) = (g.vec(vocab * C, 1.0), g.vec(T * C, 1.0));
+    let tokens = g.ids(N, vocab);
+    let mut out = vec![f32::NAN; N * C];
+    k::encoder_forward(&mut out, &tokens, &wte, &wpe, B, T, C);
+    let mut want = vec![0.0; N * C];
+    for bb in 0..B {
+        for tt in 0..T {
+            let r = bb * T + tt;
+            let tok = tokens[r] as usize;
+            for i in 0..C {
+                want[r * C + i] = wte[tok * C + i] as f64 + wpe[tt * C + i] as f64;
+            }
+        }
+    }
+    // one f32 rounding of an exact sum
+    assert_close("encoder out", &out, &want, 0.0, 1e-7);
+}
+
+#[test]
+fn encoder_backward_is_a_scatter_add() {
+    let mut g = Rng(2);
+    let vocab = 20; // few ids: many repeats
+    let tokens = g.ids(N, vocab);
+    let dout = g.vec(N * C, 1.0);
+    let (dwte0, dwpe0) = (g.vec(vocab * C, 1.0), g.vec(T * C, 1.0));
+    let (mut dwte, mut dwpe) = (dwte0.clone(), dwpe0.clone());
+    k::encoder_backward(&mut dwte, &mut dwpe, &dout, &tokens, B, T, C);
+    let (mut want_te, mut want_pe) = (f64s(&dwte0), f64s(&dwpe0));
+    for r in 0..N {
+        for i in 0..C {
+            want_te[tokens[r] as usize * C + i] += dout[r * C + i] as f64;
+            want_pe[(r % T) * C + i] += dout[r * C + i] as f64;
+        }
+    }
+    // sums of ≤ 12 terms of size ≤ 1 in f32
+    assert_close("dwte", &dwte, &want_te, 1e-5, 0.0);
+    assert_close("dwpe", &dwpe, &want_pe, 1e-6, 0.0);
+    // an unused id's row is untouched
+    let unused = (0..vocab).find(|id| !tokens.contains(&(*id as i32)));
+    if let Some(id) = unused {
+        assert_eq!(&dwte[id * C..(id + 1) * C], &dwte0[id * C..(id + 1) * C]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// layernorm
+
+fn ln_fwd(x: &[f32], w: &[f32], b: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (mut out, mut mean, mut rstd) = (vec![0.0; N * C], vec![0.0; N], vec![0.0; N]);
+    k::layernorm_forward(&mut out, &mut mean, &mut rstd, x, w, b, N, C);
+    (out, mean, rstd)
+}
+
+#[test]
+fn layernorm_forward_matches_reference() {
+    let mut g = Rng(3);
+    let x: Vec<f32> = g.vec(N * C, 2.0).iter().map(|v| v + 0.7).collect(); // nonzero mean
+    let (w, b) = (g.vec(C, 1.5), g.vec(C, 0.5));
+    let (out, mean, rstd) = ln_fwd(&x, &w, &b);
+    let (wo, wm, wr) = ln_ref(&x, &w, &b, N, C);
+    assert_close("ln out", &out, &wo, 2e-6, 2e-6);
+    assert_close("ln mean", &mean, &wm, 1e-6, 1e-6);
+    assert_close("ln rstd", &rstd, &wr, 0.0, 2e-6);
+}
+
+#[test]
+fn layernorm_backward_matches_finite_differences() {
+    let mut g = Rng(4);
+    let x = g.vec(N * C, 1.0);
+    let (w, b) = (g.vec(C, 1.5), g.vec(C, 0.5));
+    let r = g.vec(N * C, 1.0);
+    let (_, mean, rstd) = ln_fwd(&x, &w, &b);
+    let prefill = g.vec(N * C, 1.0);
+    let (dw0, db0) = (g.vec(C, 1.0), g.vec(C, 1.0));
+
+    // accumulate = false: dinp written; dweight/dbias accumulate onto dw0/db0
+    let mut dinp = prefill.clone();
+    let (mut dw, mut db) = (dw0.clone(), db0.clone());
+    k::layernorm_backward(&mut dinp, &mut dw, &mut db, &r, &x, &w, &mean, &rstd, N, C, false);
+    let gw: Vec<f32> = dw.iter().zip(&dw0).map(|(a, b)| a - b).collect();
+    let gb: Vec<f32> = db.iter().zip(&db0).map(|(a, b)| a - b).collect();
+
+    let idx = g.sample(N * C, 60);
+    let fd = fd_grad(&x, &idx, 1e-2, |xp| proj(&r, &ln_fwd(xp, &w, &b).0));
+    check_grad("layernorm dinp", &dinp, &idx, &fd, 1e-2);
+    let all_c: Vec<usize> = (0..C).collect();
+    let fd = fd_grad(&w, &all_c, 1e-2, |wp| proj(&r, &ln_fwd(&x, wp, &b).0));
+    check_grad("layernorm dweight", &gw, &all_c, &fd, 1e-2);
+    let fd = fd_grad(&b, &all_c, 1e-2, |bp| proj(&r, &ln_fwd(&x, &w, bp).0));
+    check_grad("layernorm dbias", &gb, &all_c, &fd, 1e-2);
+
+    // accumulate = true: dinp = prefill + the same gradient; parameter grads add again
+    let mut dinp2 = prefill.clone();
+    k::layernorm_backward(&mut dinp2, &mut dw, &mut db, &r, &x, &w, &mean, &rstd, N, C, true);
+    let want: Vec<f64> = prefill.iter().zip(&dinp).map(|(&p, &d)| p as f64 + d as f64).collect();
+    assert_close("layernorm dinp (accumulate)", &dinp2, &want, 1e-6, 1e-6);
+    let want: Vec<f64> = dw0.iter().zip(&gw).map(|(&a, &g)| a as f64 + 2.0 * g as f64).collect();
+    assert_close("layernorm dweight (twice)", &dw, &want, 1e-4, 1e-5);
+    let want: Vec<f64> = db0.iter().zip(&gb).map(|(&a, &g)| a as f64 + 2.0 * g as f64).collect();
+    assert_close("layernorm dbias (twice)", &db, &want, 1e-4, 1e-5);
+}
+
+// ---------------------------------------------------------------------------------------------
+// matmul
+
+#[test]
+fn matmul_forward_matches_reference() {
+    let mut g = Rng(5);
+    for &(n, c, oc) in &[(N, C, 77), (N, 3 * C, 4 * C + 5), (1, 7, 3), (N, C, VP)] {
+        let x = g.vec(n * c, 1.0);
+        let w = g.vec(oc * c, 1.0);
+        let bias = g.vec(oc, 1.0);
+        let mut out = vec![f32::NAN; n * oc];
+        k::matmul_forward(&mut out, &x, &w, Some(&bias), n, c, oc);
+        // f32 dot products of length c, terms ≤ 1: error ≲ c·2⁻²⁴·few
+        let tol = 2e-6 * c as f64;
+        assert_close(&format!("matmul {n}x{c}->{oc} +bias"), &out, &matmul_ref(&x, &w, Some(&bias), n, c, oc), tol, 0.0);
+        let mut out = vec![f32::NAN; n * oc];
+        k::matmul_forward(&mut out, &x, &w, None, n, c, oc);
+        assert_close(&format!("matmul {n}x{c}->{oc}"), &out, &matmul_ref(&x, &w, None, n, c, oc), tol, 0.0);
+    }
+}
+
+#[test]
+fn matmul_backward_matches_finite_differences() {
+    let mut g = Rng(6);
+    let (n, c, oc) = (N, C, 77);
+    let x = g.vec(n * c, 1.0);
+    let w = g.vec(oc * c, 1.0);
+    let bias = g.vec(oc, 1.0);
+    let r = g.vec(n * oc, 1.0);
+    let fwd = |x: &[f32], w: &[f32], b: &[f32]| {
+        let mut out = vec![0.0; n * oc];
+        k::matmul_forward(&mut out, x, w, Some(b), n, c, oc);
+        out
+    };
+    let (dw0, db0) = (g.vec(oc * c, 1.0), g.vec(oc, 1.0));
+    let mut dinp = vec![f32::NAN; n * c]; // written, so garbage must vanish
+    let (mut dw, mut db) = (dw0.clone(), db0.clone());
+    k::matmul_backward(&mut dinp, &mut dw, Some(&mut db), &r, &x, &w, n, c, oc);
+    let gw: Vec<f32> = dw.iter().zip(&dw0).map(|(a, b)| a - b).collect();
+    let gb: Vec<f32> = db.iter().zip(&db0).map(|(a, b)| a - b).collect();
+
+    let idx = g.sample(n * c, 60);
+    let fd = fd_grad(&x, &idx, 1e-2, |xp| proj(&r, &fwd(xp, &w, &bias)));
+    check_grad("matmul dinp", &dinp, &idx, &fd, 1e-2);
+    let idx = g.sample(oc * c, 60);
+    let fd = fd_grad(&w, &idx, 1e-2, |wp| proj(&r, &fwd(&x, wp, &bias)));
+    check_grad("matmul dweight", &gw, &idx, &fd, 1e-2);
+    let all: Vec<usize> = (0..oc).collect();
+    let fd = fd_grad(&bias, &all, 1e-2, |bp| proj(&r, &fwd(&x, &w, bp)));
+    check_grad("matmul dbias", &gb, &all, &fd, 1e-2);
+
+    // the same products exactly, against f64 loops
+    let mut want_dinp = vec![0.0; n * c];
+    let mut want_dw = f64s(&dw0);
+    let mut want_db = f64s(&db0);
+    for row in 0..n {
+        for o in 0..oc {
+            let d = r[row * oc + o] as f64;
+            want_db[o] += d;
+            for i in 0..c {
+                want_dinp[row * c + i] += d * w[o * c + i] as f64;
+                want_dw[o * c + i] += d * x[row * c + i] as f64;
+            }
+        }
+    }
+    assert_close("matmul dinp (exact)", &dinp, &want_dinp, 1e-4, 0.0);
+    assert_close("matmul dweight (accumulated)", &dw, &want_dw, 2e-4, 0.0);
+    assert_close("matmul dbias (accumulated)", &db, &want_db, 2e-4, 0.0);
+
+    // no bias: dinp and dweight unchanged in meaning, dweight accumulates a second time
+    let mut dinp2 = vec![f32::NAN; n * c];
+    k::matmul_backward(&mut dinp2, &mut dw, None, &r, &x, &w, n, c, oc);
+    assert_close("matmul dinp (no bias)", &dinp2, &f64s(&dinp), 1e-6, 0.0);
+    let want: Vec<f64> = dw0.iter().zip(&gw).map(|(&a, &g)| a as f64 + 2.0 * g as f64).collect();
+    assert_close("matmul dweight (twice)", &dw, &want, 2e-4, 0.0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// attention
+
+fn attn_fwd(qkv: &[f32], nh: usize) -> (Vec<f32>, Vec<f32>) {
+    let (mut out, mut lse) = (vec![f32::NAN; N * C], vec![f32::NAN; B * nh * T]);
+    k::attention_forward(&mut out, &mut lse, qkv, B, T, C, nh);
+    (out, lse)
+}
+
+#[test]
+fn attention_forward_matches_reference() {
+    let mut g = Rng(7);
+    for nh in [6, 2] {
+        let qkv = g.vec(N * 3 * C, 1.5);
+        let (out, lse) = attn_fwd(&qkv, nh);
+        let (wo, wl) = attn_ref(&qkv, B, T, C, nh);
+        assert_close(&format!("attention out nh={nh}"), &out, &wo, 2e-6, 1e-5);
+        assert_close(&format!("attention lse nh={nh}"), &lse, &wl, 2e-6, 1e-6);
+    }
+}
+
+#[test]
+fn attention_backward_matches_finite_differences() {
+    let mut g = Rng(8);
+    for nh in [6, 2] {
+        let qkv = g.vec(N * 3 * C, 1.5);
+        let r = g.vec(N * C, 1.0);
+        let (out, lse) = attn_fwd(&qkv, nh);
+        let mut dqkv = vec![f32::NAN; N * 3 * C];
+        k::attention_backward(&mut dqkv, &r, &out, &lse, &qkv, B, T, C, nh);
+        // split dqkv into its q, k, v parts and check each against FD at sampled entries
+        for (part, name) in ["dq", "dk", "dv"].iter().enumerate() {
+            let cols: Vec<usize> = (0..N * 3 * C).filter(|i| (i % (3 * C)) / C == part).collect();
+            let analytic: Vec<f32> = cols.iter().map(|&i| dqkv[i]).collect();
+            let pick: Vec<usize> = g.sample(cols.len(), 40);
+            let idx: Vec<usize> = pick.iter().map(|&p| cols[p]).collect();
+            let fd = fd_grad(&qkv, &idx, 1e-2, |xp| proj(&r, &attn_fwd(xp, nh).0));
+            check_grad(&format!("attention {name} nh={nh}"), &analytic, &pick, &fd, 1e-2);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// gelu, residual
+
+#[test]
+fn gelu_forward_and_backward() {
+    let mut g = Rng(9);
+    let n = 10_007 + (1 << 14); // more than one parallel chunk
+    let x = g.vec(n, 6.0);
+    let mut out = vec![f32::NAN; n];
+    k::gelu_forward(&mut out, &x);
+    let want: Vec<f64> = x.iter().map(|&v| gelu_ref(v as f64)).collect();
+    assert_close("gelu", &out, &want, 1e-6, 1e-6);
+
+    let dout = g.vec(n, 1.0);
+    let mut dinp = vec![f32::NAN; n];
+    k::gelu_backward(&mut dinp, &x, &dout);
+    // elementwise, so one FD pass over all elements: (gelu(x+h) − gelu(x−h))/2h · dout
+    let h = 1e-2f32;
+    let (xp, xm): (Vec<f32>, Vec<f32>) = x.iter().map(|&v| (v + h, v - h)).unzip();
+    let (mut op, mut om) = (vec![0.0; n], vec![0.0; n]);
+    k::gelu_forward(&mut op, &xp);
+    k::gelu_forward(&mut om, &xm);
+    let fd: Vec<f64> =
+        (0..n).map(|i| (op[i] as f64 - om[i] as f64) / (xp[i] as f64 - xm[i] as f64) * dout[i] as f64).collect();
+    let all: Vec<usize> = (0..n).collect();
+    check_grad("gelu dinp", &dinp, &all, &fd, 2e-3);
+}
+
+#[test]
+fn residual_forward_adds() {
+    let mut g = Rng(10);
+    let n = 3 * (1 << 14) + 11;
+    let (a, b) = (g.vec(n, 1.0), g.vec(n, 1.0));
+    let mut out = vec![f32::NAN; n];
+    k::residual_forward(&mut out, &a, &b);
+    let want: Vec<f64> = a.iter().zip(&b).map(|(&x, &y)| x as f64 + y as f64).collect();
+    assert_close("residual", &out, &want, 0.0, 1e-7);
+}
+
+// ---------------------------------------------------------------------------------------------
+// cross-entropy
+
+#[test]
+fn cross_entropy_losses_and_gradient() {
+    let mut g = Rng(11);
+    let n = 29;
+    let mut logits = g.vec(n * VP, 4.0);
+    for r in 0..n {
+        for j in V..VP {
+            logits[r * VP + j] = 100.0; // padding must not enter the softmax
+        }
+    }
+    let targets = g.ids(n, V);
+    let dloss = 0.37f32;
+    let want = ce_ref(&logits, &targets, n, V, VP);
+
+    // write_grad = false: losses only, logits bit-identical
+    let mut l2 = logits.clone();
+    let mut losses = vec![f32::NAN; n];
+    k::cross_entropy(&mut l2, &mut losses, &targets, n, V, VP, dloss, false);
+    assert!(l2.iter().zip(&logits).all(|(a, b)| a.to_bits() == b.to_bits()), "logits changed without write_grad");
+    assert_close("ce losses", &losses, &want, 1e-5, 1e-6);
+
+    // write_grad = true: losses again, and dlogits in place
+    let mut dl = logits.clone();
+    let mut losses2 = vec![f32::NAN; n];
+    k::cross_entropy(&mut dl, &mut losses2, &targets, n, V, VP, dloss, true);
+    assert_close("ce losses (write_grad)", &losses2, &want, 1e-5, 1e-6);
+    for r in 0..n {
+        assert!(dl[r * VP + V..(r + 1) * VP].iter().all(|&x| x == 0.0), "row {r}: padded gradient not zero");
+        // softmax − onehot sums to zero over a row
+        let s: f64 = dl[r * VP..r * VP + V].iter().map(|&x| x as f64).sum();
+        assert!(s.abs() < 1e-6, "row {r}: gradient sums to {s}");
+    }
+    // FD of dloss·Σ losses over sampled logits (targets included)
+    let loss_of = |lp: &[f32]| {
+        let mut ls = vec![0.0; n];
+        k::cross_entropy_loss(lp, &mut ls, &targets, n, V, VP);
+        ls.iter().map(|&x| x as f64 * dloss as f64).sum::<f64>()
+    };
+    let mut idx: Vec<usize> = (0..n).map(|r| r * VP + targets[r] as usize).collect();
+    for _ in 0..60 {
+        let r = g.below(n);
+        idx.push(r * VP + g.below(V));
+    }
+    // large logits of the row maximum give the biggest probabilities: include each row's argmax
+    for r in 0..n {
+        let row = &logits[r * VP..r * VP + V];
+        let am = (0..V).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap();
+        idx.push(r * VP + am);
+    }
+    let fd = fd_grad(&logits, &idx, 1e-3, loss_of);
+    check_grad("ce dlogits", &dl, &idx, &fd, 1e-2);
+    // and exactly against the f64 softmax at all real columns
+    let mut want_dl = vec![0.0f64; n * VP];
+    for r in 0..n {
+        let row = &logits[r * VP..r * VP + V];
+        let lse = want[r] + row[targets[r] as usize] as f64;
+        for j in 0..V {
+            want_dl[r * VP + j] = ((row[j] as f64 - lse).exp() - (j == targets[r] as usize) as i32 as f64) * dloss as f64;
+        }
+    }
+    assert_close("ce dlogits (exact)", &dl, &want_dl, 1e-7, 1e-5);
+}
+
+// ---------------------------------------------------------------------------------------------
+// reductions, clipping, AdamW
+
+#[test]
+fn sum_squares_in_f64() {
+    let mut g = Rng(12);
+    let x = g.vec(5 * (1 << 14) + 3, 3.0);
+    let want: f64 = x.iter().map(|&v| (v as f64).powi(2)).sum();
+    let got = k::sum_squares(&x);
+    assert!(((got as f64) - want).abs() <= 1e-7 * want, "sum_squares {got} vs {want}");
+    assert_eq!(k::sum_squares(&[]), 0.0);
+}
+
+#[test]
+fn clip_scale_clips_only_above_max() {
+    let parts = [9.0f32, 16.0, 0.0]; // norm 5
+    let mut h = vec![0.0f32; Hyper::LEN];
+    k::clip_scale(&mut h, &parts, 1.0);
+    assert_eq!(h[Hyper::GRAD_NORM], 5.0);
+    assert!((h[Hyper::GRAD_SCALE] - 0.2).abs() < 1e-7, "{}", h[Hyper::GRAD_SCALE]);
+    k::clip_scale(&mut h, &parts, 5.0); // norm == max: no clipping
+    assert_eq!(h[Hyper::GRAD_SCALE], 1.0);
+    k::clip_scale(&mut h, &parts, 7.0);
+    assert_eq!(h[Hyper::GRAD_SCALE], 1.0);
+    k::clip_scale(&mut h, &parts, 0.0); // disabled
+    assert_eq!((h[Hyper::GRAD_SCALE], h[Hyper::GRAD_NORM]), (1.0, 5.0));
+    // other slots untouched
+    assert!(h[..Hyper::GRAD_SCALE].iter().all(|&x| x == 0.0));
+}
+
+fn hyper(step: i32, lr: f32, scale: f32) -> Vec<f32> {
+    let (b1, b2) = (0.9f32, 0.999f32);
+    let mut h = vec![0.0f32; Hyper::LEN];
+    h[Hyper::LR] = lr;
+    h[Hyper::BETA1] = b1;
+    h[Hyper::BETA2] = b2;
+    h[Hyper::EPS] = 1e-8;
+    h[Hyper::BC1] = 1.0 - b1.powi(step);
+    h[Hyper::BC2] = 1.0 - b2.powi(step);
+    h[Hyper::GRAD_SCALE] = scale;
+    h
+}
+
+#[test]
+fn adamw_two_steps_by_hand() {
+    // one element by hand: p=1, g=0.5, scale 0.5 (g'=0.25), lr 0.1, wd 0.1
+    // step 1: m=0.025 v=6.25e-5 m̂=0.25 v̂=0.0625 → update 0.25/0.25=1 (+1e-8 eps), decay 0.1·1
+    //         p = 1 − 0.1·(1 + 0.1) = 0.89 (to ~4e-8)
+    let (mut p, mut m, mut v) = (vec![1.0f32], vec![0.0f32], vec![0.0f32]);
+    k::adamw(&mut p, &[0.5], &mut m, &mut v, &hyper(1, 0.1, 0.5), 0.1);
+    assert!((p[0] - 0.89).abs() < 1e-6, "{}", p[0]);
+    // (1−β2 in f32 is 0.000999987: 1.3e-5 relative)
+    assert!((m[0] - 0.025).abs() < 1e-8 && (v[0] / 6.25e-5 - 1.0).abs() < 2e-5, "m {} v {}", m[0], v[0]);
+
+    // many elements, two steps, against the formula in f64
+    let mut g = Rng(13);
+    let n = 2 * (1 << 14) + 77;
+    let p0 = g.vec(n, 1.0);
+    let grads = [g.vec(n, 0.1), g.vec(n, 0.1)];
+    let (mut p, mut m, mut v) = (p0.clone(), vec![0.0f32; n], vec![0.0f32; n]);
+    let (mut pr, mut mr, mut vr) = (f64s(&p0), vec![0.0f64; n], vec![0.0f64; n]);
+    let (lr, wd, scale) = (3e-3f32, 0.05f32, 0.7f32);
+    for step in 1..=2 {
+        let h = hyper(step, lr, scale);
+        k::adamw(&mut p, &grads[step as usize - 1], &mut m, &mut v, &h, wd);
+        let (b1, b2) = (0.9f64, 0.999f64);
+        for i in 0..n {
+            let gi = grads[step as usize - 1][i] as f64 * scale as f64;
+            mr[i] = b1 * mr[i] + (1.0 - b1) * gi;
+            vr[i] = b2 * vr[i] + (1.0 - b2) * gi * gi;
+            let mh = mr[i] / (1.0 - b1.powi(step));
+            let vh = vr[i] / (1.0 - b2.powi(step));
+            pr[i] -= lr as f64 * (mh / (vh.sqrt() + 1e-8) + wd as f64 * pr[i]);
+        }
+    }
+    assert_close("adamw m", &m, &mr, 1e-9, 1e-5);
+    assert_close("adamw v", &v, &vr, 1e-12, 3e-5); // 1−β2 rounds to f32 (1.3e-5)
+    // the update is lr·O(1): compare the change, not just the value
+    let dp: Vec<f32> = p.iter().zip(&p0).map(|(a, b)| a - b).collect();
+    let dr: Vec<f64> = pr.iter().zip(&p0).map(|(a, &b)| a - b as f64).collect();
+    assert_close("adamw Δparam", &dp, &dr, 2e-7, 1e-3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// the executor
+
+#[test]
+fn backend_runs_a_small_graph() {
+    let (vocab, c, oc) = (40, C, 53);
+    let mut g = Rng(14);
+    let mut tab = BufferTable::default();
+    let tokens = tab.add("tokens", N, DType::I32, Role::Tokens);
+    let wte = tab.add("wte", vocab * c, DType::F32, Role::Param(0));
+    let wpe = tab.add("wpe", T * c, DType::F32, Role::Param(1));
+    let enc = tab.add("encoded", N * c, DType::F32, Role::Activation);
+    // weight and bias of the matmul packed in one buffer (views at offsets)
+    let wb = tab.add("w_and_b", oc * c + oc, DType::F32, Role::Param(2));
+    let out = tab.add("out", N * oc + 5, DType::F32, Role::Activation);
+    let act = tab.add("act", N * oc, DType::F32, Role::Activation);
+    let stats = tab.add("stats", 2 * N, DType::F32, Role::Activation);
+    let lno = tab.add("ln_out", N * c, DType::F32, Role::Activation);
+
+    let (tok, te, pe, wbv) = (g.ids(N, vocab), g.vec(vocab * c, 1.0), g.vec(T * c, 1.0), g.vec(oc * c + oc, 0.3));
+    let mut be = CpuBackend::new(Some(2)).unwrap();
+    assert!(be.name().contains("cpu"));
+    be.alloc(&tab).unwrap();
+    be.upload_i32(tokens, &tok).unwrap();
+    be.upload_f32(wte, &te).unwrap();
+    be.upload_f32(wpe, &pe).unwrap();
+    be.upload_f32(wb, &wbv).unwrap();
+    assert_eq!(be.download_i32(tokens).unwrap(), tok);
+
+    let wv = tab.view(wb);
+    let launches = vec![
+        Launch {
+            label: "enc".into(),
+            kernel: Kernel::EncoderForward {
+                out: tab.view(enc), tokens: tab.view(tokens), wte: tab.view(wte), wpe: tab.view(wpe), b: B, t: T, c,
+            },
+        },
+        Launch {
+            label: "mm".into(),
+            kernel: Kernel::MatmulForward {
+                out: tab.view(out).slice(5, N * oc), inp: tab.view(enc), weight: wv.slice(0, oc * c),
+                bias: Some(wv.slice(oc * c, oc)), n: N, c, oc,
+            },
+        },
+        Launch {
+            label: "gelu".into(),
+            kernel: Kernel::GeluForward { out: tab.view(act), inp: tab.view(out).slice(5, N * oc), n: N * oc },
+        },
+    ];
+    be.run(&launches).unwrap();
+    be.sync().unwrap();
+
+    // reference: encoder, matmul with bias, gelu, in f64
+    let mut x = vec![0f32; N * c];
+    for r in 0..N {
+        for i in 0..c {
+            x[r * c + i] = te[tok[r] as usize * c + i] + pe[(r % T) * c + i];
+        }
+    }
+    let mm = matmul_ref(&x, &wbv[..oc * c], Some(&wbv[oc * c..]), N, c, oc);
+    let o = be.download_f32(out).unwrap();
+    assert_eq!(&o[..5], &[0.0; 5], "bytes before the view untouched");
+    assert_close("graph matmul", &o[5..], &mm, 1e-4, 0.0);
+    let want: Vec<f64> = mm.iter().map(|&v| gelu_ref(v)).collect();
+    assert_close("graph gelu", &be.download_f32(act).unwrap(), &want, 1e-4, 0.0);
+
+    // in place (output view == input view) reads the old values: act = act + act
+    let a = be.download_f32(act).unwrap();
+    let inplace = Kernel::ResidualForward { out: tab.view(act), a: tab.view(act), b: tab.view(act), n: N * oc };
+    be.run(&[Launch { label: "res".into(), kernel: inplace }]).unwrap();
+    let want: Vec<f64> = a.iter().map(|&v| 2.0 * v as f64).collect();
+    assert_close("in-place residual", &be.download_f32(act).unwrap(), &want, 0.0, 0.0);
+
+    // two outputs in one buffer (mean and rstd side by side)
+    let ln = Kernel::LayerNormForward {
+        out: tab.view(lno), mean: tab.view(stats).slice(0, N), rstd: tab.view(stats).slice(N, N),
+        inp: tab.view(enc), weight: wv.slice(0, c), bias: wv.slice(c, c), n: N, c,
+    };
+    be.run(&[Launch { label: "ln".into(), kernel: ln }]).unwrap();
+    let (wo, wm, wr) = ln_ref(&be.download_f32(enc).unwrap(), &wbv[..c], &wbv[c..2 * c], N, c);
+    assert_close("graph ln out", &be.download_f32(lno).unwrap(), &wo, 1e-5, 1e-5);
+    let st = be.download_f32(stats).unwrap();
+    assert_close("graph ln mean", &st[..N], &wm, 1e-5, 1e-5);
+    assert_close("graph ln rstd", &st[N..], &wr, 0.0, 1e-5);
+
+    let bad = |kernel: Kernel| vec![Launch { label: "bad".into(), kernel }];
+    // a view past the end of its buffer
+    let e = be
+        .run(&bad(Kernel::Zero { out: View { buf: out, offset: N * oc, len: 6 } }))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bad") && e.contains("out"), "{e}");
+    // a token id out of range
+    be.upload_i32(tokens, &vec![vocab as i32; N]).unwrap();
+    let e = be.run(&launches[..1]).unwrap_err().to_string();
+    assert!(e.contains("token") && e.contains("40"), "{e}");
+    // overlapping outputs
+    let e = be
+        .run(&bad(Kernel::LayerNormForward {
+            out: tab.view(lno), mean: tab.view(stats).slice(0, N), rstd: tab.view(stats).slice(1, N),
+            inp: tab.view(enc), weight: wv.slice(0, c), bias: wv.slice(c, c), n: N, c,
+        }))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("overlap"), "{e}");
+    // a view too short for the sizes, the wrong dtype, a wrong upload length
+    assert!(be.run(&bad(Kernel::GeluForward { out: tab.view(act), inp: tab.view(stats), n: N * oc })).is_err());
+    assert!(be.run(&bad(Kernel::GeluForward { out: tab.view(tokens), inp: tab.view(act), n: N })).is_err());
+    assert!(be.upload_f32(act, &[1.0; 3]).is_err());
+    assert!(be.upload_f32(tokens, &vec![0.0; N]).is_err());
+    assert!(be.download_f32(tokens).is_err());
+    // the failed launches left the buffers in place
+    assert_eq!(be.download_f32(stats).unwrap(), st);
+}
+
+#[test]
+fn backend_optimizer_chain_and_thread_independence() {
+    let n = 3 * (1 << 14) + 5;
+    let mut g = Rng(15);
+    let (p0, gr) = (g.vec(n, 1.0), g.vec(n, 2.0));
+    let run = |threads: usize| {
+        let mut tab = BufferTable::default();
+        let p = tab.add("p", n, DType::F32, Role::Param(0));
+        let gb = tab.add("g", n, DType::F32, Role::Grad(0));
+        let m = tab.add("m", n, DType::F32, Role::OptM(0));
+        let v = tab.add("v", n, DType::F32, Role::OptV(0));
+        let parts = tab.add("parts", 3, DType::F32, Role::Scratch);
+        let h = tab.add("hyper", Hyper::LEN, DType::F32, Role::Hyper);
+        let mut be = CpuBackend::new(Some(threads)).unwrap();
+        be.alloc(&tab).unwrap();
+        be.upload_f32(p, &p0).unwrap();
+        be.upload_f32(gb, &gr).unwrap();
+        be.upload_f32(parts, &[5.0, 5.0, 5.0]).unwrap();
+        be.upload_f32(h, &hyper(1, 1e-2, 123.0)).unwrap();
+        let l = |kernel| Launch { label: "opt".into(), kernel };
+        be.run(&[
+            l(Kernel::Zero { out: tab.view(parts) }),
+            l(Kernel::SumSquares { out: tab.view(parts), inp: tab.view(gb).slice(0, n / 2), slot: 0 }),
+            l(Kernel::SumSquares { out: tab.view(parts), inp: tab.view(gb).slice(n / 2, n - n / 2), slot: 2 }),
+            l(Kernel::ClipScale { hyper: tab.view(h), parts: tab.view(parts), max_norm: 1.0 }),
+            l(Kernel::AdamW {
+                param: tab.view(p), grad: tab.view(gb), m: tab.view(m), v: tab.view(v), hyper: tab.view(h),
+                weight_decay: 0.1,
+            }),
+        ])
+        .unwrap();
+        (be.download_f32(h).unwrap(), be.download_f32(p).unwrap(), be.download_f32(m).unwrap())
+    };
+    let (h1, p1, m1) = run(1);
+    let norm = gr.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    assert!((h1[Hyper::GRAD_NORM] as f64 - norm).abs() < 1e-6 * norm, "{} vs {norm}", h1[Hyper::GRAD_NORM]);
+    assert!((h1[Hyper::GRAD_SCALE] as f64 - 1.0 / norm).abs() < 1e-6 / norm);
+    // m after one step = (1−β1)·g·scale
+    let want: Vec<f64> = gr.iter().map(|&x| 0.1 * x as f64 / norm).collect();
+    assert_close("chain m", &m1, &want, 1e-10, 1e-5);
+    let (h2, p2, m2) = run(2);
+    assert_eq!((h1, p1, m1), (h2, p2, m2), "results depend on the thread count");
+}
+
+#[test]
+fn kernels_do_not_depend_on_thread_count() {
+    let mut g = Rng(16);
+    let qkv = g.vec(N * 3 * C, 1.5);
+    let x = g.vec(N * C, 1.0);
+    let w = g.vec(4 * C * C, 0.2);
+    let r = g.vec(N * 4 * C, 1.0);
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let (out, lse) = attn_fwd(&qkv, 6);
+            let mut dqkv = vec![0.0; N * 3 * C];
+            k::attention_backward(&mut dqkv, &x, &out, &lse, &qkv, B, T, C, 6);
+            let mut mo = vec![0.0; N * 4 * C];
+            k::matmul_forward(&mut mo, &x, &w, None, N, C, 4 * C);
+            let (mut di, mut dw, mut db) = (vec![0.0; N * C], vec![0.0; 4 * C * C], vec![0.0; 4 * C]);
+            k::matmul_backward(&mut di, &mut dw, Some(&mut db), &r, &x, &w, N, C, 4 * C);
+            let (_, mean, rstd) = ln_fwd(&x, &w[..C], &w[C..2 * C]);
+            let (mut li, mut lw, mut lb) = (vec![0.0; N * C], vec![0.0; C], vec![0.0; C]);
+            k::layernorm_backward(&mut li, &mut lw, &mut lb, &x, &x, &w[..C], &mean, &rstd, N, C, false);
+            (out, dqkv, mo, di, dw, db, li, lw, lb, k::sum_squares(&r))
+        })
+    };
+    assert!(run(1) == run(3), "results depend on the thread count");
+}
+
+// ---------------------------------------------------------------------------------------------
+// benchmarks (ignored): GPT-2 124M shapes at B=4, T=64
+
+/// (&mut v[i], &mut v[i+1])
+fn pair(v: &mut [Vec<f32>], i: usize) -> (&mut Vec<f32>, &mut Vec<f32>) {
+    let (a, b) = v.split_at_mut(i + 1);
+    (&mut a[i], &mut b[0])
+}
+
+fn gflops(flop: f64, secs: f64) -> f64 {
+    flop / secs / 1e9
+}
+
+fn time<R>(reps: usize, mut f: impl FnMut() -> R) -> f64 {
+    f(); // warm up
+    let t0 = std::time::Instant::now();
+    for _ in 0..reps {
+        std::hint::black_box(f());
+    }
+    t0.elapsed().as_secs_f64() / reps as f64
+}
+
+#[test]
+#[ignore]
+fn bench_matmul_d12_shapes() {
+    let n = 4 * 64;
+    let mut g = Rng(17);
+    eprintln!("threads: {}", rayon::current_num_threads());
+    for &(c, oc, name) in &[(768, 2304, "qkv"), (768, 768, "attproj"), (768, 3072, "fc"), (3072, 768, "fcproj"), (768, 50304, "classifier")] {
+        let x = g.vec(n * c, 1.0);
+        let w = g.vec(oc * c, 0.02);
+        let bias = g.vec(oc, 0.1);
+        let dout = g.vec(n * oc, 1.0);
+        let mut out = vec![0.0; n * oc];
+        let (mut dinp, mut dw, mut db) = (vec![0.0; n * c], vec![0.0; oc * c], vec![0.0; oc]);
+        let flop = 2.0 * (n * c * oc) as f64;
+        let reps = if oc > 10000 { 3 } else { 10 };
+        let tf = time(reps, || k::matmul_forward(&mut out, &x, &w, Some(&bias), n, c, oc));
+        let tb = time(reps, || k::matmul_backward(&mut dinp, &mut dw, Some(&mut db), &dout, &x, &w, n, c, oc));
+        eprintln!(
+            "{name:>10} {n}x{c}->{oc}: fwd {:7.2} ms ({:6.1} GFLOP/s)  bwd {:7.2} ms ({:6.1} GFLOP/s)",
+            tf * 1e3,
+            gflops(flop, tf),
+            tb * 1e3,
+            gflops(2.0 * flop, tb)
+        );
+    }
+}
+
+/// Every kernel of one d12 training step (B=4, T=64) through the kernel functions, timed by family.
+#[test]
+#[ignore]
+fn bench_d12_step() {
+    let (b, t, c, l, nh, v, vp) = (4usize, 64usize, 768usize, 12usize, 12usize, 50257usize, 50304usize);
+    let n = b * t;
+    let mut g = Rng(18);
+    let times = std::cell::RefCell::new(std::collections::BTreeMap::<&str, f64>::new());
+    macro_rules! timed {
+        ($name:expr, $e:expr) => {{
+            let t0 = std::time::Instant::now();
+            let r = $e;
+            *times.borrow_mut().entry($name).or_default() += t0.elapsed().as_secs_f64();
+            r
+        }};
+    }
+    // parameters (and grads, m, v) as 16 tensors in the llm.c layout
+    let sizes = [vp * c, 1024 * c, l * c, l * c, l * 3 * c * c, l * 3 * c, l * c * c, l * c, l * c, l * c, l * 4 * c * c,
+        l * 4 * c, l * c * 4 * c, l * c, c, c];
+    let mut p: Vec<Vec<f32>> = sizes.iter().map(|&s| g.vec(s, 0.02)).collect();
+    for w in [2usize, 8, 14] {
+        p[w].iter_mut().for_each(|x| *x = 1.0 + *x);
+    }
+    let mut gr: Vec<Vec<f32>> = sizes.iter().map(|&s| vec![0.0; s]).collect();
+    let mut m: Vec<Vec<f32>> = sizes.iter().map(|&s| vec![0.0; s]).collect();
+    let mut vv: Vec<Vec<f32>> = sizes.iter().map(|&s| vec![0.0; s]).collect();
+    let tokens = g.ids(n, v);
+    let targets = g.ids(n, v);
+    // activations per layer
+    let z = |s: usize| vec![0.0f32; s];
+    let mut res: Vec<Vec<f32>> = (0..=2 * l).map(|_| z(n * c)).collect(); // residual stream points
+    let (mut ln1, mut ln1m, mut ln1r) = ((0..l).map(|_| z(n * c)).collect::<Vec<_>>(), vec![z(n); l], vec![z(n); l]);
+    let (mut ln2, mut ln2m, mut ln2r) = ((0..l).map(|_| z(n * c)).collect::<Vec<_>>(), vec![z(n); l], vec![z(n); l]);
+    let mut qkv: Vec<Vec<f32>> = (0..l).map(|_| z(n * 3 * c)).collect();
+    let mut att: Vec<Vec<f32>> = (0..l).map(|_| z(n * c)).collect();
+    let mut lse: Vec<Vec<f32>> = (0..l).map(|_| z(b * nh * t)).collect();
+    let mut fch: Vec<Vec<f32>> = (0..l).map(|_| z(n * 4 * c)).collect();
+    let mut fcg: Vec<Vec<f32>> = (0..l).map(|_| z(n * 4 * c)).collect();
+    let (mut lnf, mut lnfm, mut lnfr) = (z(n * c), z(n), z(n));
+    let mut logits = z(n * vp);
+    let mut losses = z(n);
+    let mut tmp = z(n * c);
+    let (mut d_res, mut d_a, mut d_big, mut d_big2, mut d_qkv) = (z(n * c), z(n * c), z(n * 4 * c), z(n * 4 * c), z(n * 3 * c));
+    let mut parts = vec![0.0f32; 16];
+    let mut hyp = hyper(1, 1e-4, 1.0);
+    let sl = |i: usize, s: usize| i * s..(i + 1) * s;
+
+    let mut step = || {
+        // forward
+        timed!("encoder", k::encoder_forward(&mut res[0], &tokens, &p[0], &p[1], b, t, c));
+        for li in 0..l {
+            let rc = sl(li, c);
+            timed!("layernorm", k::layernorm_forward(&mut ln1[li], &mut ln1m[li], &mut ln1r[li], &res[2 * li], &p[2][rc.clone()], &p[3][rc.clone()], n, c));
+            timed!("matmul", k::matmul_forward(&mut qkv[li], &ln1[li], &p[4][sl(li, 3 * c * c)], Some(&p[5][sl(li, 3 * c)]), n, c, 3 * c));
+            timed!("attention", k::attention_forward(&mut att[li], &mut lse[li], &qkv[li], b, t, c, nh));
+            timed!("matmul", k::matmul_forward(&mut tmp, &att[li], &p[6][sl(li, c * c)], Some(&p[7][rc.clone()]), n, c, c));
+            let (lo, hi) = res.split_at_mut(2 * li + 1);
+            timed!("residual", k::residual_forward(&mut hi[0], &lo[2 * li], &tmp));
+            timed!("layernorm", k::layernorm_forward(&mut ln2[li], &mut ln2m[li], &mut ln2r[li], &res[2 * li + 1], &p[8][rc.clone()], &p[9][rc.clone()], n, c));
+            timed!("matmul", k::matmul_forward(&mut fch[li], &ln2[li], &p[10][sl(li, 4 * c * c)], Some(&p[11][sl(li, 4 * c)]), n, c, 4 * c));
+            timed!("gelu", k::gelu_forward(&mut fcg[li], &fch[li]));
+            timed!("matmul", k::matmul_forward(&mut tmp, &fcg[li], &p[12][sl(li, 4 * c * c)], Some(&p[13][rc.clone()]), n, 4 * c, c));
+            let (lo, hi) = res.split_at_mut(2 * li + 2);
+            timed!("residual", k::residual_forward(&mut hi[0], &lo[2 * li + 1], &tmp));
+        }
+        timed!("layernorm", k::layernorm_forward(&mut lnf, &mut lnfm, &mut lnfr, &res[2 * l], &p[14], &p[15], n, c));
+        timed!("classifier matmul", k::matmul_forward(&mut logits, &lnf, &p[0], None, n, c, vp));
+        timed!("cross_entropy", k::cross_entropy(&mut logits, &mut losses, &targets, n, v, vp, 1.0 / n as f32, true));
+        // backward
+        timed!("zero grads", gr.iter_mut().for_each(|x| k::zero(x)));
+        timed!("classifier matmul", k::matmul_backward(&mut d_a, &mut gr[0], None, &logits, &lnf, &p[0], n, c, vp));
+        let (ga, gb) = pair(&mut gr, 14);
+        timed!("layernorm", k::layernorm_backward(&mut d_res, ga, gb, &d_a, &res[2 * l], &p[14], &lnfm, &lnfr, n, c, false));
+        for li in (0..l).rev() {
+            let rc = sl(li, c);
+            // through the second residual branch
+            let (ga, gb) = pair(&mut gr, 12);
+            timed!("matmul", k::matmul_backward(&mut d_big, &mut ga[sl(li, 4 * c * c)], Some(&mut gb[rc.clone()]), &d_res, &fcg[li], &p[12][sl(li, 4 * c * c)], n, 4 * c, c));
+            timed!("gelu", k::gelu_backward(&mut d_big2, &fch[li], &d_big));
+            let (ga, gb) = pair(&mut gr, 10);
+            timed!("matmul", k::matmul_backward(&mut d_a, &mut ga[sl(li, 4 * c * c)], Some(&mut gb[sl(li, 4 * c)]), &d_big2, &ln2[li], &p[10][sl(li, 4 * c * c)], n, c, 4 * c));
+            let (ga, gb) = pair(&mut gr, 8);
+            timed!("layernorm", k::layernorm_backward(&mut d_res, &mut ga[rc.clone()], &mut gb[rc.clone()], &d_a, &res[2 * li + 1], &p[8][rc.clone()], &ln2m[li], &ln2r[li], n, c, true));
+            let (ga, gb) = pair(&mut gr, 6);
+            timed!("matmul", k::matmul_backward(&mut d_a, &mut ga[sl(li, c * c)], Some(&mut gb[rc.clone()]), &d_res, &att[li], &p[6][sl(li, c * c)], n, c, c));
+            timed!("attention", k::attention_backward(&mut d_qkv, &d_a, &att[li], &lse[li], &qkv[li], b, t, c, nh));
+            let (ga, gb) = pair(&mut gr, 4);
+            timed!("matmul", k::matmul_backward(&mut d_a, &mut ga[sl(li, 3 * c * c)], Some(&mut gb[sl(li, 3 * c)]), &d_qkv, &ln1[li], &p[4][sl(li, 3 * c * c)], n, c, 3 * c));
+            let (ga, gb) = pair(&mut gr, 2);
+            timed!("layernorm", k::layernorm_backward(&mut d_res, &mut ga[rc.clone()], &mut gb[rc.clone()], &d_a, &res[2 * li], &p[2][rc.clone()], &ln1m[li], &ln1r[li], n, c, true));
+        }
+        let (g0, g1) = gr.split_at_mut(1);
+        timed!("encoder", k::encoder_backward(&mut g0[0], &mut g1[0], &d_res, &tokens, b, t, c));
+        // norm, clip, update
+        timed!("sum_squares+clip", {
+            for (i, gi) in gr.iter().enumerate() {
+                parts[i] = k::sum_squares(gi);
+            }
+            k::clip_scale(&mut hyp, &parts, 1.0)
+        });
+        timed!("adamw", for i in 0..16 {
+            k::adamw(&mut p[i], &gr[i], &mut m[i], &mut vv[i], &hyp, 0.1)
+        });
+    };
+    eprintln!("threads: {}", rayon::current_num_threads());
+    step(); // warm up
+    times.borrow_mut().clear();
+    let reps = 3;
+    let t0 = std::time::Instant::now();
+    for _ in 0..reps {
+        step();
+    }
+    let total = t0.elapsed().as_secs_f64() / reps as f64;
+    for (name, s) in times.borrow().iter() {
+        eprintln!("{name:>18}: {:8.1} ms", s / reps as f64 * 1e3);
+    }
+    eprintln!("d12 B=4 T=64 step: {:.3} s", total);
+}

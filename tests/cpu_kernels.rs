@@ -953,3 +953,58 @@ fn bench_d12_step() {
     }
     eprintln!("d12 B=4 T=64 step: {:.3} s", total);
 }
+
+#[test]
+#[ignore]
+fn scratch_classifier() {
+    use gemm::Parallelism;
+    let (n, c, oc) = (256usize, 768usize, 50304usize);
+    let mut g = Rng(1);
+    let x = g.vec(n * c, 1.0);
+    let w = g.vec(oc * c, 0.02);
+    let dout = g.vec(n * oc, 1.0);
+    let mut dinp = vec![0.0f32; n * c];
+    let mut dw = vec![0.0f32; oc * c];
+    let flop = 2.0 * (n * c * oc) as f64;
+    let t = time(3, || unsafe {
+        gemm::gemm(n, c, oc, dinp.as_mut_ptr(), 1, c as isize, false, dout.as_ptr(), 1, oc as isize, w.as_ptr(), 1, c as isize, 1.0f32, 1.0f32, false, false, false, Parallelism::Rayon(0));
+    });
+    eprintln!("dinp {:.1} ms {:.1} GF/s", t * 1e3, gflops(flop, t));
+    let t = time(3, || unsafe {
+        gemm::gemm(oc, c, n, dw.as_mut_ptr(), 1, c as isize, true, dout.as_ptr(), oc as isize, 1, x.as_ptr(), 1, c as isize, 1.0f32, 1.0f32, false, false, false, Parallelism::Rayon(0));
+    });
+    eprintln!("dweight {:.1} ms {:.1} GF/s", t * 1e3, gflops(flop, t));
+    // dinp split over k-chunks? split over c columns?
+    let t = time(3, || {
+        use rayon::prelude::*;
+        // dinp as n x c, split k=oc into chunks, partial sums
+        let chunks = 2usize;
+        let kc = oc / chunks;
+        let parts: Vec<Vec<f32>> = (0..chunks).into_par_iter().map(|ci| {
+            let mut p = vec![0.0f32; n * c];
+            unsafe {
+                gemm::gemm(n, c, kc, p.as_mut_ptr(), 1, c as isize, false, dout.as_ptr().add(ci * kc), 1, oc as isize, w.as_ptr().add(ci * kc * c), 1, c as isize, 1.0f32, 1.0f32, false, false, false, Parallelism::None);
+            }
+            p
+        }).collect();
+        for (d, (a, b)) in dinp.iter_mut().zip(parts[0].iter().zip(&parts[1])) { *d = a + b; }
+    });
+    eprintln!("dinp k-split {:.1} ms {:.1} GF/s", t * 1e3, gflops(flop, t));
+    let t = time(3, || k::matmul_backward(&mut dinp, &mut dw, None, &dout, &x, &w, n, c, oc));
+    eprintln!("matmul_backward nobias {:.1} ms", t * 1e3);
+    let mut db = vec![0.0; oc];
+    let t = time(3, || k::matmul_backward(&mut dinp, &mut dw, Some(&mut db), &dout, &x, &w, n, c, oc));
+    eprintln!("matmul_backward bias {:.1} ms", t * 1e3);
+    for _ in 0..3 {
+        let t0 = std::time::Instant::now();
+        unsafe {
+        gemm::gemm(n, c, oc, dinp.as_mut_ptr(), 1, c as isize, false, dout.as_ptr(), 1, oc as isize, w.as_ptr(), 1, c as isize, 1.0f32, 1.0f32, false, false, false, Parallelism::Rayon(0));
+        }
+        let t1 = t0.elapsed().as_secs_f64();
+        unsafe {
+        gemm::gemm(oc, c, n, dw.as_mut_ptr(), 1, c as isize, true, dout.as_ptr(), oc as isize, 1, x.as_ptr(), 1, c as isize, 1.0f32, 1.0f32, false, false, false, Parallelism::Rayon(0));
+        }
+        let t2 = t0.elapsed().as_secs_f64();
+        eprintln!("alternating: dinp {:.1} ms dweight {:.1} ms", t1 * 1e3, (t2 - t1) * 1e3);
+    }
+}

@@ -1,1 +1,2 @@
-//! The wgpu backend (in progress).
+//! The wgpu backend: WGSL compute shaders (`shaders/`) through wgpu on Vulkan, Metal, DX12 or GL.
+pub mod shaders;

@@ -1,0 +1,349 @@
+//! NVRTC: compiling `cuda/*.cu` (embedded in the binary) to CUBIN, parsing ptxas' resource
+//! report, and the on-disk CUBIN cache.
+
+use std::ffi::{c_char, CString};
+use std::path::PathBuf;
+
+use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys};
+
+use super::dl::{self, Which};
+use crate::error::{Error, Result};
+
+/// Every kernel source file, by family name (`Kernel::family()`), embedded at build time.
+pub const SOURCES: &[(&str, &str)] = &[
+    ("adamw", include_str!("../../../cuda/adamw.cu")),
+    ("attention", include_str!("../../../cuda/attention.cu")),
+    ("classifier", include_str!("../../../cuda/classifier.cu")),
+    ("encoder", include_str!("../../../cuda/encoder.cu")),
+    ("gelu", include_str!("../../../cuda/gelu.cu")),
+    ("layernorm", include_str!("../../../cuda/layernorm.cu")),
+    ("matmul", include_str!("../../../cuda/matmul.cu")),
+    ("reduce", include_str!("../../../cuda/reduce.cu")),
+    ("residual", include_str!("../../../cuda/residual.cu")),
+];
+
+/// ptxas' report for one kernel function.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FunctionStats {
+    pub name: String,
+    pub registers: u32,
+    /// static shared memory (dynamic shared memory is sized at launch and not included)
+    pub shared_bytes: u32,
+    /// spill stores + spill loads
+    pub spill_bytes: u32,
+    pub stack_bytes: u32,
+}
+
+/// The result of compiling one `cuda/<family>.cu` for one architecture.
+#[derive(Clone, Debug)]
+pub struct CompileReport {
+    /// e.g. "cuda/attention.cu"
+    pub file: String,
+    /// e.g. "sm_70"
+    pub arch: String,
+    /// the most registers any kernel of the file uses
+    pub registers: u32,
+    /// the most static shared memory any kernel of the file uses
+    pub shared_bytes: u32,
+    /// total spill bytes (must be 0)
+    pub spill_bytes: u32,
+    /// NVRTC's log (ptxas -v output)
+    pub log: String,
+    pub functions: Vec<FunctionStats>,
+}
+
+/// What NVRTC produces: SASS for one exact GPU, or PTX for the driver to JIT (a GPU newer than
+/// this NVRTC knows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    Cubin(u32),
+    Ptx(u32),
+}
+
+impl Target {
+    pub fn arch_flag(&self) -> String {
+        match self {
+            Target::Cubin(cc) => format!("sm_{cc}"),
+            Target::Ptx(cc) => format!("compute_{cc}"),
+        }
+    }
+}
+
+/// "12.9 (/path/to/libnvrtc.so.12)", or why NVRTC is unusable.
+pub fn nvrtc_version() -> std::result::Result<(i32, i32), String> {
+    dl::lib(Which::Nvrtc)?;
+    let (mut major, mut minor) = (0i32, 0i32);
+    let r = unsafe { nvrtc_sys::nvrtcVersion(&mut major, &mut minor) };
+    if r != nvrtc_sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(format!("nvrtcVersion failed: {r:?}"));
+    }
+    Ok((major, minor))
+}
+
+/// NVRTC's version and where it was loaded from, e.g. "12.9 (/usr/local/cuda/lib64/libnvrtc.so.12)".
+pub fn nvrtc_description() -> std::result::Result<String, String> {
+    let lib = dl::lib(Which::Nvrtc)?;
+    let (major, minor) = nvrtc_version()?;
+    Ok(format!("{major}.{minor} ({})", lib.path))
+}
+
+/// The architectures this NVRTC can generate SASS for (e.g. 70, 75, 80, ...).
+pub fn supported_archs() -> std::result::Result<Vec<u32>, String> {
+    dl::lib(Which::Nvrtc)?;
+    let mut n = 0i32;
+    unsafe {
+        let r = nvrtc_sys::nvrtcGetNumSupportedArchs(&mut n);
+        if r != nvrtc_sys::nvrtcResult::NVRTC_SUCCESS {
+            return Err(format!("nvrtcGetNumSupportedArchs failed: {r:?}"));
+        }
+        let mut v = vec![0i32; n.max(0) as usize];
+        let r = nvrtc_sys::nvrtcGetSupportedArchs(v.as_mut_ptr());
+        if r != nvrtc_sys::nvrtcResult::NVRTC_SUCCESS {
+            return Err(format!("nvrtcGetSupportedArchs failed: {r:?}"));
+        }
+        Ok(v.into_iter().map(|a| a as u32).collect())
+    }
+}
+
+fn unavailable(e: String) -> Error {
+    Error::Unavailable(format!("NVRTC unavailable: {e}"))
+}
+
+/// Parse an architecture as the user writes it: "sm_70", "70", "sm70", "compute_80" → 70/80.
+pub fn parse_arch(s: &str) -> Option<u32> {
+    let t = s.trim();
+    let t = t.strip_prefix("sm_").or_else(|| t.strip_prefix("sm")).or_else(|| t.strip_prefix("compute_")).unwrap_or(t);
+    let cc: u32 = t.parse().ok()?;
+    (10..=200).contains(&cc).then_some(cc)
+}
+
+/// The NVRTC options used for every file (besides the architecture).
+fn base_options() -> Vec<String> {
+    let mut o = vec!["--std=c++17".to_string(), "-lineinfo".to_string(), "-Xptxas=-v".to_string()];
+    if let Ok(inc) = dl::include_dir() {
+        o.push(format!("-I{}", inc.display()));
+    }
+    o
+}
+
+fn cstr_lossy(v: &[c_char]) -> String {
+    let bytes: Vec<u8> = v.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Compile one source with NVRTC. Ok((image, log)); Err(log or reason).
+pub fn compile_source(file: &str, src: &str, target: Target) -> std::result::Result<(Vec<u8>, String), String> {
+    dl::lib(Which::Nvrtc)?;
+    let csrc = CString::new(src).map_err(|_| format!("{file}: NUL byte in source"))?;
+    let cname = CString::new(file).map_err(|_| format!("{file}: bad name"))?;
+    let prog = nvrtc::create_program(&csrc, Some(&cname)).map_err(|e| format!("nvrtcCreateProgram: {e}"))?;
+    let mut opts = base_options();
+    opts.push(format!("--gpu-architecture={}", target.arch_flag()));
+    let compiled = unsafe { nvrtc::compile_program(prog, &opts) };
+    let log = unsafe { nvrtc::get_program_log(prog) }.map(|v| cstr_lossy(&v)).unwrap_or_default();
+    let out = match compiled {
+        Err(e) => Err(if log.trim().is_empty() { format!("{e}") } else { log.clone() }),
+        Ok(()) => unsafe {
+            match target {
+                Target::Cubin(_) => {
+                    let mut size = 0usize;
+                    let r = nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size);
+                    if r != nvrtc_sys::nvrtcResult::NVRTC_SUCCESS || size == 0 {
+                        Err(format!("nvrtcGetCUBINSize: {r:?}"))
+                    } else {
+                        let mut buf = vec![0u8; size];
+                        let r = nvrtc_sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut c_char);
+                        if r != nvrtc_sys::nvrtcResult::NVRTC_SUCCESS {
+                            Err(format!("nvrtcGetCUBIN: {r:?}"))
+                        } else {
+                            Ok((buf, log.clone()))
+                        }
+                    }
+                }
+                Target::Ptx(_) => match nvrtc::get_ptx(prog) {
+                    // keep the terminating NUL: cuModuleLoadData wants a C string
+                    Ok(v) => Ok((v.iter().map(|&c| c as u8).collect(), log.clone())),
+                    Err(e) => Err(format!("nvrtcGetPTX: {e}")),
+                },
+            }
+        },
+    };
+    let _ = unsafe { nvrtc::destroy_program(prog) };
+    out
+}
+
+/// The number just before `key` in `line` ("Used 40 registers" → 40 for "registers").
+fn num_before(line: &str, key: &str) -> Option<u32> {
+    let i = line.find(key)?;
+    line[..i].split(|c: char| c == ',' || c == ':' || c.is_whitespace()).filter(|s| !s.is_empty()).last()?.parse().ok()
+}
+
+/// Per-function statistics from ptxas' verbose output.
+pub fn parse_ptxas_log(log: &str) -> Vec<FunctionStats> {
+    let mut out: Vec<FunctionStats> = Vec::new();
+    let mut cur: Option<usize> = None;
+    let quoted = |line: &str| -> Option<String> {
+        let a = line.find('\'')?;
+        let b = line[a + 1..].find('\'')?;
+        Some(line[a + 1..a + 1 + b].to_string())
+    };
+    let mut select = |out: &mut Vec<FunctionStats>, name: String| -> usize {
+        if let Some(i) = out.iter().position(|f| f.name == name) {
+            i
+        } else {
+            out.push(FunctionStats { name, ..Default::default() });
+            out.len() - 1
+        }
+    };
+    for line in log.lines() {
+        if line.contains("Compiling entry function") {
+            if let Some(n) = quoted(line) {
+                cur = Some(select(&mut out, n));
+            }
+        } else if let Some(rest) = line.split("Function properties for ").nth(1) {
+            let n = rest.trim().to_string();
+            cur = Some(select(&mut out, n));
+        } else if let Some(i) = cur {
+            let f = &mut out[i];
+            if line.contains("spill stores") || line.contains("stack frame") {
+                f.spill_bytes = num_before(line, "bytes spill stores").unwrap_or(0) + num_before(line, "bytes spill loads").unwrap_or(0);
+                f.stack_bytes = num_before(line, "bytes stack frame").unwrap_or(0);
+            }
+            if line.contains("registers") {
+                f.registers = num_before(line, "registers").unwrap_or(0);
+                f.shared_bytes = num_before(line, "bytes smem").unwrap_or(0);
+            }
+        }
+    }
+    out
+}
+
+/// The error lines of a log joined into one line (for one-line error messages).
+fn summarize(log: &str) -> String {
+    let errs: Vec<&str> = log.lines().map(str::trim).filter(|l| l.contains("error")).collect();
+    let pick = if errs.is_empty() { log.lines().map(str::trim).filter(|l| !l.is_empty()).collect() } else { errs };
+    let s = pick.into_iter().take(6).collect::<Vec<_>>().join("; ");
+    if s.is_empty() {
+        "failed with an empty log".to_string()
+    } else {
+        s
+    }
+}
+
+/// `wgpt kernels --cuda --arch sm_70,sm_80,sm_90`: compile every `cuda/*.cu` to CUBIN for each
+/// architecture with NVRTC (no GPU needed). Spills count as failures; any failure is an Err
+/// naming each file, arch and the compiler's error lines.
+pub fn compile_all(archs: &[String]) -> Result<Vec<CompileReport>> {
+    let mut ccs = Vec::new();
+    for a in archs.iter().flat_map(|a| a.split(',')).filter(|a| !a.trim().is_empty()) {
+        let cc = parse_arch(a).ok_or_else(|| Error::flag("--arch", format!("'{a}' is not an architecture like sm_80")))?;
+        ccs.push(cc);
+    }
+    if ccs.is_empty() {
+        return Err(Error::flag("--arch", "no architecture given (e.g. --arch sm_70,sm_80,sm_90)"));
+    }
+    dl::lib(Which::Nvrtc).map_err(unavailable)?;
+    let supported = supported_archs().map_err(unavailable)?;
+    let (major, minor) = nvrtc_version().map_err(unavailable)?;
+    let mut reports = Vec::new();
+    let mut failures = Vec::new();
+    for &cc in &ccs {
+        if !supported.contains(&cc) {
+            failures.push(format!("sm_{cc}: NVRTC {major}.{minor} cannot compile for it (supports {:?})", supported));
+            continue;
+        }
+        for (family, src) in SOURCES {
+            let file = format!("cuda/{family}.cu");
+            match compile_source(&file, src, Target::Cubin(cc)) {
+                Err(log) => failures.push(format!("{file} (sm_{cc}): {}", summarize(&log))),
+                Ok((_, log)) => {
+                    let functions = parse_ptxas_log(&log);
+                    let spilling: Vec<String> = functions
+                        .iter()
+                        .filter(|f| f.spill_bytes > 0)
+                        .map(|f| format!("{} spills {} bytes", f.name, f.spill_bytes))
+                        .collect();
+                    if !spilling.is_empty() {
+                        failures.push(format!("{file} (sm_{cc}): {}", spilling.join(", ")));
+                    }
+                    if functions.is_empty() {
+                        failures.push(format!("{file} (sm_{cc}): no kernel in the ptxas report"));
+                    }
+                    reports.push(CompileReport {
+                        file: file.clone(),
+                        arch: format!("sm_{cc}"),
+                        registers: functions.iter().map(|f| f.registers).max().unwrap_or(0),
+                        shared_bytes: functions.iter().map(|f| f.shared_bytes).max().unwrap_or(0),
+                        spill_bytes: functions.iter().map(|f| f.spill_bytes).sum(),
+                        log,
+                        functions,
+                    });
+                }
+            }
+        }
+    }
+    if failures.is_empty() {
+        Ok(reports)
+    } else {
+        Err(Error::backend("cuda kernels", failures.join(" | ")))
+    }
+}
+
+/// 64-bit FNV-1a (stable across builds and platforms, unlike std's hasher).
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for p in parts {
+        for &b in *p {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+/// `$WGPT_CACHE_DIR/cuda`, `$XDG_CACHE_HOME/wgpt/cuda` or `~/.cache/wgpt/cuda`.
+pub fn cache_dir() -> Option<PathBuf> {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(d) = env("WGPT_CACHE_DIR") {
+        return Some(d.join("cuda"));
+    }
+    if let Some(d) = env("XDG_CACHE_HOME") {
+        return Some(d.join("wgpt").join("cuda"));
+    }
+    env("HOME").map(|h| h.join(".cache").join("wgpt").join("cuda"))
+}
+
+/// Compile (or fetch from the disk cache) one family for `target`. The cache key covers the
+/// source text, the target, NVRTC's version and the options.
+pub fn compile_cached(family: &str, src: &str, target: Target) -> Result<Vec<u8>> {
+    let (major, minor) = nvrtc_version().map_err(unavailable)?;
+    let opts = base_options().join(" ");
+    let ver = format!("{major}.{minor}");
+    let key = fnv1a(&[src.as_bytes(), target.arch_flag().as_bytes(), ver.as_bytes(), opts.as_bytes()]);
+    let ext = match target {
+        Target::Cubin(_) => "cubin",
+        Target::Ptx(_) => "ptx",
+    };
+    let path = cache_dir().map(|d| d.join(format!("{family}-{}-{key:016x}.{ext}", target.arch_flag())));
+    if let Some(p) = &path {
+        if let Ok(bytes) = std::fs::read(p) {
+            if !bytes.is_empty() {
+                return Ok(bytes);
+            }
+        }
+    }
+    let file = format!("cuda/{family}.cu");
+    let (image, _log) = compile_source(&file, src, target)
+        .map_err(|log| Error::backend("cuda", format!("{file} ({}): {}", target.arch_flag(), summarize(&log))))?;
+    if let Some(p) = &path {
+        // a cache that cannot be written only costs a recompile next time
+        if let Some(d) = p.parent() {
+            if std::fs::create_dir_all(d).is_ok() {
+                let _ = crate::atomic::write_atomic(p, &image);
+            }
+        }
+    }
+    Ok(image)
+}

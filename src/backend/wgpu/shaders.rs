@@ -1,0 +1,146 @@
+//! WGSL sources (`shaders/<family>.wgsl`, embedded at build time) and the small preprocessor that
+//! turns a file into what is actually compiled:
+//! * `//#if subgroup` … `//#endif` blocks are kept only for adapters with `SUBGROUP`;
+//! * the read-write variant rewrites every `var<storage, read>` to `read_write`, used when one
+//!   dispatch binds the same buffer as input and output (WebGPU forbids read-only + writable usage
+//!   of one buffer within a dispatch);
+//! * `const NAME: u32 = …;` lines can be specialised (attention's head size and tile sizes).
+
+use crate::error::{Error, Result};
+
+/// Every kernel family, i.e. every file under `shaders/`.
+pub const FAMILIES: [&str; 9] =
+    ["encoder", "layernorm", "matmul", "attention", "gelu", "residual", "classifier", "adamw", "reduce"];
+
+/// The embedded source of one family.
+pub fn source(family: &str) -> Option<&'static str> {
+    Some(match family {
+        "encoder" => include_str!("../../../shaders/encoder.wgsl"),
+        "layernorm" => include_str!("../../../shaders/layernorm.wgsl"),
+        "matmul" => include_str!("../../../shaders/matmul.wgsl"),
+        "attention" => include_str!("../../../shaders/attention.wgsl"),
+        "gelu" => include_str!("../../../shaders/gelu.wgsl"),
+        "residual" => include_str!("../../../shaders/residual.wgsl"),
+        "classifier" => include_str!("../../../shaders/classifier.wgsl"),
+        "adamw" => include_str!("../../../shaders/adamw.wgsl"),
+        "reduce" => include_str!("../../../shaders/reduce.wgsl"),
+        _ => return None,
+    })
+}
+
+/// What distinguishes one compiled module of a family from another.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Variant {
+    pub family: &'static str,
+    /// keep `//#if subgroup` blocks
+    pub subgroup: bool,
+    /// all storage bindings read_write
+    pub rw: bool,
+    /// specialised `const NAME: u32` values
+    pub consts: Vec<(&'static str, u32)>,
+}
+
+impl Variant {
+    pub fn plain(family: &'static str) -> Variant {
+        Variant { family, subgroup: false, rw: false, consts: Vec::new() }
+    }
+    pub fn describe(&self) -> String {
+        let mut s = self.family.to_string();
+        if self.subgroup {
+            s += "+subgroup";
+        }
+        if self.rw {
+            s += "+rw";
+        }
+        for (k, v) in &self.consts {
+            s += &format!("+{k}={v}");
+        }
+        s
+    }
+}
+
+/// The WGSL text compiled for `variant`.
+pub fn preprocess(variant: &Variant) -> Result<String> {
+    let src = source(variant.family)
+        .ok_or_else(|| Error::backend("wgpu", format!("no shader family '{}'", variant.family)))?;
+    let mut out = String::with_capacity(src.len());
+    let mut skipping = false;
+    let mut seen = vec![false; variant.consts.len()];
+    for line in src.lines() {
+        let t = line.trim();
+        if t == "//#if subgroup" {
+            skipping = !variant.subgroup;
+            continue;
+        }
+        if t == "//#endif" {
+            skipping = false;
+            continue;
+        }
+        if skipping {
+            continue;
+        }
+        if let Some(rest) = t.strip_prefix("const ") {
+            if let Some((i, (name, val))) =
+                variant.consts.iter().enumerate().find(|(_, (name, _))| rest.starts_with(&format!("{name}:")))
+            {
+                out += &format!("const {name}: u32 = {val}u;\n");
+                seen[i] = true;
+                continue;
+            }
+        }
+        if variant.rw {
+            out += &line.replace("var<storage, read>", "var<storage, read_write>");
+        } else {
+            out += line;
+        }
+        out.push('\n');
+    }
+    if let Some(i) = seen.iter().position(|s| !s) {
+        return Err(Error::backend(
+            "wgpu",
+            format!("shaders/{}.wgsl has no `const {}` to specialise", variant.family, variant.consts[i].0),
+        ));
+    }
+    Ok(out)
+}
+
+/// Attention tile sizes for head size `hs` within `workgroup_bytes` of workgroup memory:
+/// (BK keys staged by the forward/dq kernels, BQT queries staged by the dk/dv kernel).
+pub fn attention_tiles(hs: u32, workgroup_bytes: u32) -> (u32, u32) {
+    let floats = workgroup_bytes / 4;
+    let pow2_floor = |x: u32| if x == 0 { 0 } else { 1u32 << (31 - x.leading_zeros()) };
+    let bk = pow2_floor(floats / (2 * hs)).min(64);
+    let bqt = pow2_floor(floats / (2 * hs + 2)).min(64);
+    (bk, bqt)
+}
+
+/// The attention variant for head size `hs`.
+pub fn attention_variant(hs: u32, workgroup_bytes: u32, rw: bool) -> Variant {
+    let (bk, bqt) = attention_tiles(hs, workgroup_bytes);
+    Variant { family: "attention", subgroup: false, rw, consts: vec![("HS", hs), ("BK", bk), ("BQT", bqt)] }
+}
+
+/// Every variant the backend may compile for the usual shapes (head sizes of the GPT-2 family and
+/// the tests, WebGPU's default and a larger workgroup memory), for the portability test.
+pub fn all_variants() -> Vec<Variant> {
+    let mut v = Vec::new();
+    for fam in FAMILIES {
+        for rw in [false, true] {
+            if fam == "attention" {
+                for hs in [16, 32, 64, 80, 96, 128] {
+                    for wg in [16384, 32768] {
+                        v.push(attention_variant(hs, wg, rw));
+                    }
+                }
+            } else {
+                for sg in [false, true] {
+                    if sg && fam != "matmul" {
+                        continue;
+                    }
+                    v.push(Variant { family: fam, subgroup: sg, rw, consts: Vec::new() });
+                }
+            }
+        }
+    }
+    v
+}

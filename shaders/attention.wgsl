@@ -66,7 +66,7 @@ fn attn_forward(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
     let bb = wid.z;
     let q0 = wid.x * BQ;
     let tq = q0 + lid;
-    let active = tq < p.t;
+    let live = tq < p.t;
     let tr = min(tq, p.t - 1u);
     var q: array<f32, HS>;
     var acc: array<f32, HS>;
@@ -83,7 +83,7 @@ fn attn_forward(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
         let u0 = kt * BK;
         load_kv(bb, h, u0, lid);
         workgroupBarrier();
-        if (active && u0 <= tq) {
+        if (live && u0 <= tq) {
             var s: array<f32, BK>;
             var tmax = mx;
             for (var j = 0u; j < BK; j++) {
@@ -115,7 +115,7 @@ fn attn_forward(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
         }
         workgroupBarrier();
     }
-    if (active) {
+    if (live) {
         let obase = p.o_out + (bb * p.t + tq) * p.c + h * HS;
         let inv = 1.0 / l;
         for (var i = 0u; i < HS; i++) {
@@ -151,7 +151,7 @@ fn attn_backward_dq(@builtin(local_invocation_index) lid: u32, @builtin(workgrou
     let bb = wid.z;
     let q0 = wid.x * BQ;
     let tq = q0 + lid;
-    let active = tq < p.t;
+    let live = tq < p.t;
     let tr = min(tq, p.t - 1u);
     var q: array<f32, HS>;
     var g: array<f32, HS>;
@@ -172,7 +172,7 @@ fn attn_backward_dq(@builtin(local_invocation_index) lid: u32, @builtin(workgrou
         let u0 = kt * BK;
         load_kv(bb, h, u0, lid);
         workgroupBarrier();
-        if (active) {
+        if (live) {
             for (var j = 0u; j < BK; j++) {
                 if (u0 + j <= tq) {
                     var sc = 0.0;
@@ -191,7 +191,7 @@ fn attn_backward_dq(@builtin(local_invocation_index) lid: u32, @builtin(workgrou
         }
         workgroupBarrier();
     }
-    if (active) {
+    if (live) {
         let obase = p.o_dqkv + (bb * p.t + tq) * 3u * p.c + h * HS;
         for (var i = 0u; i < HS; i++) {
             dqkv[obase + i] = dq[i] * p.scale;
@@ -211,7 +211,7 @@ fn attn_backward_dkv(@builtin(local_invocation_index) lid: u32, @builtin(workgro
     let bb = wid.z;
     let k0 = wid.x * BQ;
     let u = k0 + lid;
-    let active = u < p.t;
+    let live = u < p.t;
     let ur = min(u, p.t - 1u);
     var k: array<f32, HS>;
     var v: array<f32, HS>;
@@ -254,7 +254,7 @@ fn attn_backward_dkv(@builtin(local_invocation_index) lid: u32, @builtin(workgro
             ds_[j] = dv_;
         }
         workgroupBarrier();
-        if (active) {
+        if (live) {
             for (var j = 0u; j < BQT; j++) {
                 let tt = t0 + j;
                 if (tt >= u && tt < p.t) {
@@ -275,7 +275,7 @@ fn attn_backward_dkv(@builtin(local_invocation_index) lid: u32, @builtin(workgro
         }
         workgroupBarrier();
     }
-    if (active) {
+    if (live) {
         let obase = p.o_dqkv + (bb * p.t + u) * 3u * p.c + h * HS;
         for (var i = 0u; i < HS; i++) {
             dqkv[obase + p.c + i] = dk[i];

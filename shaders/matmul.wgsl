@@ -1,15 +1,18 @@
-// matmul.wgsl — C (m×n) = or += op(A)·op(B) (+ bias), register-tiled: a workgroup of 64 invocations
-// owns a 64×64 tile of C, each invocation an 8×8 block held in registers; A and B are read as vec4.
+// matmul.wgsl — C (m×n) = or += op(A)·op(B) (+ bias), register-tiled: a workgroup of WG invocations
+// owns a BM×BN tile of C (64×64 with 64 invocations, or 128×128 with 256 when the host specialises
+// BM/BN/BK/WG), each invocation an 8×8 block held in registers; A and B are read as vec4 and staged
+// through workgroup memory in k-slices of BK.
 // lda/ldb/ldc are row strides in floats; o_a/o_b are offsets in vec4s (tiled) or floats (naive, colsum).
 // mm_nt:  C[i,j] (= | +=) Σ_k A[i,k]·B[j,k] (+ bias[j])   forward out = x·Wᵀ + b   (A, B k-contiguous)
 // mm_nn:  C[i,j] (= | +=) Σ_k A[i,k]·B[k,j]               backward dinp = dout·W
 // mm_tn:  C[i,j] (= | +=) Σ_k A[k,i]·B[k,j]               backward dW += doutᵀ·x
-// mm_tn_direct: mm_tn's maths with operands read straight from memory (no workgroup staging)
+// mm_tn_direct: mm_tn's maths with operands read straight from memory (no workgroup staging; 64×64 tiles, 64 invocations)
 // mm_naive: C[i,j] (= | +=) Σ_k A[o_a + i·sam + k·sak]·B[o_b + k·sbk + j·sbn] (+ bias[j])   any strides (fallback)
 // colsum_partial:  part[rb·n + j] = Σ_{i ∈ rows [rb·k, rb·k + k)} A[o_a + i·lda + j]
 // colsum_finalize: dbias[o_bias + j] += Σ_{rb < ldc} part[rb·n + j]          (dbias += Σ_rows dout)
 // mm_nt_sg / mm_nn_sg: mm_nt / mm_nn with each A row loaded by one lane and shared across 8 lanes by
-//   subgroupShuffle (needs subgroups of ≥ 8 lanes laid out along local_invocation_index)
+//   subgroupShuffle (64×64 tiles, 64 invocations; needs subgroups of ≥ 8 lanes laid out along
+//   local_invocation_index)
 // Tiled kernels need k (nt, nn), m (tn) and n (nn, tn) multiples of 4 and 16-byte aligned views; the
 // host falls back to mm_naive otherwise.
 
@@ -46,17 +49,21 @@ struct P {
 const BM: u32 = 64u;
 const BN: u32 = 64u;
 const BK: u32 = 16u;
+const WG: u32 = 64u;
+// invocations along n; vec4s per k-row of a tile
+const TX: u32 = BN / 8u;
+const AV: u32 = BM / 4u;
+const BV: u32 = BN / 4u;
 
 // [BK][BM/4] and [BK][BN/4]: k-major so an invocation reads its 8 rows (cols) as two vec4s
-var<workgroup> As: array<vec4<f32>, 256>;
-var<workgroup> Bs: array<vec4<f32>, 256>;
+var<workgroup> As: array<vec4<f32>, BK * BM / 4u>;
+var<workgroup> Bs: array<vec4<f32>, BK * BN / 4u>;
 
 // A tile (rows m0.., k0..k0+BK) from a k-contiguous A, transposed into As
 fn load_a_kc(m0: u32, k0: u32, lid: u32) {
-    for (var s = 0u; s < 4u; s++) {
-        let idx = lid + s * 64u;
-        let r = idx / 4u;
-        let kv = idx % 4u;
+    for (var idx = lid; idx < BM * BK / 4u; idx += WG) {
+        let r = idx / (BK / 4u);
+        let kv = idx % (BK / 4u);
         let gm = m0 + r;
         let gk = k0 + kv * 4u;
         var v = vec4<f32>(0.0);
@@ -65,19 +72,18 @@ fn load_a_kc(m0: u32, k0: u32, lid: u32) {
         }
         let col = r / 4u;
         let comp = r % 4u;
-        As[(kv * 4u + 0u) * 16u + col][comp] = v.x;
-        As[(kv * 4u + 1u) * 16u + col][comp] = v.y;
-        As[(kv * 4u + 2u) * 16u + col][comp] = v.z;
-        As[(kv * 4u + 3u) * 16u + col][comp] = v.w;
+        As[(kv * 4u + 0u) * AV + col][comp] = v.x;
+        As[(kv * 4u + 1u) * AV + col][comp] = v.y;
+        As[(kv * 4u + 2u) * AV + col][comp] = v.z;
+        As[(kv * 4u + 3u) * AV + col][comp] = v.w;
     }
 }
 
 // B tile (rows n0.. of a k-contiguous B, i.e. Bᵀ), transposed into Bs
 fn load_b_kc(n0: u32, k0: u32, lid: u32) {
-    for (var s = 0u; s < 4u; s++) {
-        let idx = lid + s * 64u;
-        let r = idx / 4u;
-        let kv = idx % 4u;
+    for (var idx = lid; idx < BN * BK / 4u; idx += WG) {
+        let r = idx / (BK / 4u);
+        let kv = idx % (BK / 4u);
         let gn = n0 + r;
         let gk = k0 + kv * 4u;
         var v = vec4<f32>(0.0);
@@ -86,42 +92,40 @@ fn load_b_kc(n0: u32, k0: u32, lid: u32) {
         }
         let col = r / 4u;
         let comp = r % 4u;
-        Bs[(kv * 4u + 0u) * 16u + col][comp] = v.x;
-        Bs[(kv * 4u + 1u) * 16u + col][comp] = v.y;
-        Bs[(kv * 4u + 2u) * 16u + col][comp] = v.z;
-        Bs[(kv * 4u + 3u) * 16u + col][comp] = v.w;
+        Bs[(kv * 4u + 0u) * BV + col][comp] = v.x;
+        Bs[(kv * 4u + 1u) * BV + col][comp] = v.y;
+        Bs[(kv * 4u + 2u) * BV + col][comp] = v.z;
+        Bs[(kv * 4u + 3u) * BV + col][comp] = v.w;
     }
 }
 
 // A tile from an m-contiguous A (A[k, i] at k·lda + i), copied into As
 fn load_a_mc(m0: u32, k0: u32, lid: u32) {
-    for (var s = 0u; s < 4u; s++) {
-        let idx = lid + s * 64u;
-        let kr = idx / 16u;
-        let mv = idx % 16u;
+    for (var idx = lid; idx < BM * BK / 4u; idx += WG) {
+        let kr = idx / AV;
+        let mv = idx % AV;
         let gk = k0 + kr;
         let gm = m0 + mv * 4u;
         var v = vec4<f32>(0.0);
         if (gk < p.k && gm < p.m) {
             v = a4[p.o_a + gk * (p.lda / 4u) + gm / 4u];
         }
-        As[kr * 16u + mv] = v;
+        As[kr * AV + mv] = v;
     }
 }
 
 // B tile from an n-contiguous B (B[k, j] at k·ldb + j), copied into Bs
 fn load_b_nc(n0: u32, k0: u32, lid: u32) {
-    for (var s = 0u; s < 4u; s++) {
-        let idx = lid + s * 64u;
-        let kr = idx / 16u;
-        let nv = idx % 16u;
+    for (var idx = lid; idx < BN * BK / 4u; idx += WG) {
+        let kr = idx / BV;
+        let nv = idx % BV;
         let gk = k0 + kr;
         let gn = n0 + nv * 4u;
         var v = vec4<f32>(0.0);
         if (gk < p.k && gn < p.n) {
             v = b4[p.o_b + gk * (p.ldb / 4u) + gn / 4u];
         }
-        Bs[kr * 16u + nv] = v;
+        Bs[kr * BV + nv] = v;
     }
 }
 
@@ -147,26 +151,24 @@ fn fma_block(acc: ptr<function, array<vec4<f32>, 16>>, a0: vec4<f32>, a1_: vec4<
 
 fn compute_tile(acc: ptr<function, array<vec4<f32>, 16>>, tm: u32, tn: u32) {
     for (var kk = 0u; kk < BK; kk++) {
-        let a0 = As[kk * 16u + tm * 2u];
-        let a1_ = As[kk * 16u + tm * 2u + 1u];
-        let b0 = Bs[kk * 16u + tn * 2u];
-        let b1_ = Bs[kk * 16u + tn * 2u + 1u];
+        let a0 = As[kk * AV + tm * 2u];
+        let a1_ = As[kk * AV + tm * 2u + 1u];
+        let b0 = Bs[kk * BV + tn * 2u];
+        let b1_ = Bs[kk * BV + tn * 2u + 1u];
         fma_block(acc, a0, a1_, b0, b1_);
     }
 }
 
-fn store_block(acc: ptr<function, array<vec4<f32>, 16>>, r0: u32, c0: u32) {
-    for (var i = 0u; i < 8u; i++) {
-        let gm = r0 + i;
-        if (gm >= p.m) {
-            break;
-        }
-        for (var j = 0u; j < 8u; j++) {
-            let gn = c0 + j;
-            if (gn >= p.n) {
-                break;
-            }
-            var val = (*acc)[2u * i + j / 4u][j % 4u];
+// one C row segment: columns c0..c0+8 of row gm from two vec4s (masked at the edges)
+fn store_row(gm: u32, c0: u32, v0: vec4<f32>, v1: vec4<f32>) {
+    if (gm >= p.m) {
+        return;
+    }
+    let vals = array<f32, 8>(v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w);
+    for (var j = 0u; j < 8u; j++) {
+        let gn = c0 + j;
+        if (gn < p.n) {
+            var val = vals[j];
             if (p.has_bias != 0u) {
                 val += bias[p.o_bias + gn];
             }
@@ -180,13 +182,25 @@ fn store_block(acc: ptr<function, array<vec4<f32>, 16>>, r0: u32, c0: u32) {
     }
 }
 
-// grid: (ceil(n/64), ceil(m/64))
-@compute @workgroup_size(64)
+// constant indices only, so the accumulators can stay in registers
+fn store_block(acc: ptr<function, array<vec4<f32>, 16>>, r0: u32, c0: u32) {
+    store_row(r0 + 0u, c0, (*acc)[0], (*acc)[1]);
+    store_row(r0 + 1u, c0, (*acc)[2], (*acc)[3]);
+    store_row(r0 + 2u, c0, (*acc)[4], (*acc)[5]);
+    store_row(r0 + 3u, c0, (*acc)[6], (*acc)[7]);
+    store_row(r0 + 4u, c0, (*acc)[8], (*acc)[9]);
+    store_row(r0 + 5u, c0, (*acc)[10], (*acc)[11]);
+    store_row(r0 + 6u, c0, (*acc)[12], (*acc)[13]);
+    store_row(r0 + 7u, c0, (*acc)[14], (*acc)[15]);
+}
+
+// grid: (ceil(n/BN), ceil(m/BM))
+@compute @workgroup_size(WG)
 fn mm_nt(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
     let m0 = wid.y * BM;
     let n0 = wid.x * BN;
-    let tm = lid / 8u;
-    let tn = lid % 8u;
+    let tm = lid / TX;
+    let tn = lid % TX;
     var acc: array<vec4<f32>, 16>;
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
         load_a_kc(m0, k0, lid);
@@ -198,12 +212,12 @@ fn mm_nt(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: 
     store_block(&acc, m0 + tm * 8u, n0 + tn * 8u);
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn mm_nn(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
     let m0 = wid.y * BM;
     let n0 = wid.x * BN;
-    let tm = lid / 8u;
-    let tn = lid % 8u;
+    let tm = lid / TX;
+    let tn = lid % TX;
     var acc: array<vec4<f32>, 16>;
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
         load_a_kc(m0, k0, lid);
@@ -215,12 +229,12 @@ fn mm_nn(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: 
     store_block(&acc, m0 + tm * 8u, n0 + tn * 8u);
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn mm_tn(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
     let m0 = wid.y * BM;
     let n0 = wid.x * BN;
-    let tm = lid / 8u;
-    let tn = lid % 8u;
+    let tm = lid / TX;
+    let tn = lid % TX;
     var acc: array<vec4<f32>, 16>;
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
         load_a_mc(m0, k0, lid);
@@ -247,8 +261,8 @@ fn load_b_row8(k: u32, nb: u32) -> array<vec4<f32>, 2> {
 
 @compute @workgroup_size(64)
 fn mm_tn_direct(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
-    let m0 = wid.y * BM;
-    let n0 = wid.x * BN;
+    let m0 = wid.y * 64u;
+    let n0 = wid.x * 64u;
     let tm = lid / 8u;
     let tn = lid % 8u;
     let mb = m0 + tm * 8u;
@@ -339,37 +353,55 @@ fn shared_a_rows(av: vec4<f32>, lane0: u32) -> array<vec4<f32>, 8> {
     return r;
 }
 
+// acc row i, cols 0..8 += (ar[i]·bv[j])_j : C = A·Bᵀ over 4 k values (constant indices only)
+fn fma_dot(acc: ptr<function, array<vec4<f32>, 16>>, ar: array<vec4<f32>, 8>, bv: array<vec4<f32>, 8>) {
+    for (var i = 0u; i < 8u; i++) {
+        let a = ar[i];
+        (*acc)[2u * i] += vec4<f32>(dot(a, bv[0]), dot(a, bv[1]), dot(a, bv[2]), dot(a, bv[3]));
+        (*acc)[2u * i + 1u] += vec4<f32>(dot(a, bv[4]), dot(a, bv[5]), dot(a, bv[6]), dot(a, bv[7]));
+    }
+}
+
+// acc row i += Σ_kk ar[i][kk]·B[kk, cols] with B rows given as (lo, hi) vec4 pairs
+fn fma_rows(acc: ptr<function, array<vec4<f32>, 16>>, ar: array<vec4<f32>, 8>, b: array<vec4<f32>, 8>) {
+    for (var i = 0u; i < 8u; i++) {
+        let a = ar[i];
+        (*acc)[2u * i] += a.x * b[0] + a.y * b[2] + a.z * b[4] + a.w * b[6];
+        (*acc)[2u * i + 1u] += a.x * b[1] + a.y * b[3] + a.z * b[5] + a.w * b[7];
+    }
+}
+
 @compute @workgroup_size(64)
 fn mm_nt_sg(
     @builtin(local_invocation_index) lid: u32,
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(subgroup_invocation_id) sl: u32,
 ) {
-    let m0 = wid.y * BM;
-    let n0 = wid.x * BN;
+    let m0 = wid.y * 64u;
+    let n0 = wid.x * 64u;
     let tm = lid / 8u;
     let tn = lid % 8u;
     let lane0 = sl - tn;
-    let abase = p.o_a + min(m0 + tm * 8u + tn, p.m - 1u) * (p.lda / 4u);
+    let ld4a = p.lda / 4u;
+    let ld4b = p.ldb / 4u;
+    let abase = p.o_a + min(m0 + tm * 8u + tn, p.m - 1u) * ld4a;
     let nb = n0 + tn * 8u;
-    var bbase: array<u32, 8>;
-    for (var j = 0u; j < 8u; j++) {
-        bbase[j] = p.o_b + min(nb + j, p.n - 1u) * (p.ldb / 4u);
-    }
+    let nl = p.n - 1u;
+    let b0 = p.o_b + min(nb + 0u, nl) * ld4b;
+    let b1 = p.o_b + min(nb + 1u, nl) * ld4b;
+    let b2 = p.o_b + min(nb + 2u, nl) * ld4b;
+    let b3 = p.o_b + min(nb + 3u, nl) * ld4b;
+    let b4_ = p.o_b + min(nb + 4u, nl) * ld4b;
+    let b5 = p.o_b + min(nb + 5u, nl) * ld4b;
+    let b6 = p.o_b + min(nb + 6u, nl) * ld4b;
+    let b7 = p.o_b + min(nb + 7u, nl) * ld4b;
     var acc: array<vec4<f32>, 16>;
     for (var k4 = 0u; k4 < p.k / 4u; k4++) {
         let ar = shared_a_rows(a4[abase + k4], lane0);
-        var bv: array<vec4<f32>, 8>;
-        for (var j = 0u; j < 8u; j++) {
-            bv[j] = b4[bbase[j] + k4];
-        }
-        for (var kk = 0u; kk < 4u; kk++) {
-            let a0 = vec4<f32>(ar[0][kk], ar[1][kk], ar[2][kk], ar[3][kk]);
-            let a1_ = vec4<f32>(ar[4][kk], ar[5][kk], ar[6][kk], ar[7][kk]);
-            let b0 = vec4<f32>(bv[0][kk], bv[1][kk], bv[2][kk], bv[3][kk]);
-            let b1_ = vec4<f32>(bv[4][kk], bv[5][kk], bv[6][kk], bv[7][kk]);
-            fma_block(&acc, a0, a1_, b0, b1_);
-        }
+        let bv = array<vec4<f32>, 8>(
+            b4[b0 + k4], b4[b1 + k4], b4[b2 + k4], b4[b3 + k4], b4[b4_ + k4], b4[b5 + k4], b4[b6 + k4], b4[b7 + k4],
+        );
+        fma_dot(&acc, ar, bv);
     }
     store_block(&acc, m0 + tm * 8u, nb);
 }
@@ -380,8 +412,8 @@ fn mm_nn_sg(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(subgroup_invocation_id) sl: u32,
 ) {
-    let m0 = wid.y * BM;
-    let n0 = wid.x * BN;
+    let m0 = wid.y * 64u;
+    let n0 = wid.x * 64u;
     let tm = lid / 8u;
     let tn = lid % 8u;
     let lane0 = sl - tn;
@@ -390,12 +422,13 @@ fn mm_nn_sg(
     var acc: array<vec4<f32>, 16>;
     for (var k4 = 0u; k4 < p.k / 4u; k4++) {
         let ar = shared_a_rows(a4[abase + k4], lane0);
-        for (var kk = 0u; kk < 4u; kk++) {
-            let a0 = vec4<f32>(ar[0][kk], ar[1][kk], ar[2][kk], ar[3][kk]);
-            let a1_ = vec4<f32>(ar[4][kk], ar[5][kk], ar[6][kk], ar[7][kk]);
-            let b = load_b_row8(k4 * 4u + kk, nb);
-            fma_block(&acc, a0, a1_, b[0], b[1]);
-        }
+        let k = k4 * 4u;
+        let r0 = load_b_row8(k, nb);
+        let r1 = load_b_row8(k + 1u, nb);
+        let r2 = load_b_row8(k + 2u, nb);
+        let r3 = load_b_row8(k + 3u, nb);
+        let b = array<vec4<f32>, 8>(r0[0], r0[1], r1[0], r1[1], r2[0], r2[1], r3[0], r3[1]);
+        fma_rows(&acc, ar, b);
     }
     store_block(&acc, m0 + tm * 8u, nb);
 }

@@ -9,9 +9,11 @@
 //! Panics if a slice is shorter than its size arguments say, or a token/target id is out of
 //! range: the backend (`super::CpuBackend`) checks both before calling and returns an error.
 
+use super::simd::{self, multiversion};
 use crate::graph::Hyper;
-use gemm::Parallelism;
 use rayon::prelude::*;
+
+pub use super::matmul::{matmul_backward, matmul_forward};
 
 /// LayerNorm epsilon (added to the biased variance).
 pub const LN_EPS: f32 = 1e-5;
@@ -24,49 +26,8 @@ const CHUNK: usize = 1 << 14;
 
 /// Rows per rayon task for row-parallel kernels: about CHUNK elements per task.
 #[inline]
-fn rows_per_task(c: usize) -> usize {
+pub(super) fn rows_per_task(c: usize) -> usize {
     (CHUNK / c.max(1)).max(1)
-}
-
-/// Σ a[i]·b[i] with 8 independent lanes (vectorises without fast-math).
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let b = &b[..a.len()];
-    let mut acc = [0f32; 8];
-    let mut ca = a.chunks_exact(8);
-    let mut cb = b.chunks_exact(8);
-    for (x, y) in (&mut ca).zip(&mut cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut s = 0f32;
-    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
-        s += x * y;
-    }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + s
-}
-
-/// y += a·x
-#[inline]
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi += a * xi;
-    }
-}
-
-/// Σ x with 8 independent lanes.
-#[inline]
-fn sum(x: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let mut cx = x.chunks_exact(8);
-    for ch in &mut cx {
-        for i in 0..8 {
-            acc[i] += ch[i];
-        }
-    }
-    let s: f32 = cx.remainder().iter().sum();
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + s
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -157,25 +118,34 @@ pub fn layernorm_forward(
         .enumerate()
         .with_min_len(rows_per_task(c))
         .for_each(|(r, ((o, mu), rs))| {
-            let x = &inp[r * c..r * c + c];
-            let m = sum(x) / c as f32;
-            let mut acc = [0f32; 8];
-            let mut cx = x.chunks_exact(8);
-            for ch in &mut cx {
-                for i in 0..8 {
-                    let d = ch[i] - m;
-                    acc[i] += d * d;
-                }
-            }
-            let mut var: f32 = cx.remainder().iter().map(|&v| (v - m) * (v - m)).sum();
-            var += ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-            let s = 1.0 / (var / c as f32 + LN_EPS).sqrt();
-            for i in 0..c {
-                o[i] = (x[i] - m) * s * weight[i] + bias[i];
-            }
-            *mu = m;
-            *rs = s;
+            (*mu, *rs) = layernorm_row(o, &inp[r * c..r * c + c], weight, bias);
         });
+}
+
+multiversion! {
+    /// One LayerNorm row (two-pass mean and variance); returns (mean, rstd).
+    fn layernorm_row(o: &mut [f32], x: &[f32], weight: &[f32], bias: &[f32]) -> (f32, f32) {
+        let c = x.len();
+        let m = simd::sum(x) / c as f32;
+        let mut acc = [0f32; 16];
+        let mut cx = x.chunks_exact(16);
+        for ch in &mut cx {
+            for i in 0..16 {
+                let d = ch[i] - m;
+                acc[i] += d * d;
+            }
+        }
+        let mut var = 0f32;
+        for &v in cx.remainder() {
+            var += (v - m) * (v - m);
+        }
+        var += simd::sum(&acc);
+        let s = 1.0 / (var / c as f32 + LN_EPS).sqrt();
+        for i in 0..c {
+            o[i] = (x[i] - m) * s * weight[i] + bias[i];
+        }
+        (m, s)
+    }
 }
 
 /// x̂ = (x−mean)·rstd, g = dout·w:  dinp = rstd·(g − mean(g) − x̂·mean(g·x̂)) (adds if `accumulate`,
@@ -197,37 +167,13 @@ pub fn layernorm_backward(
         .par_chunks_mut(LN_BWD_ROWS * c)
         .enumerate()
         .map(|(ci, dchunk)| {
+            let r0 = ci * LN_BWD_ROWS;
+            let rows = dchunk.len() / c;
             let mut acc = vec![0f32; 2 * c]; // [dweight | dbias] partial sums of this chunk
-            let (dw, db) = acc.split_at_mut(c);
-            for (j, drow) in dchunk.chunks_mut(c).enumerate() {
-                let r = ci * LN_BWD_ROWS + j;
-                let x = &inp[r * c..r * c + c];
-                let d = &dout[r * c..r * c + c];
-                let (mu, rs) = (mean[r], rstd[r]);
-                let mut sg = 0f32;
-                let mut sgx = 0f32;
-                for i in 0..c {
-                    let xh = (x[i] - mu) * rs;
-                    let g = d[i] * weight[i];
-                    sg += g;
-                    sgx += g * xh;
-                    dw[i] += d[i] * xh;
-                    db[i] += d[i];
-                }
-                let mg = sg / c as f32;
-                let mgx = sgx / c as f32;
-                if accumulate {
-                    for i in 0..c {
-                        let xh = (x[i] - mu) * rs;
-                        drow[i] += rs * (d[i] * weight[i] - mg - xh * mgx);
-                    }
-                } else {
-                    for i in 0..c {
-                        let xh = (x[i] - mu) * rs;
-                        drow[i] = rs * (d[i] * weight[i] - mg - xh * mgx);
-                    }
-                }
-            }
+            layernorm_backward_rows(
+                dchunk, &mut acc, &dout[r0 * c..(r0 + rows) * c], &inp[r0 * c..(r0 + rows) * c], weight,
+                &mean[r0..r0 + rows], &rstd[r0..r0 + rows], accumulate,
+            );
             acc
         })
         .collect();
@@ -240,98 +186,43 @@ pub fn layernorm_backward(
     }
 }
 
-// ----------------------------------------------------------------------------------------------
-// matmul
-
-/// out (n,oc) = inp (n,c) · weightᵀ (weight (oc,c)) + bias (oc, optional); writes out
-pub fn matmul_forward(out: &mut [f32], inp: &[f32], weight: &[f32], bias: Option<&[f32]>, n: usize, c: usize, oc: usize) {
-    if n == 0 || oc == 0 {
-        return;
-    }
-    let out = &mut out[..n * oc];
-    assert!(inp.len() >= n * c && weight.len() >= oc * c, "matmul_forward: short input");
-    match bias {
-        Some(bias) => {
-            let bias = &bias[..oc];
-            out.par_chunks_mut(oc).with_min_len(rows_per_task(oc)).for_each(|r| r.copy_from_slice(bias));
-        }
-        None if c == 0 => out.fill(0.0),
-        None => {}
-    }
-    if c == 0 {
-        return;
-    }
-    // SAFETY: out is n×oc (row stride oc), inp is n×c (row stride c) and weight is oc×c, all
-    // checked above; the rhs k×n = weightᵀ is read with row stride 1 and column stride c. out
-    // does not alias the inputs (it is a &mut).
-    unsafe {
-        gemm::gemm(
-            n, oc, c,
-            out.as_mut_ptr(), 1, oc as isize, bias.is_some(),
-            inp.as_ptr(), 1, c as isize,
-            weight.as_ptr(), c as isize, 1,
-            1.0f32, 1.0f32, false, false, false, Parallelism::Rayon(0),
-        );
-    }
-}
-
-/// dinp (n,c) = dout (n,oc) · weight (writes);  dweight (oc,c) += doutᵀ·inp;  dbias (oc) += Σ_rows dout
-#[allow(clippy::too_many_arguments)]
-pub fn matmul_backward(
-    dinp: &mut [f32], dweight: &mut [f32], dbias: Option<&mut [f32]>, dout: &[f32], inp: &[f32], weight: &[f32],
-    n: usize, c: usize, oc: usize,
-) {
-    let dinp = &mut dinp[..n * c];
-    if n == 0 {
-        return;
-    }
-    if oc == 0 {
-        dinp.fill(0.0);
-        return;
-    }
-    assert!(
-        dout.len() >= n * oc && inp.len() >= n * c && weight.len() >= oc * c && dweight.len() >= oc * c,
-        "matmul_backward: short input"
-    );
-    if c > 0 {
-        // SAFETY (both calls): every matrix lies inside its slice (lengths checked above); the
-        // destinations are &mut slices distinct from the sources.
-        unsafe {
-            // dinp (n×c) = dout (n×oc) · W (oc×c, row stride c)
-            gemm::gemm(
-                n, c, oc,
-                dinp.as_mut_ptr(), 1, c as isize, false,
-                dout.as_ptr(), 1, oc as isize,
-                weight.as_ptr(), 1, c as isize,
-                1.0f32, 1.0f32, false, false, false, Parallelism::Rayon(0),
-            );
-            // dweight (oc×c) += doutᵀ (oc×n: element (i,k) at dout[k·oc + i]) · inp (n×c)
-            gemm::gemm(
-                oc, c, n,
-                dweight.as_mut_ptr(), 1, c as isize, true,
-                dout.as_ptr(), oc as isize, 1,
-                inp.as_ptr(), 1, c as isize,
-                1.0f32, 1.0f32, false, false, false, Parallelism::Rayon(0),
-            );
-        }
-    }
-    if let Some(dbias) = dbias {
-        // column sums, parallel over column blocks; rows summed in order
-        const COLS: usize = 64;
-        dbias[..oc].par_chunks_mut(COLS).enumerate().for_each(|(bi, db)| {
-            let j0 = bi * COLS;
-            let w = db.len();
-            let mut acc = [0f32; COLS];
-            for r in 0..n {
-                let row = &dout[r * oc + j0..r * oc + j0 + w];
-                for (a, x) in acc.iter_mut().zip(row) {
-                    *a += x;
+multiversion! {
+    /// LayerNorm backward over a block of rows; acc = [dweight | dbias] partial sums.
+    fn layernorm_backward_rows(
+        dinp: &mut [f32], acc: &mut [f32], dout: &[f32], inp: &[f32], weight: &[f32], mean: &[f32], rstd: &[f32],
+        accumulate: bool,
+    ) {
+        let c = weight.len();
+        let (dw, db) = acc.split_at_mut(c);
+        for (j, drow) in dinp.chunks_mut(c).enumerate() {
+            let x = &inp[j * c..j * c + c];
+            let d = &dout[j * c..j * c + c];
+            let (mu, rs) = (mean[j], rstd[j]);
+            // lane-wise partial sums of g and g·x̂ (16 lanes, folded in a fixed order)
+            let mut sg = [0f32; 16];
+            let mut sgx = [0f32; 16];
+            for i in 0..c {
+                let xh = (x[i] - mu) * rs;
+                let g = d[i] * weight[i];
+                sg[i % 16] += g;
+                sgx[i % 16] += g * xh;
+                dw[i] += d[i] * xh;
+                db[i] += d[i];
+            }
+            let mg = simd::sum(&sg) / c as f32;
+            let mgx = simd::sum(&sgx) / c as f32;
+            if accumulate {
+                for i in 0..c {
+                    let xh = (x[i] - mu) * rs;
+                    drow[i] += rs * (d[i] * weight[i] - mg - xh * mgx);
+                }
+            } else {
+                for i in 0..c {
+                    let xh = (x[i] - mu) * rs;
+                    drow[i] = rs * (d[i] * weight[i] - mg - xh * mgx);
                 }
             }
-            for (d, a) in db.iter_mut().zip(&acc) {
-                *d += a;
-            }
-        });
+        }
     }
 }
 
@@ -340,6 +231,7 @@ pub fn matmul_backward(
 
 /// Copies head `h` of `part` (0 = q, 1 = k, 2 = v) of batch `bb` from qkv (b,t,3c) into dst (t, hs).
 #[inline]
+#[allow(clippy::too_many_arguments)]
 fn gather_head(dst: &mut [f32], qkv: &[f32], bb: usize, h: usize, part: usize, t: usize, c: usize, hs: usize) {
     for u in 0..t {
         let src = (bb * t + u) * 3 * c + part * c + h * hs;
@@ -357,7 +249,6 @@ pub fn attention_forward(out: &mut [f32], lse: &mut [f32], qkv: &[f32], b: usize
     assert!(nh > 0 && c % nh == 0, "attention_forward: c must be a multiple of nh");
     assert!(qkv.len() >= b * t * 3 * c, "attention_forward: short qkv");
     let hs = c / nh;
-    let scale = 1.0 / (hs as f32).sqrt();
     // per (b,h) results in a (b, nh, t, hs) scratch, then permuted into (b, t, c)
     let mut tmp = vec![0f32; b * nh * t * hs];
     tmp.par_chunks_mut(t * hs).zip(lse[..b * nh * t].par_chunks_mut(t)).enumerate().for_each(|(bh, (o, l))| {
@@ -368,28 +259,7 @@ pub fn attention_forward(out: &mut [f32], lse: &mut [f32], qkv: &[f32], b: usize
         gather_head(&mut q, qkv, bb, h, 0, t, c, hs);
         gather_head(&mut k, qkv, bb, h, 1, t, c, hs);
         gather_head(&mut v, qkv, bb, h, 2, t, c, hs);
-        let mut s = vec![0f32; t];
-        for tt in 0..t {
-            let qt = &q[tt * hs..(tt + 1) * hs];
-            let mut mx = f32::NEG_INFINITY;
-            for u in 0..=tt {
-                let x = dot(qt, &k[u * hs..(u + 1) * hs]) * scale;
-                s[u] = x;
-                mx = mx.max(x);
-            }
-            let mut z = 0f32;
-            for su in s[..=tt].iter_mut() {
-                let e = (*su - mx).exp();
-                *su = e;
-                z += e;
-            }
-            let inv = 1.0 / z;
-            let ot = &mut o[tt * hs..(tt + 1) * hs];
-            for u in 0..=tt {
-                axpy(ot, s[u] * inv, &v[u * hs..(u + 1) * hs]);
-            }
-            l[tt] = mx + z.ln();
-        }
+        attention_head_forward(o, l, &q, &k, &v, hs);
     });
     out[..b * t * c].par_chunks_mut(c).with_min_len(rows_per_task(c)).enumerate().for_each(|(r, orow)| {
         let (bb, tt) = (r / t, r % t);
@@ -398,6 +268,34 @@ pub fn attention_forward(out: &mut [f32], lse: &mut [f32], qkv: &[f32], b: usize
             orow[h * hs..(h + 1) * hs].copy_from_slice(&tmp[src..src + hs]);
         }
     });
+}
+
+multiversion! {
+    /// One (batch, head): q, k, v, o are (t, hs); writes o and l (t).
+    fn attention_head_forward(o: &mut [f32], l: &mut [f32], q: &[f32], k: &[f32], v: &[f32], hs: usize) {
+        let t = l.len();
+        let scale = 1.0 / (hs as f32).sqrt();
+        let mut s = vec![0f32; t];
+        for tt in 0..t {
+            let qt = &q[tt * hs..(tt + 1) * hs];
+            let st = &mut s[..=tt];
+            for (u, su) in st.iter_mut().enumerate() {
+                *su = simd::dot(qt, &k[u * hs..(u + 1) * hs]) * scale;
+            }
+            let mx = simd::max(st);
+            for su in st.iter_mut() {
+                *su = simd::exp(*su - mx);
+            }
+            let z = simd::sum(st);
+            let inv = 1.0 / z;
+            let ot = &mut o[tt * hs..(tt + 1) * hs];
+            ot.fill(0.0);
+            for (u, &e) in st.iter().enumerate() {
+                simd::axpy(ot, e * inv, &v[u * hs..(u + 1) * hs]);
+            }
+            l[tt] = mx + z.ln();
+        }
+    }
 }
 
 /// p = exp(q·k/√hs − lse), dP = dout·vᵀ, D_t = dout_t·out_t, dS = p∘(dP − D):
@@ -415,36 +313,25 @@ pub fn attention_backward(
         "attention_backward: short input"
     );
     let hs = c / nh;
-    let scale = 1.0 / (hs as f32).sqrt();
     // per (b,h): [dq (t,hs) | dk (t,hs) | dv (t,hs)]
     let mut tmp = vec![0f32; b * nh * 3 * t * hs];
     tmp.par_chunks_mut(3 * t * hs).enumerate().for_each(|(bh, g)| {
         let (bb, h) = (bh / nh, bh % nh);
-        let (dq, rest) = g.split_at_mut(t * hs);
-        let (dk, dv) = rest.split_at_mut(t * hs);
         let mut q = vec![0f32; t * hs];
         let mut k = vec![0f32; t * hs];
         let mut v = vec![0f32; t * hs];
         gather_head(&mut q, qkv, bb, h, 0, t, c, hs);
         gather_head(&mut k, qkv, bb, h, 1, t, c, hs);
         gather_head(&mut v, qkv, bb, h, 2, t, c, hs);
+        // dout and out of this head, and D_t = dout_t·out_t
+        let mut d_o = vec![0f32; t * hs];
+        let mut dd = vec![0f32; t];
         for tt in 0..t {
             let row = (bb * t + tt) * c + h * hs;
-            let dot_t = &dout[row..row + hs];
-            let d = dot(dot_t, &out[row..row + hs]);
-            let l = lse[bh * t + tt];
-            let qt = &q[tt * hs..(tt + 1) * hs];
-            let dqt = &mut dq[tt * hs..(tt + 1) * hs];
-            for u in 0..=tt {
-                let ku = &k[u * hs..(u + 1) * hs];
-                let vu = &v[u * hs..(u + 1) * hs];
-                let p = (dot(qt, ku) * scale - l).exp();
-                let ds = p * (dot(dot_t, vu) - d) * scale;
-                axpy(dqt, ds, ku);
-                axpy(&mut dk[u * hs..(u + 1) * hs], ds, qt);
-                axpy(&mut dv[u * hs..(u + 1) * hs], p, dot_t);
-            }
+            d_o[tt * hs..(tt + 1) * hs].copy_from_slice(&dout[row..row + hs]);
+            dd[tt] = simd::dot(&dout[row..row + hs], &out[row..row + hs]);
         }
+        attention_head_backward(g, &q, &k, &v, &d_o, &dd, &lse[bh * t..(bh + 1) * t], hs);
     });
     dqkv[..b * t * 3 * c].par_chunks_mut(3 * c).with_min_len(rows_per_task(3 * c)).enumerate().for_each(|(r, grow)| {
         let (bb, tt) = (r / t, r % t);
@@ -459,34 +346,81 @@ pub fn attention_backward(
     });
 }
 
+multiversion! {
+    /// One (batch, head): g = [dq | dk | dv] (each (t, hs), zero on entry); q, k, v, d_o are (t, hs),
+    /// dd = D (t), l = lse (t).
+    fn attention_head_backward(
+        g: &mut [f32], q: &[f32], k: &[f32], v: &[f32], d_o: &[f32], dd: &[f32], l: &[f32], hs: usize,
+    ) {
+        let t = l.len();
+        let scale = 1.0 / (hs as f32).sqrt();
+        let (dq, rest) = g.split_at_mut(t * hs);
+        let (dk, dv) = rest.split_at_mut(t * hs);
+        let mut p = vec![0f32; t];
+        let mut ds = vec![0f32; t];
+        for tt in 0..t {
+            let qt = &q[tt * hs..(tt + 1) * hs];
+            let dot_t = &d_o[tt * hs..(tt + 1) * hs];
+            let (pt, dst) = (&mut p[..=tt], &mut ds[..=tt]);
+            for u in 0..=tt {
+                pt[u] = simd::dot(qt, &k[u * hs..(u + 1) * hs]) * scale - l[tt];
+                dst[u] = simd::dot(dot_t, &v[u * hs..(u + 1) * hs]);
+            }
+            for u in 0..=tt {
+                pt[u] = simd::exp(pt[u]);
+                dst[u] = pt[u] * (dst[u] - dd[tt]) * scale;
+            }
+            let dqt = &mut dq[tt * hs..(tt + 1) * hs];
+            for u in 0..=tt {
+                simd::axpy(dqt, dst[u], &k[u * hs..(u + 1) * hs]);
+                simd::axpy(&mut dk[u * hs..(u + 1) * hs], dst[u], qt);
+                simd::axpy(&mut dv[u * hs..(u + 1) * hs], pt[u], dot_t);
+            }
+        }
+    }
+}
+
 // ----------------------------------------------------------------------------------------------
 // gelu, residual
 
 /// out = 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
 pub fn gelu_forward(out: &mut [f32], inp: &[f32]) {
     let n = out.len().min(inp.len());
-    out[..n].par_chunks_mut(CHUNK).zip(inp[..n].par_chunks(CHUNK)).for_each(|(o, x)| {
+    out[..n].par_chunks_mut(CHUNK).zip(inp[..n].par_chunks(CHUNK)).for_each(|(o, x)| gelu_forward_chunk(o, x));
+}
+
+multiversion! {
+    /// gelu(x) = x·σ(2u), u = √(2/π)·(x + 0.044715·x³)  (the same as 0.5·x·(1 + tanh u), without
+    /// tanh's cancellation)
+    fn gelu_forward_chunk(o: &mut [f32], x: &[f32]) {
         for (oi, &xi) in o.iter_mut().zip(x) {
             let u = GELU_SCALE * (xi + 0.044715 * xi * xi * xi);
-            *oi = 0.5 * xi * (1.0 + u.tanh());
+            *oi = xi / (1.0 + simd::exp(-2.0 * u));
         }
-    });
+    }
 }
 
 /// dinp = dout·gelu'(x), gelu'(x) = 0.5·(1+tanh u) + 0.5·x·(1−tanh²u)·√(2/π)·(1 + 3·0.044715·x²)  (writes)
 pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
     let n = dinp.len().min(inp.len()).min(dout.len());
-    dinp[..n].par_chunks_mut(CHUNK).zip(inp[..n].par_chunks(CHUNK)).zip(dout[..n].par_chunks(CHUNK)).for_each(
-        |((di, x), d)| {
-            for ((o, &xi), &gi) in di.iter_mut().zip(x).zip(d) {
-                let x2 = xi * xi;
-                let u = GELU_SCALE * (xi + 0.044715 * x2 * xi);
-                let th = u.tanh();
-                let du = GELU_SCALE * (1.0 + 3.0 * 0.044715 * x2);
-                *o = gi * (0.5 * (1.0 + th) + 0.5 * xi * (1.0 - th * th) * du);
-            }
-        },
-    );
+    dinp[..n]
+        .par_chunks_mut(CHUNK)
+        .zip(inp[..n].par_chunks(CHUNK))
+        .zip(dout[..n].par_chunks(CHUNK))
+        .for_each(|((di, x), d)| gelu_backward_chunk(di, x, d));
+}
+
+multiversion! {
+    /// With σ = σ(2u) = 0.5·(1+tanh u): gelu'(x) = σ + 2·x·σ·(1−σ)·u'(x)
+    fn gelu_backward_chunk(di: &mut [f32], x: &[f32], d: &[f32]) {
+        for ((o, &xi), &gi) in di.iter_mut().zip(x).zip(d) {
+            let x2 = xi * xi;
+            let u = GELU_SCALE * (xi + 0.044715 * x2 * xi);
+            let sg = 1.0 / (1.0 + simd::exp(-2.0 * u));
+            let du = GELU_SCALE * (1.0 + 3.0 * 0.044715 * x2);
+            *o = gi * (sg + 2.0 * xi * sg * (1.0 - sg) * du);
+        }
+    }
 }
 
 /// out = a + b (elementwise)
@@ -512,13 +446,25 @@ pub fn cross_entropy_loss(logits: &[f32], losses: &mut [f32], targets: &[i32], n
     assert!(v > 0 && v <= vp && logits.len() >= n * vp && targets.len() >= n, "cross_entropy: bad sizes");
     losses[..n].par_iter_mut().enumerate().with_min_len(rows_per_task(vp)).for_each(|(r, loss)| {
         let row = &logits[r * vp..r * vp + v];
-        let mx = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        let mut z = 0f64;
-        for &x in row {
-            z += (x - mx).exp() as f64;
-        }
-        *loss = (z.ln() as f32) + (mx - row[targets[r] as usize]);
+        *loss = cross_entropy_row_loss(row, targets[r] as usize);
     });
+}
+
+multiversion! {
+    /// logsumexp(row) − row[target]; the sum of exponentials is accumulated in f64.
+    fn cross_entropy_row_loss(row: &[f32], target: usize) -> f32 {
+        let mx = simd::max(row);
+        let mut buf = [0f32; 256];
+        let mut z = 0f64;
+        for ch in row.chunks(256) {
+            let e = &mut buf[..ch.len()];
+            for (ei, &x) in e.iter_mut().zip(ch) {
+                *ei = simd::exp(x - mx);
+            }
+            z += simd::sum_f64(e);
+        }
+        (z.ln() as f32) + (mx - row[target])
+    }
 }
 
 /// losses[r] = logsumexp(logits[r,:v]) − logits[r,target]; if `write_grad`, the logits row becomes
@@ -541,24 +487,28 @@ pub fn cross_entropy(
         .enumerate()
         .with_min_len(rows_per_task(vp))
         .for_each(|(r, (row, loss))| {
-            let tgt = targets[r] as usize;
-            let xt = row[tgt];
-            let (real, pad) = row.split_at_mut(v);
-            let mx = real.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            let mut z = 0f64;
-            for x in real.iter_mut() {
-                let e = (*x - mx).exp();
-                *x = e;
-                z += e as f64;
-            }
-            *loss = (z.ln() as f32) + (mx - xt);
-            let k = (dloss as f64 / z) as f32;
-            for x in real.iter_mut() {
-                *x *= k;
-            }
-            real[tgt] -= dloss;
-            pad.fill(0.0);
+            *loss = cross_entropy_row_grad(row, targets[r] as usize, v, dloss);
         });
+}
+
+multiversion! {
+    /// Replaces row[..v] by (softmax − onehot)·dloss and row[v..] by 0; returns the loss.
+    fn cross_entropy_row_grad(row: &mut [f32], target: usize, v: usize, dloss: f32) -> f32 {
+        let xt = row[target];
+        let (real, pad) = row.split_at_mut(v);
+        let mx = simd::max(real);
+        for x in real.iter_mut() {
+            *x = simd::exp(*x - mx);
+        }
+        let z = simd::sum_f64(real);
+        let k = (dloss as f64 / z) as f32;
+        for x in real.iter_mut() {
+            *x *= k;
+        }
+        real[target] -= dloss;
+        pad.fill(0.0);
+        (z.ln() as f32) + (mx - xt)
+    }
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -571,21 +521,26 @@ pub fn zero(out: &mut [f32]) {
 
 /// Σ inp², accumulated in f64 (fixed-size chunks summed in order)
 pub fn sum_squares(inp: &[f32]) -> f32 {
-    let parts: Vec<f64> = inp
-        .par_chunks(CHUNK)
-        .map(|ch| {
-            let mut acc = [0f64; 4];
-            let mut cx = ch.chunks_exact(4);
-            for q in &mut cx {
-                for i in 0..4 {
-                    acc[i] += (q[i] as f64) * (q[i] as f64);
-                }
-            }
-            let r: f64 = cx.remainder().iter().map(|&x| (x as f64) * (x as f64)).sum();
-            (acc[0] + acc[1]) + (acc[2] + acc[3]) + r
-        })
-        .collect();
+    let parts: Vec<f64> = inp.par_chunks(CHUNK).map(sum_squares_chunk).collect();
     parts.iter().sum::<f64>() as f32
+}
+
+multiversion! {
+    /// Σ x² in f64 with 8 independent lanes.
+    fn sum_squares_chunk(x: &[f32]) -> f64 {
+        let mut acc = [0f64; 8];
+        let mut cx = x.chunks_exact(8);
+        for q in &mut cx {
+            for i in 0..8 {
+                acc[i] += (q[i] as f64) * (q[i] as f64);
+            }
+        }
+        let mut r = 0f64;
+        for &v in cx.remainder() {
+            r += (v as f64) * (v as f64);
+        }
+        ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + r
+    }
 }
 
 /// norm = √(Σ parts); hyper[GRAD_NORM] = norm; hyper[GRAD_SCALE] = max_norm/norm if
@@ -599,9 +554,7 @@ pub fn clip_scale(hyper: &mut [f32], parts: &[f32], max_norm: f32) {
 /// g = grad·scale; m = β1·m + (1−β1)·g; v = β2·v + (1−β2)·g²;
 /// param −= lr·((m/bc1) / (√(v/bc2) + eps) + weight_decay·param)
 pub fn adamw(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], hyper: &[f32], weight_decay: f32) {
-    let lr = hyper[Hyper::LR];
-    let (b1, b2, eps) = (hyper[Hyper::BETA1], hyper[Hyper::BETA2], hyper[Hyper::EPS]);
-    let (bc1, bc2, gs) = (hyper[Hyper::BC1], hyper[Hyper::BC2], hyper[Hyper::GRAD_SCALE]);
+    let h = &hyper[..Hyper::LEN];
     let n = param.len();
     assert!(grad.len() >= n && m.len() >= n && v.len() >= n, "adamw: short input");
     param
@@ -609,14 +562,24 @@ pub fn adamw(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], hype
         .zip(m[..n].par_chunks_mut(CHUNK))
         .zip(v[..n].par_chunks_mut(CHUNK))
         .zip(grad[..n].par_chunks(CHUNK))
-        .for_each(|(((p, m), v), g)| {
-            for i in 0..p.len() {
-                let gi = g[i] * gs;
-                let mi = b1 * m[i] + (1.0 - b1) * gi;
-                let vi = b2 * v[i] + (1.0 - b2) * gi * gi;
-                m[i] = mi;
-                v[i] = vi;
-                p[i] -= lr * ((mi / bc1) / ((vi / bc2).sqrt() + eps) + weight_decay * p[i]);
-            }
-        });
+        .for_each(|(((p, m), v), g)| adamw_chunk(p, g, m, v, h, weight_decay));
+}
+
+multiversion! {
+    /// The AdamW update of one chunk.
+    fn adamw_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: &[f32], weight_decay: f32) {
+        let lr = h[Hyper::LR];
+        let (b1, b2, eps) = (h[Hyper::BETA1], h[Hyper::BETA2], h[Hyper::EPS]);
+        let (bc1, bc2, gs) = (h[Hyper::BC1], h[Hyper::BC2], h[Hyper::GRAD_SCALE]);
+        let n = p.len();
+        let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
+        for i in 0..n {
+            let gi = g[i] * gs;
+            let mi = b1 * m[i] + (1.0 - b1) * gi;
+            let vi = b2 * v[i] + (1.0 - b2) * gi * gi;
+            m[i] = mi;
+            v[i] = vi;
+            p[i] -= lr * ((mi / bc1) / ((vi / bc2).sqrt() + eps) + weight_decay * p[i]);
+        }
+    }
 }

@@ -8,6 +8,8 @@
 //! output share a buffer reads the values from before the launch — no unsafe aliasing.
 
 pub mod kernels;
+mod matmul;
+pub mod simd;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -84,7 +86,7 @@ impl CpuBackend {
     pub fn download_i32(&mut self, id: BufId) -> Result<Vec<i32>> {
         match self.buf(id)? {
             Buf::I32(v) => Ok(v.clone()),
-            Buf::F32(_) => Err(err(format!("download_i32: buffer '{}' is f32", self.name(id)))),
+            Buf::F32(_) => Err(err(format!("download_i32: buffer '{}' is f32", self.buf_name(id)))),
         }
     }
 
@@ -92,7 +94,7 @@ impl CpuBackend {
     pub fn f32_buffer(&self, id: BufId) -> Result<&[f32]> {
         match self.buf(id)? {
             Buf::F32(v) => Ok(v),
-            Buf::I32(_) => Err(err(format!("buffer '{}' is i32, not f32", self.name(id)))),
+            Buf::I32(_) => Err(err(format!("buffer '{}' is i32, not f32", self.buf_name(id)))),
         }
     }
 
@@ -100,7 +102,7 @@ impl CpuBackend {
         self.bufs.get(id.0 as usize).ok_or_else(|| err(format!("unknown buffer id {} (alloc not called?)", id.0)))
     }
 
-    fn name(&self, id: BufId) -> &str {
+    fn buf_name(&self, id: BufId) -> &str {
         self.names.get(id.0 as usize).map(String::as_str).unwrap_or("?")
     }
 
@@ -116,7 +118,7 @@ impl CpuBackend {
                 "launch '{label}': {what} view [{}, +{}) exceeds buffer '{}' of {} elements",
                 v.offset,
                 v.len,
-                self.name(v.buf),
+                self.buf_name(v.buf),
                 b.len()
             )));
         }
@@ -124,7 +126,7 @@ impl CpuBackend {
         if !ok {
             return Err(err(format!(
                 "launch '{label}': {what} must be {dtype:?} but buffer '{}' is not",
-                self.name(v.buf)
+                self.buf_name(v.buf)
             )));
         }
         Ok(())
@@ -156,7 +158,7 @@ impl CpuBackend {
                 taken.push((v.buf, std::mem::take(vec)));
             }
         }
-        let result = self.exec_taken(label, k, &outs, &ins, &in_types, &mut taken);
+        let result = self.exec_taken(label, k, &outs, &ins, &mut taken);
         for (id, vec) in taken {
             self.bufs[id.0 as usize] = Buf::F32(vec);
         }
@@ -164,24 +166,32 @@ impl CpuBackend {
     }
 
     fn exec_taken(
-        &self, label: &str, k: &Kernel, outs: &[View], ins: &[View], in_types: &[DType],
-        taken: &mut [(BufId, Vec<f32>)],
+        &self, label: &str, k: &Kernel, outs: &[View], ins: &[View], taken: &mut [(BufId, Vec<f32>)],
     ) -> Result<()> {
-        // Inputs: borrowed, or copied when they live in a buffer this launch writes.
-        let mut inputs: Vec<In> = Vec::with_capacity(ins.len());
-        for (v, &t) in ins.iter().zip(in_types) {
-            let r = v.offset..v.offset + v.len;
-            if let Some((_, vec)) = taken.iter().find(|(id, _)| *id == v.buf) {
-                inputs.push(In::F32(Cow::Owned(vec[r].to_vec())));
-            } else {
-                inputs.push(match (&self.bufs[v.buf.0 as usize], t) {
-                    (Buf::F32(b), _) => In::F32(Cow::Borrowed(&b[r])),
-                    (Buf::I32(b), _) => In::I32(Cow::Borrowed(&b[r])),
-                });
+        let overlaps = |a: &View, b: &View| {
+            a.buf == b.buf && a.len > 0 && b.len > 0 && a.offset < b.offset + b.len && b.offset < a.offset + a.len
+        };
+        for (x, a) in outs.iter().enumerate() {
+            if outs[x + 1..].iter().any(|b| overlaps(a, b)) {
+                return Err(err(format!("launch '{label}': two outputs overlap in buffer '{}'", self.buf_name(a.buf))));
             }
         }
-        // Outputs: disjoint &mut slices, in the order of `outs`.
+        // An input that overlaps an output is copied first, so it reads the values from before the
+        // launch; any other input is borrowed (from the table, or from a gap between the outputs
+        // of a taken buffer).
+        let mut copies: Vec<Option<Vec<f32>>> = ins
+            .iter()
+            .map(|v| {
+                if !outs.iter().any(|o| overlaps(o, v)) {
+                    return None;
+                }
+                let (_, vec) = taken.iter().find(|(id, _)| *id == v.buf).expect("output buffers are taken");
+                Some(vec[v.offset..v.offset + v.len].to_vec())
+            })
+            .collect();
+        // Split each taken buffer into its output slices and the read-only gaps between them.
         let mut slices: Vec<Option<&mut [f32]>> = (0..outs.len()).map(|_| None).collect();
+        let mut gaps: Vec<(BufId, usize, &[f32])> = Vec::new();
         for (id, vec) in taken.iter_mut() {
             let mut mine: Vec<usize> = (0..outs.len()).filter(|&i| outs[i].buf == *id).collect();
             mine.sort_by_key(|&i| (outs[i].offset, outs[i].len));
@@ -189,18 +199,31 @@ impl CpuBackend {
             let mut pos = 0usize;
             for &i in &mine {
                 let v = outs[i];
-                if v.offset < pos {
-                    return Err(err(format!(
-                        "launch '{label}': two outputs overlap in buffer '{}'",
-                        self.name(*id)
-                    )));
-                }
-                let tail = std::mem::take(&mut rest);
-                let (_, tail) = tail.split_at_mut(v.offset - pos);
+                let (gap, tail) = std::mem::take(&mut rest).split_at_mut(v.offset - pos);
+                gaps.push((*id, pos, freeze(gap)));
                 let (s, tail) = tail.split_at_mut(v.len);
                 rest = tail;
                 pos = v.offset + v.len;
                 slices[i] = Some(s);
+            }
+            gaps.push((*id, pos, freeze(rest)));
+        }
+        let mut inputs: Vec<In> = Vec::with_capacity(ins.len());
+        for (j, v) in ins.iter().enumerate() {
+            let r = v.offset..v.offset + v.len;
+            if let Some(c) = copies[j].take() {
+                inputs.push(In::F32(Cow::Owned(c)));
+            } else if taken_has(&gaps, v.buf) {
+                let (_, start, gap) = gaps
+                    .iter()
+                    .find(|(id, start, g)| *id == v.buf && *start <= v.offset && v.offset + v.len <= start + g.len())
+                    .expect("an input not overlapping any output lies in a gap");
+                inputs.push(In::F32(Cow::Borrowed(&gap[v.offset - start..v.offset - start + v.len])));
+            } else {
+                inputs.push(match &self.bufs[v.buf.0 as usize] {
+                    Buf::F32(b) => In::F32(Cow::Borrowed(&b[r])),
+                    Buf::I32(b) => In::I32(Cow::Borrowed(&b[r])),
+                });
             }
         }
         let mut o: Vec<&mut [f32]> = slices.into_iter().map(|s| s.expect("every output sliced")).collect();
@@ -221,7 +244,7 @@ impl CpuBackend {
             if let Some((i, &bad)) = ids(v)[..n].iter().enumerate().find(|(_, &x)| x < 0 || x as usize >= limit) {
                 return Err(Error::Data(format!(
                     "launch '{label}': {what} id {bad} at position {i} of '{}' is outside [0, {limit})",
-                    self.name(v.buf)
+                    self.buf_name(v.buf)
                 )));
             }
             Ok(())
@@ -235,6 +258,15 @@ impl CpuBackend {
             _ => Ok(()),
         }
     }
+}
+
+/// A `&mut` slice given up as a shared one, keeping its lifetime.
+fn freeze(s: &mut [f32]) -> &[f32] {
+    s
+}
+
+fn taken_has(gaps: &[(BufId, usize, &[f32])], id: BufId) -> bool {
+    gaps.iter().any(|(g, _, _)| *g == id)
 }
 
 /// The dtype of each entry of `k.inputs()`.
@@ -415,7 +447,7 @@ fn dispatch(k: &Kernel, o: &mut [&mut [f32]], i: &[In]) {
 
 impl Backend for CpuBackend {
     fn name(&self) -> String {
-        format!("cpu ({} threads)", self.threads())
+        format!("cpu ({} threads, {})", self.threads(), simd::simd_name())
     }
 
     fn alloc(&mut self, table: &BufferTable) -> Result<()> {
@@ -431,7 +463,7 @@ impl Backend for CpuBackend {
     }
 
     fn upload_f32(&mut self, id: BufId, data: &[f32]) -> Result<()> {
-        let name = self.name(id).to_string();
+        let name = self.buf_name(id).to_string();
         match self.bufs.get_mut(id.0 as usize) {
             Some(Buf::F32(v)) if v.len() == data.len() => {
                 v.copy_from_slice(data);
@@ -444,7 +476,7 @@ impl Backend for CpuBackend {
     }
 
     fn upload_i32(&mut self, id: BufId, data: &[i32]) -> Result<()> {
-        let name = self.name(id).to_string();
+        let name = self.buf_name(id).to_string();
         match self.bufs.get_mut(id.0 as usize) {
             Some(Buf::I32(v)) if v.len() == data.len() => {
                 v.copy_from_slice(data);

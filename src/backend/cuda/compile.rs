@@ -52,6 +52,23 @@ pub struct CompileReport {
     pub functions: Vec<FunctionStats>,
 }
 
+impl std::fmt::Display for CompileReport {
+    /// One line for `wgpt kernels --cuda`: "cuda/attention.cu sm_80: 128 registers, 256 B smem, 0 B spills (attention_forward 106, ...)".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let fns: Vec<String> = self.functions.iter().map(|x| format!("{} {}", x.name, x.registers)).collect();
+        write!(
+            f,
+            "{} {}: {} registers, {} B smem, {} B spills ({})",
+            self.file,
+            self.arch,
+            self.registers,
+            self.shared_bytes,
+            self.spill_bytes,
+            fns.join(", ")
+        )
+    }
+}
+
 /// What NVRTC produces: SASS for one exact GPU, or PTX for the driver to JIT (a GPU newer than
 /// this NVRTC knows).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -175,7 +192,7 @@ pub fn compile_source(file: &str, src: &str, target: Target) -> std::result::Res
 /// The number just before `key` in `line` ("Used 40 registers" → 40 for "registers").
 fn num_before(line: &str, key: &str) -> Option<u32> {
     let i = line.find(key)?;
-    line[..i].split(|c: char| c == ',' || c == ':' || c.is_whitespace()).filter(|s| !s.is_empty()).last()?.parse().ok()
+    line[..i].split(|c: char| c == ',' || c == ':' || c.is_whitespace()).rfind(|s| !s.is_empty())?.parse().ok()
 }
 
 /// Per-function statistics from ptxas' verbose output.
@@ -187,7 +204,7 @@ pub fn parse_ptxas_log(log: &str) -> Vec<FunctionStats> {
         let b = line[a + 1..].find('\'')?;
         Some(line[a + 1..a + 1 + b].to_string())
     };
-    let mut select = |out: &mut Vec<FunctionStats>, name: String| -> usize {
+    let select = |out: &mut Vec<FunctionStats>, name: String| -> usize {
         if let Some(i) = out.iter().position(|f| f.name == name) {
             i
         } else {
@@ -316,8 +333,9 @@ pub fn cache_dir() -> Option<PathBuf> {
 }
 
 /// Compile (or fetch from the disk cache) one family for `target`. The cache key covers the
-/// source text, the target, NVRTC's version and the options.
-pub fn compile_cached(family: &str, src: &str, target: Target) -> Result<Vec<u8>> {
+/// source text, the target, NVRTC's version and the options. Returns the image and, when it came
+/// from the cache, the cache file (so a caller that cannot load it can delete it and recompile).
+pub fn compile_cached(family: &str, src: &str, target: Target) -> Result<(Vec<u8>, Option<PathBuf>)> {
     let (major, minor) = nvrtc_version().map_err(unavailable)?;
     let opts = base_options().join(" ");
     let ver = format!("{major}.{minor}");
@@ -330,7 +348,7 @@ pub fn compile_cached(family: &str, src: &str, target: Target) -> Result<Vec<u8>
     if let Some(p) = &path {
         if let Ok(bytes) = std::fs::read(p) {
             if !bytes.is_empty() {
-                return Ok(bytes);
+                return Ok((bytes, Some(p.clone())));
             }
         }
     }
@@ -345,5 +363,5 @@ pub fn compile_cached(family: &str, src: &str, target: Target) -> Result<Vec<u8>
             }
         }
     }
-    Ok(image)
+    Ok((image, None))
 }

@@ -1,1 +1,851 @@
-//! The CUDA backend (in progress).
+//! The CUDA backend: `cuda/*.cu` compiled at start-up by NVRTC for the exact GPU (CUBIN, cached on
+//! disk), matmuls through cuBLAS (or a built-in GEMM kernel where libcublas is absent), all on one
+//! stream with no host synchronisation inside `run`. Every NVIDIA library is loaded at run time
+//! through cudarc, so the binary builds and runs without a CUDA toolkit; see `dl` for how the
+//! libraries are found and `probe` for `wgpt info`.
+
+pub mod compile;
+pub mod dl;
+pub mod probe;
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
+use cudarc::driver::{result as drv, sys as drv_sys, CudaContext, CudaFunction, CudaStream};
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::graph::{BufId, BufferTable, DType, Kernel, Launch, View};
+
+pub use compile::{compile_all, CompileReport, FunctionStats, Target, SOURCES};
+pub use probe::{probe, CudaDeviceInfo, CudaProbe, DriverInfo};
+
+/// Start-up choices for [`CudaBackend::with_options`].
+#[derive(Clone, Debug, Default)]
+pub struct CudaOptions {
+    /// let cuBLAS use TF32 tensor cores (sm_80+; ~10 mantissa bits in the matmul inputs)
+    pub tf32: bool,
+    /// use the built-in GEMM kernel even where cuBLAS is present (also `WGPT_CUDA_NO_CUBLAS=1`)
+    pub no_cublas: bool,
+}
+
+const BACKEND: &str = "cuda";
+/// Threads per block of the attention kernels, and rows per tile (see cuda/attention.cu).
+const ATTN_THREADS: u32 = 256;
+const ATTN_TILE: usize = 32;
+const ATTN_MAX_HS: usize = 128;
+/// Blocks of the first sum-of-squares stage (fixed per size: deterministic).
+const SUMSQ_MAX_BLOCKS: usize = 1024;
+
+fn berr(msg: impl Into<String>) -> Error {
+    Error::backend(BACKEND, msg)
+}
+
+fn drv_err(what: &str, e: drv::DriverError) -> Error {
+    if e.0 == drv_sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        return Error::OutOfMemory(format!("cuda: out of device memory ({what}); reduce --batch or --seq-len"));
+    }
+    berr(format!("{what}: {}", probe::driver_error(e)))
+}
+
+/// Device memory owned by the backend (cuMemAlloc / cuMemFree).
+struct DevMem {
+    ptr: drv_sys::CUdeviceptr,
+    bytes: usize,
+    ctx: Arc<CudaContext>,
+}
+
+impl DevMem {
+    fn new(ctx: &Arc<CudaContext>, bytes: usize, what: &str) -> Result<DevMem> {
+        let ptr = unsafe { drv::malloc_sync(bytes.max(16)) }.map_err(|e| drv_err(what, e))?;
+        Ok(DevMem { ptr, bytes, ctx: ctx.clone() })
+    }
+}
+
+impl Drop for DevMem {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        let _ = unsafe { drv::free_sync(self.ptr) };
+    }
+}
+
+struct Buf {
+    mem: DevMem,
+    len: usize,
+    dtype: DType,
+}
+
+/// Every kernel of every module.
+struct Funcs {
+    encoder_forward: CudaFunction,
+    encoder_backward_wpe: CudaFunction,
+    encoder_backward_wte: CudaFunction,
+    layernorm_forward: CudaFunction,
+    layernorm_backward_dinp: CudaFunction,
+    layernorm_backward_params_partial: CudaFunction,
+    layernorm_backward_params_finish: CudaFunction,
+    add_bias: CudaFunction,
+    bias_grad_partial: CudaFunction,
+    bias_grad_finish: CudaFunction,
+    sgemm_fallback: CudaFunction,
+    attention_forward: CudaFunction,
+    attention_backward_dq: CudaFunction,
+    attention_backward_dkv: CudaFunction,
+    gelu_forward: CudaFunction,
+    gelu_backward: CudaFunction,
+    residual_forward: CudaFunction,
+    crossentropy: CudaFunction,
+    sum_squares_partial: CudaFunction,
+    sum_squares_finish: CudaFunction,
+    clip_scale: CudaFunction,
+    adamw_update: CudaFunction,
+}
+
+/// A kernel argument (each is passed by pointer to an 8-byte slot; the driver reads its size).
+#[derive(Clone, Copy)]
+enum A {
+    P(u64),
+    I(i32),
+    L(i64),
+    F(f32),
+}
+
+/// The CUDA backend. Create with [`CudaBackend::new`].
+pub struct CudaBackend {
+    bufs: Vec<Buf>,
+    scratch: Option<DevMem>,
+    /// scratch buffers replaced while work may still use them; freed at the next sync
+    retired: Vec<DevMem>,
+    blas: Option<CudaBlas>,
+    f: Funcs,
+    /// dynamic shared memory each attention kernel has been allowed so far (cuFuncSetAttribute)
+    attn_smem_allowed: [usize; 3],
+    smem_optin: usize,
+    info: CudaDeviceInfo,
+    target: Target,
+    tf32: bool,
+    stream: Arc<CudaStream>,
+    ctx: Arc<CudaContext>,
+}
+
+fn grid1(n: usize, block: u32) -> u32 {
+    n.div_ceil(block as usize).clamp(1, 1 << 20) as u32
+}
+
+impl CudaBackend {
+    /// Open device `device`, compile (or load from the cache) every kernel for its exact compute
+    /// capability, and prepare cuBLAS. Errors are one line, e.g. "no CUDA driver found
+    /// (libcuda.so); use --backend wgpu or cpu".
+    pub fn new(device: usize) -> Result<CudaBackend> {
+        Self::with_options(device, CudaOptions::default())
+    }
+
+    pub fn with_options(device: usize, opts: CudaOptions) -> Result<CudaBackend> {
+        let driver = probe::init_driver().map_err(|e| {
+            if e.starts_with("no CUDA driver") {
+                Error::Unavailable(format!("{e}; use --backend wgpu or cpu"))
+            } else {
+                Error::Unavailable(format!("CUDA driver unusable: {e}; use --backend wgpu or cpu"))
+            }
+        })?;
+        let count = drv::device::get_count().map_err(|e| drv_err("cuDeviceGetCount", e))?;
+        if count <= 0 {
+            return Err(Error::Unavailable("no CUDA device found; use --backend wgpu or cpu".into()));
+        }
+        if device >= count as usize {
+            return Err(Error::flag("--device", format!("CUDA device {device} does not exist ({count} found; see wgpt info)")));
+        }
+        let info = probe::device_info(device).map_err(|e| berr(format!("device {device}: {e}")))?;
+        dl::lib(dl::Which::Nvrtc).map_err(|e| {
+            Error::Unavailable(format!("{e}; the CUDA backend compiles its kernels with NVRTC (or use --backend wgpu or cpu)"))
+        })?;
+        let cc = (info.cc_major * 10 + info.cc_minor) as u32;
+        let supported = compile::supported_archs().map_err(|e| Error::Unavailable(format!("NVRTC unusable: {e}")))?;
+        let target = if supported.contains(&cc) {
+            Target::Cubin(cc)
+        } else if let Some(&best) = supported.iter().filter(|&&a| a < cc).max() {
+            // a GPU newer than this NVRTC: PTX for the newest architecture it knows, JIT-ed by the driver
+            Target::Ptx(best)
+        } else {
+            return Err(Error::Unavailable(format!(
+                "{} is sm_{cc}, older than this NVRTC supports (sm_{}+); use --backend wgpu or cpu",
+                info.name,
+                supported.iter().min().copied().unwrap_or(0)
+            )));
+        };
+
+        let ctx = CudaContext::new(device).map_err(|e| drv_err("creating the CUDA context", e))?;
+        // one stream, ordered: cudarc's per-buffer events are not needed
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(|e| drv_err("creating a stream", e))?;
+
+        let mut modules = std::collections::HashMap::new();
+        for (family, src) in SOURCES {
+            let mut what = format!("loading cuda/{family}.cu ({})", target.arch_flag());
+            if let Ok((major, minor)) = compile::nvrtc_version() {
+                // CUBINs load on drivers of the same CUDA major version or newer, not older
+                if driver.version / 1000 < major {
+                    what = format!(
+                        "{what}; NVRTC {major}.{minor} is newer than the driver (CUDA {}): use an NVRTC {} (pip install nvidia-cuda-nvrtc-cu{})",
+                        driver.version_string(),
+                        driver.version / 1000,
+                        driver.version / 1000
+                    );
+                }
+            }
+            let (image, cached) = compile::compile_cached(family, src, target)?;
+            let m = match ctx.load_module(cudarc::nvrtc::Ptx::from_binary(image)) {
+                Ok(m) => m,
+                Err(e) => match cached {
+                    // a damaged cache file: drop it and compile afresh
+                    Some(path) => {
+                        let _ = std::fs::remove_file(&path);
+                        let (image, _) = compile::compile_cached(family, src, target)?;
+                        ctx.load_module(cudarc::nvrtc::Ptx::from_binary(image)).map_err(|e| drv_err(&what, e))?
+                    }
+                    None => return Err(drv_err(&what, e)),
+                },
+            };
+            modules.insert(*family, m);
+        }
+        let get = |family: &str, name: &str| -> Result<CudaFunction> {
+            modules[family].load_function(name).map_err(|e| drv_err(&format!("cuda/{family}.cu: kernel {name}"), e))
+        };
+        let f = Funcs {
+            encoder_forward: get("encoder", "encoder_forward")?,
+            encoder_backward_wpe: get("encoder", "encoder_backward_wpe")?,
+            encoder_backward_wte: get("encoder", "encoder_backward_wte")?,
+            layernorm_forward: get("layernorm", "layernorm_forward")?,
+            layernorm_backward_dinp: get("layernorm", "layernorm_backward_dinp")?,
+            layernorm_backward_params_partial: get("layernorm", "layernorm_backward_params_partial")?,
+            layernorm_backward_params_finish: get("layernorm", "layernorm_backward_params_finish")?,
+            add_bias: get("matmul", "add_bias")?,
+            bias_grad_partial: get("matmul", "bias_grad_partial")?,
+            bias_grad_finish: get("matmul", "bias_grad_finish")?,
+            sgemm_fallback: get("matmul", "sgemm_fallback")?,
+            attention_forward: get("attention", "attention_forward")?,
+            attention_backward_dq: get("attention", "attention_backward_dq")?,
+            attention_backward_dkv: get("attention", "attention_backward_dkv")?,
+            gelu_forward: get("gelu", "gelu_forward")?,
+            gelu_backward: get("gelu", "gelu_backward")?,
+            residual_forward: get("residual", "residual_forward")?,
+            crossentropy: get("classifier", "crossentropy_forward_backward")?,
+            sum_squares_partial: get("reduce", "sum_squares_partial")?,
+            sum_squares_finish: get("reduce", "sum_squares_finish")?,
+            clip_scale: get("reduce", "clip_scale")?,
+            adamw_update: get("adamw", "adamw_update")?,
+        };
+
+        let env_no_blas = std::env::var("WGPT_CUDA_NO_CUBLAS").map(|v| !v.is_empty() && v != "0").unwrap_or(false);
+        let blas = if opts.no_cublas || env_no_blas || dl::lib(dl::Which::Cublas).is_err() {
+            None
+        } else {
+            let b = CudaBlas::new(stream.clone()).map_err(|e| berr(format!("cublasCreate: {e:?}")))?;
+            let mode = if opts.tf32 && info.cc_major >= 8 {
+                blas_sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
+            } else {
+                blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH
+            };
+            unsafe { blas_sys::cublasSetMathMode(*b.handle(), mode) }
+                .result()
+                .map_err(|e| berr(format!("cublasSetMathMode: {e:?}")))?;
+            Some(b)
+        };
+        let smem_optin = ctx
+            .attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map(|v| v.max(0) as usize)
+            .unwrap_or(48 * 1024);
+        Ok(CudaBackend {
+            bufs: Vec::new(),
+            scratch: None,
+            retired: Vec::new(),
+            tf32: opts.tf32 && blas.is_some() && info.cc_major >= 8,
+            blas,
+            f,
+            attn_smem_allowed: [48 * 1024; 3],
+            smem_optin,
+            info,
+            target,
+            stream,
+            ctx,
+        })
+    }
+
+    /// The GPU in use.
+    pub fn device(&self) -> &CudaDeviceInfo {
+        &self.info
+    }
+
+    /// Whether matmuls go through cuBLAS (else the built-in GEMM kernel).
+    pub fn uses_cublas(&self) -> bool {
+        self.blas.is_some()
+    }
+
+    /// Read a whole i32 buffer back (waits for pending work).
+    pub fn download_i32(&mut self, id: BufId) -> Result<Vec<i32>> {
+        let (ptr, len) = self.whole(id, DType::I32, "download_i32")?;
+        let mut v = vec![0i32; len];
+        self.copy_out(&mut v, ptr)?;
+        Ok(v)
+    }
+
+    fn whole(&self, id: BufId, dtype: DType, what: &str) -> Result<(u64, usize)> {
+        let b = self.bufs.get(id.0 as usize).ok_or_else(|| berr(format!("{what}: buffer {} was not allocated", id.0)))?;
+        if b.dtype != dtype {
+            return Err(berr(format!("{what}: buffer {} holds {:?}, not {:?}", id.0, b.dtype, dtype)));
+        }
+        Ok((b.mem.ptr, b.len))
+    }
+
+    fn copy_in<T>(&mut self, id: BufId, dtype: DType, data: &[T], what: &str) -> Result<()> {
+        let (ptr, len) = self.whole(id, dtype, what)?;
+        if data.len() != len {
+            return Err(berr(format!("{what}: buffer {} has {len} elements, got {}", id.0, data.len())));
+        }
+        self.bind()?;
+        // from pageable memory: returns once `data` has been staged, so it may be dropped after
+        unsafe { drv::memcpy_htod_async(ptr, data, self.stream.cu_stream()) }.map_err(|e| drv_err(what, e))
+    }
+
+    fn copy_out<T>(&mut self, dst: &mut [T], ptr: u64) -> Result<()> {
+        self.bind()?;
+        unsafe { drv::memcpy_dtoh_async(dst, ptr, self.stream.cu_stream()) }.map_err(|e| drv_err("download", e))?;
+        self.sync()
+    }
+
+    fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(|e| drv_err("binding the CUDA context", e))
+    }
+
+    /// Device address of a view, checked against its buffer and the element count the kernel uses.
+    fn ptr(&self, v: &View, need: usize, dtype: DType, what: &str, label: &str) -> Result<u64> {
+        let b = self
+            .bufs
+            .get(v.buf.0 as usize)
+            .ok_or_else(|| berr(format!("{label}: {what} uses buffer {} which was not allocated", v.buf.0)))?;
+        if v.offset + v.len > b.len {
+            return Err(berr(format!("{label}: {what} view [{}, +{}) exceeds its buffer ({})", v.offset, v.len, b.len)));
+        }
+        if need > v.len {
+            return Err(berr(format!("{label}: {what} has {} elements, the kernel needs {need}", v.len)));
+        }
+        if b.dtype != dtype {
+            return Err(berr(format!("{label}: {what} is {:?}, expected {:?}", b.dtype, dtype)));
+        }
+        Ok(b.mem.ptr + (v.offset * dtype.size()) as u64)
+    }
+
+    fn pf(&self, v: &View, need: usize, what: &str, label: &str) -> Result<u64> {
+        self.ptr(v, need, DType::F32, what, label)
+    }
+
+    /// A device scratch area of at least `floats` f32s (grows; old ones retire until the next sync).
+    fn scratch(&mut self, floats: usize) -> Result<u64> {
+        let bytes = floats.max(1) * 4;
+        if self.scratch.as_ref().map(|s| s.bytes < bytes).unwrap_or(true) {
+            let grown = DevMem::new(&self.ctx, bytes.next_power_of_two().max(1 << 16), "scratch")?;
+            if let Some(old) = self.scratch.replace(grown) {
+                self.retired.push(old);
+            }
+        }
+        Ok(self.scratch.as_ref().unwrap().ptr)
+    }
+
+    fn launch(&self, f: &CudaFunction, grid: (u32, u32, u32), block: (u32, u32, u32), smem: u32, args: &[A], label: &str) -> Result<()> {
+        let mut slots: Vec<u64> = args
+            .iter()
+            .map(|a| match *a {
+                A::P(p) => p,
+                A::I(i) => i as u32 as u64,
+                A::L(l) => l as u64,
+                A::F(x) => x.to_bits() as u64,
+            })
+            .collect();
+        let mut params: Vec<*mut c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
+        unsafe { drv::launch_kernel(f.cu_function(), grid, block, smem, self.stream.cu_stream(), &mut params) }
+            .map_err(|e| drv_err(label, e))
+    }
+
+    fn launch1(&self, f: &CudaFunction, n: usize, args: &[A], label: &str) -> Result<()> {
+        self.launch(f, (grid1(n, 256), 1, 1), (256, 1, 1), 0, args, label)
+    }
+
+    /// Allow `bytes` of dynamic shared memory for attention kernel `which` (0 fwd, 1 dq, 2 dkv).
+    fn attn_smem(&mut self, which: usize, bytes: usize, label: &str) -> Result<()> {
+        if bytes > self.smem_optin {
+            return Err(berr(format!(
+                "{label}: attention needs {bytes} bytes of shared memory per block, the GPU allows {}",
+                self.smem_optin
+            )));
+        }
+        if bytes > self.attn_smem_allowed[which] {
+            let f = match which {
+                0 => &self.f.attention_forward,
+                1 => &self.f.attention_backward_dq,
+                _ => &self.f.attention_backward_dkv,
+            };
+            unsafe {
+                drv::function::set_function_attribute(
+                    f.cu_function(),
+                    drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes as i32,
+                )
+            }
+            .map_err(|e| drv_err(label, e))?;
+            self.attn_smem_allowed[which] = bytes;
+        }
+        Ok(())
+    }
+
+    /// Row-major C(m×n) = α·op(A)·op(B) + β·C through cuBLAS (column-major, so the operands
+    /// swap) or the fallback kernel. `kind` picks one of the three matmul shapes:
+    /// 0: out(n,oc) = inp(n,c)·Wᵀ;  1: dinp(n,c) = dout(n,oc)·W;  2: dW(oc,c) += doutᵀ·inp.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(&self, kind: u8, c_ptr: u64, x: u64, w: u64, n: usize, c: usize, oc: usize, label: &str) -> Result<()> {
+        if n == 0 || c == 0 || oc == 0 {
+            return Ok(());
+        }
+        if n.max(c).max(oc) > i32::MAX as usize {
+            return Err(berr(format!("{label}: matmul dimension too large")));
+        }
+        let (ni, ci, oi) = (n as i32, c as i32, oc as i32);
+        let beta: f32 = if kind == 2 { 1.0 } else { 0.0 };
+        let alpha: f32 = 1.0;
+        if let Some(b) = &self.blas {
+            use blas_sys::cublasOperation_t::{CUBLAS_OP_N as N, CUBLAS_OP_T as T};
+            let h = *b.handle();
+            // (transa, transb, m, n, k, A, lda, B, ldb, ldc) in cuBLAS' column-major terms
+            let (ta, tb, m, nn, k, a, lda, bb, ldb, ldc) = match kind {
+                // outᶜ(oc×n) = Wᶜᵀ · inpᶜ : A = W (c×oc), B = inp (c×n)
+                0 => (T, N, oi, ni, ci, w, ci, x, ci, oi),
+                // dinpᶜ(c×n) = Wᶜ · doutᶜ : A = W (c×oc), B = dout (oc×n)
+                1 => (N, N, ci, ni, oi, w, ci, x, oi, ci),
+                // dWᶜ(c×oc) += inpᶜ · doutᶜᵀ : A = inp (c×n) [here `w` carries inp], B = dout (oc×n)
+                _ => (N, T, ci, oi, ni, w, ci, x, oi, ci),
+            };
+            unsafe {
+                blas_result::sgemm(
+                    h, ta, tb, m, nn, k, &alpha, a as *const f32, lda, bb as *const f32, ldb, &beta, c_ptr as *mut f32, ldc,
+                )
+            }
+            .map_err(|e| berr(format!("{label}: cublasSgemm: {e:?}")))
+        } else {
+            // Cm[i,j] = Σ_k A[i·sam + k·sak]·B[k·sbk + j·sbn]
+            let (mm, nn, kk, a, sam, sak, bb, sbk, sbn, ldc) = match kind {
+                0 => (n, oc, c, x, c, 1, w, 1, c, oc),
+                1 => (n, c, oc, x, oc, 1, w, c, 1, c),
+                _ => (oc, c, n, x, 1, oc, w, c, 1, c),
+            };
+            let grid = (nn.div_ceil(64) as u32, mm.div_ceil(64) as u32, 1);
+            self.launch(
+                &self.f.sgemm_fallback,
+                grid,
+                (256, 1, 1),
+                0,
+                &[
+                    A::P(c_ptr),
+                    A::P(a),
+                    A::P(bb),
+                    A::I(mm as i32),
+                    A::I(nn as i32),
+                    A::I(kk as i32),
+                    A::L(sam as i64),
+                    A::L(sak as i64),
+                    A::L(sbk as i64),
+                    A::L(sbn as i64),
+                    A::L(ldc as i64),
+                    A::F(alpha),
+                    A::F(beta),
+                ],
+                label,
+            )
+        }
+    }
+
+    /// Rows per chunk for the two-stage column reductions (≤ 256 chunks).
+    fn chunking(n: usize) -> (usize, usize) {
+        let rpc = n.div_ceil(256).max(32);
+        (rpc, n.div_ceil(rpc).max(1))
+    }
+
+    fn exec(&mut self, l: &Launch) -> Result<()> {
+        use Kernel::*;
+        let label = l.label.as_str();
+        let i32_ = |v: usize| v as i32;
+        match &l.kernel {
+            EncoderForward { out, tokens, wte, wpe, b, t, c } => {
+                let (b, t, c) = (*b, *t, *c);
+                let n = b * t;
+                if c == 0 || n == 0 {
+                    return Ok(());
+                }
+                let o = self.pf(out, n * c, "out", label)?;
+                let tk = self.ptr(tokens, n, DType::I32, "tokens", label)?;
+                let we = self.pf(wte, c, "wte", label)?;
+                let wp = self.pf(wpe, t * c, "wpe", label)?;
+                let vocab = wte.len / c;
+                self.launch1(
+                    &self.f.encoder_forward,
+                    n * c,
+                    &[A::P(o), A::P(tk), A::P(we), A::P(wp), A::I(i32_(n)), A::I(i32_(t)), A::I(i32_(c)), A::I(i32_(vocab))],
+                    label,
+                )
+            }
+            EncoderBackward { dwte, dwpe, dout, tokens, b, t, c } => {
+                let (b, t, c) = (*b, *t, *c);
+                let n = b * t;
+                if c == 0 || n == 0 {
+                    return Ok(());
+                }
+                let dwt = self.pf(dwte, c, "dwte", label)?;
+                let dwp = self.pf(dwpe, t * c, "dwpe", label)?;
+                let d = self.pf(dout, n * c, "dout", label)?;
+                let tk = self.ptr(tokens, n, DType::I32, "tokens", label)?;
+                let vocab = dwte.len / c;
+                self.launch1(
+                    &self.f.encoder_backward_wpe,
+                    t * c,
+                    &[A::P(dwp), A::P(d), A::I(i32_(b)), A::I(i32_(t)), A::I(i32_(c))],
+                    label,
+                )?;
+                self.launch1(
+                    &self.f.encoder_backward_wte,
+                    n * c,
+                    &[A::P(dwt), A::P(d), A::P(tk), A::I(i32_(n)), A::I(i32_(c)), A::I(i32_(vocab))],
+                    label,
+                )
+            }
+            LayerNormForward { out, mean, rstd, inp, weight, bias, n, c } => {
+                let (n, c) = (*n, *c);
+                if n == 0 {
+                    return Ok(());
+                }
+                let args = [
+                    A::P(self.pf(out, n * c, "out", label)?),
+                    A::P(self.pf(mean, n, "mean", label)?),
+                    A::P(self.pf(rstd, n, "rstd", label)?),
+                    A::P(self.pf(inp, n * c, "inp", label)?),
+                    A::P(self.pf(weight, c, "weight", label)?),
+                    A::P(self.pf(bias, c, "bias", label)?),
+                    A::I(i32_(n)),
+                    A::I(i32_(c)),
+                ];
+                self.launch(&self.f.layernorm_forward, (n.div_ceil(8) as u32, 1, 1), (256, 1, 1), 0, &args, label)
+            }
+            LayerNormBackward { dinp, dweight, dbias, dout, inp, weight, mean, rstd, n, c, accumulate } => {
+                let (n, c) = (*n, *c);
+                if n == 0 || c == 0 {
+                    return Ok(());
+                }
+                let di = self.pf(dinp, n * c, "dinp", label)?;
+                let dw = self.pf(dweight, c, "dweight", label)?;
+                let db = self.pf(dbias, c, "dbias", label)?;
+                let d = self.pf(dout, n * c, "dout", label)?;
+                let x = self.pf(inp, n * c, "inp", label)?;
+                let w = self.pf(weight, c, "weight", label)?;
+                let m = self.pf(mean, n, "mean", label)?;
+                let r = self.pf(rstd, n, "rstd", label)?;
+                self.launch(
+                    &self.f.layernorm_backward_dinp,
+                    (n.div_ceil(8) as u32, 1, 1),
+                    (256, 1, 1),
+                    0,
+                    &[A::P(di), A::P(d), A::P(x), A::P(w), A::P(m), A::P(r), A::I(i32_(n)), A::I(i32_(c)), A::I(*accumulate as i32)],
+                    label,
+                )?;
+                let (rpc, chunks) = Self::chunking(n);
+                let s = self.scratch(chunks * 2 * c)?;
+                self.launch(
+                    &self.f.layernorm_backward_params_partial,
+                    (c.div_ceil(32) as u32, chunks as u32, 1),
+                    (32, 8, 1),
+                    0,
+                    &[A::P(s), A::P(d), A::P(x), A::P(m), A::P(r), A::I(i32_(n)), A::I(i32_(c)), A::I(i32_(rpc))],
+                    label,
+                )?;
+                self.launch(
+                    &self.f.layernorm_backward_params_finish,
+                    (c.div_ceil(256) as u32, 1, 1),
+                    (256, 1, 1),
+                    0,
+                    &[A::P(dw), A::P(db), A::P(s), A::I(i32_(chunks)), A::I(i32_(c))],
+                    label,
+                )
+            }
+            MatmulForward { out, inp, weight, bias, n, c, oc } => {
+                let (n, c, oc) = (*n, *c, *oc);
+                let o = self.pf(out, n * oc, "out", label)?;
+                let x = self.pf(inp, n * c, "inp", label)?;
+                let w = self.pf(weight, oc * c, "weight", label)?;
+                self.gemm(0, o, x, w, n, c, oc, label)?;
+                if let Some(bias) = bias {
+                    if n * oc > 0 {
+                        let bp = self.pf(bias, oc, "bias", label)?;
+                        self.launch1(&self.f.add_bias, n * oc, &[A::P(o), A::P(bp), A::I(i32_(n)), A::I(i32_(oc))], label)?;
+                    }
+                }
+                Ok(())
+            }
+            MatmulBackward { dinp, dweight, dbias, dout, inp, weight, n, c, oc } => {
+                let (n, c, oc) = (*n, *c, *oc);
+                let di = self.pf(dinp, n * c, "dinp", label)?;
+                let dw = self.pf(dweight, oc * c, "dweight", label)?;
+                let d = self.pf(dout, n * oc, "dout", label)?;
+                let x = self.pf(inp, n * c, "inp", label)?;
+                let w = self.pf(weight, oc * c, "weight", label)?;
+                self.gemm(1, di, d, w, n, c, oc, label)?;
+                self.gemm(2, dw, d, x, n, c, oc, label)?;
+                if let Some(dbias) = dbias {
+                    if n > 0 && oc > 0 {
+                        let db = self.pf(dbias, oc, "dbias", label)?;
+                        let (rpc, chunks) = Self::chunking(n);
+                        let s = self.scratch(chunks * oc)?;
+                        self.launch(
+                            &self.f.bias_grad_partial,
+                            (oc.div_ceil(32) as u32, chunks as u32, 1),
+                            (32, 8, 1),
+                            0,
+                            &[A::P(s), A::P(d), A::I(i32_(n)), A::I(i32_(oc)), A::I(i32_(rpc))],
+                            label,
+                        )?;
+                        self.launch(
+                            &self.f.bias_grad_finish,
+                            (oc.div_ceil(256) as u32, 1, 1),
+                            (256, 1, 1),
+                            0,
+                            &[A::P(db), A::P(s), A::I(i32_(chunks)), A::I(i32_(oc))],
+                            label,
+                        )?;
+                    }
+                }
+                Ok(())
+            }
+            AttentionForward { out, lse, qkv, b, t, c, nh } => {
+                let (b, t, c, nh) = (*b, *t, *c, *nh);
+                let hs = Self::head_size(c, nh, label)?;
+                if b * t == 0 {
+                    return Ok(());
+                }
+                let o = self.pf(out, b * t * c, "out", label)?;
+                let ls = self.pf(lse, b * nh * t, "lse", label)?;
+                let q = self.pf(qkv, b * t * 3 * c, "qkv", label)?;
+                let smem = (ATTN_TILE * hs + 2 * ATTN_TILE * (hs + 1)) * 4;
+                self.attn_smem(0, smem, label)?;
+                self.launch(
+                    &self.f.attention_forward,
+                    (t.div_ceil(ATTN_TILE) as u32, (b * nh) as u32, 1),
+                    (ATTN_THREADS, 1, 1),
+                    smem as u32,
+                    &[A::P(o), A::P(ls), A::P(q), A::I(i32_(b)), A::I(i32_(t)), A::I(i32_(c)), A::I(i32_(nh))],
+                    label,
+                )
+            }
+            AttentionBackward { dqkv, dout, out, lse, qkv, b, t, c, nh } => {
+                let (b, t, c, nh) = (*b, *t, *c, *nh);
+                let hs = Self::head_size(c, nh, label)?;
+                if b * t == 0 {
+                    return Ok(());
+                }
+                let dq = self.pf(dqkv, b * t * 3 * c, "dqkv", label)?;
+                let d = self.pf(dout, b * t * c, "dout", label)?;
+                let o = self.pf(out, b * t * c, "out", label)?;
+                let ls = self.pf(lse, b * nh * t, "lse", label)?;
+                let q = self.pf(qkv, b * t * 3 * c, "qkv", label)?;
+                let dbuf = self.scratch(b * nh * t)?;
+                let smem = (2 * ATTN_TILE * hs + 2 * ATTN_TILE * (hs + 1)) * 4;
+                self.attn_smem(1, smem, label)?;
+                self.attn_smem(2, smem, label)?;
+                let grid = (t.div_ceil(ATTN_TILE) as u32, (b * nh) as u32, 1);
+                let dims = [A::I(i32_(b)), A::I(i32_(t)), A::I(i32_(c)), A::I(i32_(nh))];
+                let mut a1 = vec![A::P(dq), A::P(dbuf), A::P(d), A::P(o), A::P(ls), A::P(q)];
+                a1.extend_from_slice(&dims);
+                self.launch(&self.f.attention_backward_dq, grid, (ATTN_THREADS, 1, 1), smem as u32, &a1, label)?;
+                let mut a2 = vec![A::P(dq), A::P(dbuf), A::P(d), A::P(ls), A::P(q)];
+                a2.extend_from_slice(&dims);
+                self.launch(&self.f.attention_backward_dkv, grid, (ATTN_THREADS, 1, 1), smem as u32, &a2, label)
+            }
+            GeluForward { out, inp, n } => {
+                let n = *n;
+                let args = [A::P(self.pf(out, n, "out", label)?), A::P(self.pf(inp, n, "inp", label)?), A::L(n as i64)];
+                self.launch1(&self.f.gelu_forward, n, &args, label)
+            }
+            GeluBackward { dinp, inp, dout, n } => {
+                let n = *n;
+                let args = [
+                    A::P(self.pf(dinp, n, "dinp", label)?),
+                    A::P(self.pf(inp, n, "inp", label)?),
+                    A::P(self.pf(dout, n, "dout", label)?),
+                    A::L(n as i64),
+                ];
+                self.launch1(&self.f.gelu_backward, n, &args, label)
+            }
+            ResidualForward { out, a, b, n } => {
+                let n = *n;
+                let args = [
+                    A::P(self.pf(out, n, "out", label)?),
+                    A::P(self.pf(a, n, "a", label)?),
+                    A::P(self.pf(b, n, "b", label)?),
+                    A::L(n as i64),
+                ];
+                self.launch1(&self.f.residual_forward, n, &args, label)
+            }
+            CrossEntropy { logits, losses, targets, n, v, vp, dloss, write_grad } => {
+                let (n, v, vp) = (*n, *v, *vp);
+                if v == 0 || v > vp {
+                    return Err(berr(format!("{label}: cross-entropy needs 0 < v ≤ vp (v={v}, vp={vp})")));
+                }
+                if n == 0 {
+                    return Ok(());
+                }
+                let args = [
+                    A::P(self.pf(logits, n * vp, "logits", label)?),
+                    A::P(self.pf(losses, n, "losses", label)?),
+                    A::P(self.ptr(targets, n, DType::I32, "targets", label)?),
+                    A::I(i32_(n)),
+                    A::I(i32_(v)),
+                    A::I(i32_(vp)),
+                    A::F(*dloss),
+                    A::I(*write_grad as i32),
+                ];
+                let threads = if v >= 4096 { 1024 } else { 256 };
+                self.launch(&self.f.crossentropy, (n as u32, 1, 1), (threads, 1, 1), 0, &args, label)
+            }
+            Zero { out } => {
+                if out.len == 0 {
+                    return Ok(());
+                }
+                let p = self.ptr(out, out.len, self.dtype_of(out)?, "out", label)?;
+                unsafe { drv::memset_d8_async(p, 0, out.len * 4, self.stream.cu_stream()) }.map_err(|e| drv_err(label, e))
+            }
+            SumSquares { out, inp, slot } => {
+                let slot = *slot;
+                let o = self.pf(out, slot + 1, "out", label)?;
+                let x = self.pf(inp, inp.len, "inp", label)?;
+                let n = inp.len;
+                let blocks = n.div_ceil(256 * 8).clamp(1, SUMSQ_MAX_BLOCKS);
+                let s = self.scratch(blocks)?;
+                self.launch(&self.f.sum_squares_partial, (blocks as u32, 1, 1), (256, 1, 1), 0, &[A::P(s), A::P(x), A::L(n as i64)], label)?;
+                self.launch(
+                    &self.f.sum_squares_finish,
+                    (1, 1, 1),
+                    (256, 1, 1),
+                    0,
+                    &[A::P(o), A::I(i32_(slot)), A::P(s), A::I(i32_(blocks))],
+                    label,
+                )
+            }
+            ClipScale { hyper, parts, max_norm } => {
+                let h = self.pf(hyper, crate::graph::Hyper::LEN, "hyper", label)?;
+                let p = self.pf(parts, parts.len, "parts", label)?;
+                self.launch(
+                    &self.f.clip_scale,
+                    (1, 1, 1),
+                    (256, 1, 1),
+                    0,
+                    &[A::P(h), A::P(p), A::I(i32_(parts.len)), A::F(*max_norm)],
+                    label,
+                )
+            }
+            AdamW { param, grad, m, v, hyper, weight_decay } => {
+                let n = param.len;
+                let args = [
+                    A::P(self.pf(param, n, "param", label)?),
+                    A::P(self.pf(grad, n, "grad", label)?),
+                    A::P(self.pf(m, n, "m", label)?),
+                    A::P(self.pf(v, n, "v", label)?),
+                    A::P(self.pf(hyper, crate::graph::Hyper::LEN, "hyper", label)?),
+                    A::L(n as i64),
+                    A::F(*weight_decay),
+                ];
+                if n == 0 {
+                    return Ok(());
+                }
+                self.launch1(&self.f.adamw_update, n, &args, label)
+            }
+        }
+    }
+
+    fn dtype_of(&self, v: &View) -> Result<DType> {
+        self.bufs.get(v.buf.0 as usize).map(|b| b.dtype).ok_or_else(|| berr(format!("buffer {} was not allocated", v.buf.0)))
+    }
+
+    fn head_size(c: usize, nh: usize, label: &str) -> Result<usize> {
+        if nh == 0 || !c.is_multiple_of(nh) {
+            return Err(berr(format!("{label}: channels {c} not divisible by heads {nh}")));
+        }
+        let hs = c / nh;
+        if hs == 0 || hs > ATTN_MAX_HS {
+            return Err(berr(format!("{label}: head size {hs} unsupported by the CUDA attention kernels (1..={ATTN_MAX_HS})")));
+        }
+        Ok(hs)
+    }
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> String {
+        let jit = match self.target {
+            Target::Cubin(_) => String::new(),
+            Target::Ptx(cc) => format!(", PTX {cc} JIT"),
+        };
+        let mm = match (&self.blas, self.tf32) {
+            (Some(_), true) => "cuBLAS TF32",
+            (Some(_), false) => "cuBLAS",
+            (None, _) => "built-in GEMM",
+        };
+        format!("cuda: {} (sm_{}{}, {mm}{jit})", self.info.name, self.info.cc_major, self.info.cc_minor)
+    }
+
+    fn alloc(&mut self, table: &BufferTable) -> Result<()> {
+        self.bind()?;
+        let total: usize = table.bufs.iter().map(|b| b.bytes().max(16).next_multiple_of(256)).sum();
+        if let Ok((free, _total)) = drv::mem_get_info() {
+            if total > free {
+                return Err(Error::OutOfMemory(format!(
+                    "cuda: the step needs {:.2} GiB of device memory, {} has {:.2} GiB free; reduce --batch or --seq-len",
+                    total as f64 / (1u64 << 30) as f64,
+                    self.info.name,
+                    free as f64 / (1u64 << 30) as f64
+                )));
+            }
+        }
+        self.bufs.clear();
+        for d in &table.bufs {
+            let mem = DevMem::new(&self.ctx, d.bytes(), &format!("allocating {}", d.name))?;
+            unsafe { drv::memset_d8_async(mem.ptr, 0, mem.bytes.max(16), self.stream.cu_stream()) }
+                .map_err(|e| drv_err(&format!("zeroing {}", d.name), e))?;
+            self.bufs.push(Buf { mem, len: d.len, dtype: d.dtype });
+        }
+        self.sync()
+    }
+
+    fn upload_f32(&mut self, id: BufId, data: &[f32]) -> Result<()> {
+        self.copy_in(id, DType::F32, data, "upload_f32")
+    }
+
+    fn upload_i32(&mut self, id: BufId, data: &[i32]) -> Result<()> {
+        self.copy_in(id, DType::I32, data, "upload_i32")
+    }
+
+    fn download_f32(&mut self, id: BufId) -> Result<Vec<f32>> {
+        let (ptr, len) = self.whole(id, DType::F32, "download_f32")?;
+        let mut v = vec![0f32; len];
+        self.copy_out(&mut v, ptr)?;
+        Ok(v)
+    }
+
+    fn run(&mut self, launches: &[Launch]) -> Result<()> {
+        self.bind()?;
+        for l in launches {
+            self.exec(l)?;
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        self.bind()?;
+        self.stream.synchronize().map_err(|e| drv_err("cuda stream", e))?;
+        self.retired.clear();
+        Ok(())
+    }
+}

@@ -1,2 +1,689 @@
-//! The wgpu backend: WGSL compute shaders (`shaders/`) through wgpu on Vulkan, Metal, DX12 or GL.
+//! The wgpu backend: every kernel as a WGSL compute shader (`shaders/<family>.wgsl`) run through
+//! wgpu on Vulkan, Metal, DX12 or GL.
+//!
+//! * One `wgpu::Buffer` per buffer of the graph's table; views are bound as aligned sub-ranges.
+//! * Compile once, replay: the first `run` of a launch list compiles it (`compile.rs`: entry points,
+//!   bindings, parameter words, workgroup grids, splitting of over-large bindings), creates the
+//!   pipelines (cached across lists), the parameter buffer, the scratch buffer and one bind group
+//!   per dispatch. Later runs of the same list only encode: one compute pass per list, recorded into
+//!   a pending command encoder that is submitted once, when the host next uploads, downloads or
+//!   syncs — so a training step (zero_grad, forward, backward, update) is one encoder and one submit,
+//!   with no waits between kernels. Only downloads wait.
+//! * The adapter's own limits are requested; `plan` says before allocating whether a graph fits.
+
+pub mod compile;
 pub mod shaders;
+
+pub use compile::{plan_memory, DeviceCaps, MatmulMode, MemoryPlan};
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::graph::{BufId, BufferTable, DType, Kernel, Launch, View};
+use compile::{buffer_bytes, compile, mib, Target, PARAM_WORDS};
+use shaders::Variant;
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+
+/// One adapter as `wgpt info` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AdapterReport {
+    /// the value to pass as `--device`
+    pub index: usize,
+    pub name: String,
+    /// Vulkan, Metal, Dx12, Gl
+    pub backend: String,
+    /// DiscreteGpu, IntegratedGpu, VirtualGpu, Cpu, Other
+    pub device_type: String,
+    pub driver: String,
+    pub max_storage_buffer_binding_size: u64,
+    pub max_buffer_size: u64,
+    pub max_compute_workgroup_storage_size: u32,
+    pub f16: bool,
+    pub subgroup: bool,
+    /// (min, max) subgroup size
+    pub subgroup_sizes: (u32, u32),
+}
+
+fn instance() -> wgpu::Instance {
+    // WGPU_BACKEND=vulkan|gl|metal|dx12 restricts the back ends, as in every wgpu program
+    wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+}
+
+fn enumerate() -> Vec<wgpu::Adapter> {
+    let inst = instance();
+    pollster::block_on(inst.enumerate_adapters(wgpu::Backends::all()))
+}
+
+fn report(index: usize, a: &wgpu::Adapter) -> AdapterReport {
+    let info = a.get_info();
+    let limits = a.limits();
+    let feats = a.features();
+    AdapterReport {
+        index,
+        name: info.name.clone(),
+        backend: format!("{:?}", info.backend),
+        device_type: format!("{:?}", info.device_type),
+        driver: format!("{} {}", info.driver, info.driver_info).trim().to_string(),
+        max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size,
+        max_buffer_size: limits.max_buffer_size,
+        max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
+        f16: feats.contains(wgpu::Features::SHADER_F16),
+        subgroup: feats.contains(wgpu::Features::SUBGROUP),
+        subgroup_sizes: (info.subgroup_min_size, info.subgroup_max_size),
+    }
+}
+
+/// Every adapter wgpu finds, in `--device` order.
+pub fn list_adapters() -> Vec<AdapterReport> {
+    enumerate().iter().enumerate().map(|(i, a)| report(i, a)).collect()
+}
+
+/// The adapter `--backend auto` should take: the best hardware GPU (discrete, integrated or
+/// virtual), never a software rasteriser such as lavapipe (far slower than the cpu backend).
+pub fn best_hardware_adapter() -> Option<usize> {
+    let list = enumerate();
+    (0..list.len())
+        .filter(|&i| {
+            !matches!(list[i].get_info().device_type, wgpu::DeviceType::Cpu | wgpu::DeviceType::Other)
+        })
+        .min_by_key(|&i| (rank(&list[i]), i))
+}
+
+/// Preference when no `--device` is given: real GPUs first, software last.
+fn rank(a: &wgpu::Adapter) -> (u32, u32) {
+    let info = a.get_info();
+    let t = match info.device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    };
+    let b = match info.backend {
+        wgpu::Backend::Vulkan | wgpu::Backend::Metal | wgpu::Backend::Dx12 => 0,
+        _ => 1,
+    };
+    (t, b)
+}
+
+/// Whether the subgroup matmul can run on this adapter: SUBGROUP offered and subgroups of at least
+/// 8 lanes (the kernel shares A rows across aligned groups of 8 lanes).
+fn subgroup_matmul_ok(features: wgpu::Features, info: &wgpu::AdapterInfo) -> bool {
+    features.contains(wgpu::Features::SUBGROUP) && info.subgroup_min_size >= 8 && info.subgroup_max_size <= 128
+}
+
+/// A compiled, replayable launch list.
+struct Plan {
+    label: String,
+    dispatches: Vec<Ready>,
+    _params: wgpu::Buffer,
+    _scratch: wgpu::Buffer,
+}
+
+struct Ready {
+    pipeline: wgpu::ComputePipeline,
+    bind_group: wgpu::BindGroup,
+    groups: [u32; 3],
+}
+
+/// Downloads up to this size keep their staging buffer.
+const CACHED_STAGING_BYTES: u64 = 1 << 20;
+
+pub struct WgpuBackend {
+    info: wgpu::AdapterInfo,
+    features: wgpu::Features,
+    limits: wgpu::Limits,
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    caps: DeviceCaps,
+    table: BufferTable,
+    buffers: Vec<wgpu::Buffer>,
+    staging: HashMap<u32, wgpu::Buffer>,
+    dummy: wgpu::Buffer,
+    modules: HashMap<Variant, wgpu::ShaderModule>,
+    pipelines: HashMap<(Variant, &'static str), wgpu::ComputePipeline>,
+    plans: HashMap<u64, Plan>,
+    pending: Option<wgpu::CommandEncoder>,
+    errors: Arc<Mutex<Vec<String>>>,
+}
+
+impl WgpuBackend {
+    /// Opens adapter `adapter_index` (as numbered by [`list_adapters`]), or with `None` the best one:
+    /// a discrete GPU, else an integrated one, else whatever exists (e.g. lavapipe). The device gets
+    /// the adapter's own limits.
+    pub fn new(adapter_index: Option<usize>) -> Result<WgpuBackend> {
+        let mut list = enumerate();
+        if list.is_empty() {
+            return Err(Error::Unavailable(
+                "wgpu: no adapter found (no Vulkan, Metal, DX12 or GL driver): install one (e.g. Debian's \
+                 mesa-vulkan-drivers) or use --backend cpu"
+                    .into(),
+            ));
+        }
+        let idx = match adapter_index {
+            Some(i) if i < list.len() => i,
+            Some(i) => {
+                return Err(Error::flag(
+                    "--device",
+                    format!("adapter {i} does not exist: there are {} (0..{}), see `wgpt info`", list.len(), list.len() - 1),
+                ))
+            }
+            None => (0..list.len()).min_by_key(|&i| (rank(&list[i]), i)).unwrap(),
+        };
+        let adapter = list.swap_remove(idx);
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        let features = adapter.features() & (wgpu::Features::SUBGROUP);
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("wgpt"),
+            required_features: features,
+            required_limits: limits.clone(),
+            experimental_features: Default::default(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: Default::default(),
+        }))
+        .map_err(|e| Error::Unavailable(format!("wgpu: cannot open {} ({:?}): {e}", info.name, info.backend)))?;
+        let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+        let sink = errors.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            sink.lock().unwrap().push(e.to_string());
+        }));
+        // software adapters: the subgroup kernel (fastest on lavapipe); GPUs: 128×128 tiles
+        let large_ok = limits.max_compute_invocations_per_workgroup >= 256 && limits.max_compute_workgroup_size_x >= 256;
+        let mode = match std::env::var("WGPT_WGPU_MATMUL").ok().as_deref() {
+            Some("tiled") => MatmulMode::Tiled,
+            Some("tiled-large") if large_ok => MatmulMode::TiledLarge,
+            Some("subgroup") if subgroup_matmul_ok(features, &info) => MatmulMode::Subgroup,
+            _ => {
+                if info.device_type == wgpu::DeviceType::Cpu {
+                    if subgroup_matmul_ok(features, &info) {
+                        MatmulMode::Subgroup
+                    } else {
+                        MatmulMode::Tiled
+                    }
+                } else if large_ok {
+                    MatmulMode::TiledLarge
+                } else {
+                    MatmulMode::Tiled
+                }
+            }
+        };
+        let caps = DeviceCaps::from_limits(&limits, mode);
+        let dummy = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("dummy"),
+            size: 256,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        Ok(WgpuBackend {
+            info,
+            features,
+            limits,
+            device,
+            queue,
+            caps,
+            table: BufferTable::default(),
+            buffers: Vec::new(),
+            staging: HashMap::new(),
+            dummy,
+            modules: HashMap::new(),
+            pipelines: HashMap::new(),
+            plans: HashMap::new(),
+            pending: None,
+            errors,
+        })
+    }
+
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.info
+    }
+
+    /// The device's limits (the adapter's own).
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.limits
+    }
+
+    pub fn caps(&self) -> &DeviceCaps {
+        &self.caps
+    }
+
+    pub fn matmul_mode(&self) -> MatmulMode {
+        self.caps.matmul
+    }
+
+    /// Whether [`MatmulMode::Subgroup`] is possible here.
+    pub fn subgroup_matmul_available(&self) -> bool {
+        subgroup_matmul_ok(self.features, &self.info)
+    }
+
+    /// The matmul modes this adapter can run (for tests and benchmarks).
+    pub fn matmul_modes(&self) -> Vec<MatmulMode> {
+        let mut m = vec![MatmulMode::Tiled];
+        if self.limits.max_compute_invocations_per_workgroup >= 256 && self.limits.max_compute_workgroup_size_x >= 256 {
+            m.push(MatmulMode::TiledLarge);
+        }
+        if self.subgroup_matmul_available() {
+            m.push(MatmulMode::Subgroup);
+        }
+        m
+    }
+
+    /// Chooses the matmul kernels (compiled plans are dropped and rebuilt on their next run).
+    pub fn set_matmul_mode(&mut self, mode: MatmulMode) -> Result<()> {
+        if !self.matmul_modes().contains(&mode) {
+            return Err(Error::Unavailable(format!("wgpu: {} cannot run the {mode:?} matmul", self.info.name)));
+        }
+        self.flush();
+        self.caps.matmul = mode;
+        self.plans.clear();
+        Ok(())
+    }
+
+    /// Pretends the adapter binds at most `bytes` per storage binding, so that tests exercise the
+    /// splitting of large bindings on any adapter. Compiled plans are rebuilt.
+    #[doc(hidden)]
+    pub fn limit_bindings_for_tests(&mut self, bytes: u64) {
+        self.flush();
+        self.caps.max_binding = bytes.min(self.caps.max_binding);
+        self.plans.clear();
+    }
+
+    /// Memory the graph (its buffer table and these launch phases) needs on this device; an
+    /// `Error::OutOfMemory` naming what to change if a buffer or a binding cannot fit.
+    pub fn plan(&self, table: &BufferTable, phases: &[&[Launch]]) -> Result<MemoryPlan> {
+        plan_memory(table, phases, &self.caps)
+    }
+
+    fn take_errors(&self) -> Result<()> {
+        let mut e = self.errors.lock().unwrap();
+        if e.is_empty() {
+            return Ok(());
+        }
+        let msg = e.join("; ");
+        e.clear();
+        Err(Error::backend("wgpu", msg))
+    }
+
+    /// Submits the pending encoder, if any.
+    fn flush(&mut self) {
+        if let Some(enc) = self.pending.take() {
+            self.queue.submit([enc.finish()]);
+        }
+    }
+
+    fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::backend("wgpu", format!("waiting for the device: {e}")))?;
+        Ok(())
+    }
+
+    fn buffer(&self, id: BufId) -> Result<&wgpu::Buffer> {
+        self.buffers.get(id.0 as usize).ok_or_else(|| {
+            Error::backend("wgpu", format!("buffer id {} is not allocated (alloc has {} buffers)", id.0, self.buffers.len()))
+        })
+    }
+
+    fn pipeline(&mut self, variant: &Variant, entry: &'static str) -> Result<wgpu::ComputePipeline> {
+        let key = (variant.clone(), entry);
+        if let Some(p) = self.pipelines.get(&key) {
+            return Ok(p.clone());
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        if !self.modules.contains_key(variant) {
+            let src = shaders::preprocess(variant)?;
+            let m = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(&variant.describe()),
+                source: wgpu::ShaderSource::Wgsl(src.into()),
+            });
+            self.modules.insert(variant.clone(), m);
+        }
+        let module = &self.modules[variant];
+        let p = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(entry),
+            layout: None,
+            module,
+            entry_point: Some(entry),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            self.modules.remove(variant);
+            return Err(Error::backend("wgpu", format!("shaders/{}.wgsl ({}), {entry}: {e}", variant.family, variant.describe())));
+        }
+        self.pipelines.insert(key, p.clone());
+        Ok(p)
+    }
+
+    fn build_plan(&mut self, launches: &[Launch]) -> Result<Plan> {
+        let compiled = compile(&self.table, launches, &self.caps)?;
+        let stride = self.caps.uniform_align;
+        let n = compiled.dispatches.len().max(1) as u64;
+        let params = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("params"),
+            size: n * stride,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut words = vec![0u32; (n * stride / 4) as usize];
+        for (i, d) in compiled.dispatches.iter().enumerate() {
+            let at = i * (stride / 4) as usize;
+            words[at..at + PARAM_WORDS].copy_from_slice(&d.params);
+        }
+        self.queue.write_buffer(&params, 0, bytemuck::cast_slice(&words));
+        let scratch = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("scratch"),
+            size: compiled.scratch_bytes.div_ceil(16) * 16,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        let mut ready = Vec::with_capacity(compiled.dispatches.len());
+        for (i, d) in compiled.dispatches.iter().enumerate() {
+            let pipeline = self.pipeline(&d.variant, d.entry)?;
+            let layout = pipeline.get_bind_group_layout(0);
+            let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+            let mut entries = vec![wgpu::BindGroupEntry {
+                binding: 0,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: &params,
+                    offset: i as u64 * stride,
+                    size: wgpu::BufferSize::new((PARAM_WORDS * 4) as u64),
+                }),
+            }];
+            for b in &d.binds {
+                let buffer = match b.target {
+                    Target::Table(id) => self.buffer(id)?,
+                    Target::Scratch => &scratch,
+                    Target::Dummy => &self.dummy,
+                };
+                entries.push(wgpu::BindGroupEntry {
+                    binding: b.slot,
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer,
+                        offset: b.offset,
+                        size: wgpu::BufferSize::new(b.size),
+                    }),
+                });
+            }
+            let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(&d.label),
+                layout: &layout,
+                entries: &entries,
+            });
+            if let Some(e) = pollster::block_on(scope.pop()) {
+                return Err(Error::backend("wgpu", format!("launch '{}' ({}): {e}", d.label, d.entry)));
+            }
+            ready.push(Ready { pipeline, bind_group, groups: d.groups });
+        }
+        let label = launches.first().map(|l| l.label.clone()).unwrap_or_default();
+        Ok(Plan { label, dispatches: ready, _params: params, _scratch: scratch })
+    }
+
+    fn check_upload(&self, id: BufId, len: usize, dtype: DType) -> Result<()> {
+        if id.0 as usize >= self.table.len() {
+            return Err(Error::backend("wgpu", format!("upload to buffer id {}: not in the table", id.0)));
+        }
+        let d = self.table.get(id);
+        if d.len != len || d.dtype != dtype {
+            return Err(Error::backend(
+                "wgpu",
+                format!("upload to '{}': {len} {dtype:?} values for a buffer of {} {:?}", d.name, d.len, d.dtype),
+            ));
+        }
+        Ok(())
+    }
+
+    fn upload_bytes(&mut self, id: BufId, bytes: &[u8]) -> Result<()> {
+        // earlier recorded work may read this buffer: submit it before the write is queued
+        self.flush();
+        if !bytes.is_empty() {
+            let buf = self.buffer(id)?.clone();
+            self.queue.write_buffer(&buf, 0, bytes);
+        }
+        self.take_errors()
+    }
+
+    /// Reads a whole buffer back as raw 32-bit words.
+    fn download_words(&mut self, id: BufId) -> Result<Vec<u32>> {
+        let len = self.table.get(id).len;
+        self.download_range(id, 0, len, true)
+    }
+
+    /// Reads elements [offset, offset+len) of a buffer as raw 32-bit words.
+    fn download_range(&mut self, id: BufId, offset: usize, len: usize, cache: bool) -> Result<Vec<u32>> {
+        let src = self.buffer(id)?.clone();
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let size = len as u64 * 4;
+        let cached = if cache { self.staging.get(&id.0).cloned() } else { None };
+        let staging = match cached {
+            Some(s) => s,
+            None => {
+                let s = self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("staging"),
+                    size,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                });
+                if cache && size <= CACHED_STAGING_BYTES {
+                    self.staging.insert(id.0, s.clone());
+                }
+                s
+            }
+        };
+        let mut enc = self
+            .pending
+            .take()
+            .unwrap_or_else(|| self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("download") }));
+        enc.copy_buffer_to_buffer(&src, offset as u64 * 4, &staging, 0, size);
+        self.queue.submit([enc.finish()]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        self.take_errors()?;
+        rx.recv()
+            .map_err(|_| Error::backend("wgpu", "buffer mapping was dropped"))?
+            .map_err(|e| Error::backend("wgpu", format!("mapping a buffer for reading: {e}")))?;
+        let out = {
+            let view = staging
+                .get_mapped_range(..)
+                .map_err(|e| Error::backend("wgpu", format!("reading a mapped buffer: {e}")))?;
+            let words: &[u32] = bytemuck::cast_slice(&view[..size as usize]);
+            words.to_vec()
+        };
+        staging.unmap();
+        Ok(out)
+    }
+
+    /// Reads a whole i32 buffer back (token ids, for tests).
+    pub fn download_i32(&mut self, id: BufId) -> Result<Vec<i32>> {
+        Ok(self.download_words(id)?.into_iter().map(|w| w as i32).collect())
+    }
+}
+
+/// A stable key for a launch list (the caller passes the same phase slices every step).
+fn launches_key(launches: &[Launch]) -> u64 {
+    let mut h = DefaultHasher::new();
+    launches.len().hash(&mut h);
+    format!("{launches:?}").hash(&mut h);
+    h.finish()
+}
+
+impl Backend for WgpuBackend {
+    fn name(&self) -> String {
+        format!("wgpu: {} ({:?})", self.info.name, self.info.backend)
+    }
+
+    fn alloc(&mut self, table: &BufferTable) -> Result<()> {
+        // sizes first: say what does not fit before allocating anything
+        plan_memory(table, &[], &self.caps)?;
+        self.flush();
+        self.plans.clear();
+        self.staging.clear();
+        self.buffers.clear();
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let mut total = 0u64;
+        for (_, d) in table.iter() {
+            let size = buffer_bytes(d.len);
+            total += size;
+            self.buffers.push(self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(&d.name),
+                size,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }));
+        }
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            self.buffers.clear();
+            return Err(Error::OutOfMemory(format!(
+                "wgpu: {} cannot hold the step's {} of buffers ({e}): lower --batch or --seq-len",
+                self.info.name,
+                mib(total)
+            )));
+        }
+        self.table = table.clone();
+        self.take_errors()
+    }
+
+    fn upload_f32(&mut self, id: BufId, data: &[f32]) -> Result<()> {
+        self.check_upload(id, data.len(), DType::F32)?;
+        self.upload_bytes(id, bytemuck::cast_slice(data))
+    }
+
+    fn upload_i32(&mut self, id: BufId, data: &[i32]) -> Result<()> {
+        self.check_upload(id, data.len(), DType::I32)?;
+        self.upload_bytes(id, bytemuck::cast_slice(data))
+    }
+
+    fn download_f32(&mut self, id: BufId) -> Result<Vec<f32>> {
+        if id.0 as usize >= self.table.len() {
+            return Err(Error::backend("wgpu", format!("download of buffer id {}: not in the table", id.0)));
+        }
+        Ok(self.download_words(id)?.into_iter().map(f32::from_bits).collect())
+    }
+
+    fn download_view(&mut self, view: View) -> Result<Vec<f32>> {
+        let id = view.buf;
+        if id.0 as usize >= self.table.len() || view.offset + view.len > self.table.get(id).len {
+            return Err(Error::backend("wgpu", format!("download of a view outside buffer id {}", id.0)));
+        }
+        Ok(self.download_range(id, view.offset, view.len, false)?.into_iter().map(f32::from_bits).collect())
+    }
+
+    fn run(&mut self, launches: &[Launch]) -> Result<()> {
+        if launches.is_empty() {
+            return Ok(());
+        }
+        let key = launches_key(launches);
+        if !self.plans.contains_key(&key) {
+            let plan = self.build_plan(launches)?;
+            self.plans.insert(key, plan);
+        }
+        let plan = &self.plans[&key];
+        let device = &self.device;
+        let enc = self
+            .pending
+            .get_or_insert_with(|| device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") }));
+        {
+            let mut pass =
+                enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(&plan.label), timestamp_writes: None });
+            for d in &plan.dispatches {
+                pass.set_pipeline(&d.pipeline);
+                pass.set_bind_group(0, &d.bind_group, &[]);
+                pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
+            }
+        }
+        self.take_errors()
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        self.flush();
+        self.wait()?;
+        self.take_errors()
+    }
+}
+
+impl Drop for WgpuBackend {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+/// Simple deterministic fill for benchmarks: uniform in [-1, 1).
+fn bench_fill(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// GFLOP/s of the forward matmul out (m,n) = inp (m,k) · W (n,k)ᵀ on an adapter, with the
+/// adapter's default matmul kernels; `iters` timed runs after one warm-up, one submit in all.
+pub fn bench_matmul(adapter: Option<usize>, m: usize, k: usize, n: usize, iters: usize) -> Result<f64> {
+    let mut be = WgpuBackend::new(adapter)?;
+    bench_matmul_on(&mut be, m, k, n, iters)
+}
+
+/// As [`bench_matmul`], on an open backend (whose matmul mode the caller may have set).
+pub fn bench_matmul_on(be: &mut WgpuBackend, m: usize, k: usize, n: usize, iters: usize) -> Result<f64> {
+    bench_matmul_kind(be, m, k, n, iters, false)
+}
+
+/// GFLOP/s of the matmul backward (dinp = dout·W and dW += doutᵀ·inp: 4·m·k·n flops) for the
+/// forward shape (m,k)·(n,k)ᵀ.
+pub fn bench_matmul_backward_on(be: &mut WgpuBackend, m: usize, k: usize, n: usize, iters: usize) -> Result<f64> {
+    bench_matmul_kind(be, m, k, n, iters, true)
+}
+
+fn bench_matmul_kind(be: &mut WgpuBackend, m: usize, k: usize, n: usize, iters: usize, backward: bool) -> Result<f64> {
+    use crate::graph::Role;
+    if m == 0 || k == 0 || n == 0 || iters == 0 {
+        return Err(Error::flag("--iters", "matmul sizes and the iteration count must be positive"));
+    }
+    let mut t = BufferTable::default();
+    let inp = t.add("inp", m * k, DType::F32, Role::Activation);
+    let w = t.add("weight", n * k, DType::F32, Role::Param(0));
+    let out = t.add("out", m * n, DType::F32, Role::Activation);
+    let dinp = t.add("dinp", if backward { m * k } else { 0 }, DType::F32, Role::ActGrad);
+    let dw = t.add("dweight", if backward { n * k } else { 0 }, DType::F32, Role::Grad(0));
+    be.plan(&t, &[])?;
+    be.alloc(&t)?;
+    be.upload_f32(inp, &bench_fill(m * k, 1))?;
+    be.upload_f32(w, &bench_fill(n * k, 2))?;
+    be.upload_f32(out, &bench_fill(m * n, 3))?;
+    let view = |b: BufId, len: usize| View { buf: b, offset: 0, len };
+    let kernel = if backward {
+        Kernel::MatmulBackward {
+            dinp: view(dinp, m * k),
+            dweight: view(dw, n * k),
+            dbias: None,
+            dout: view(out, m * n),
+            inp: view(inp, m * k),
+            weight: view(w, n * k),
+            n: m,
+            c: k,
+            oc: n,
+        }
+    } else {
+        Kernel::MatmulForward { out: view(out, m * n), inp: view(inp, m * k), weight: view(w, n * k), bias: None, n: m, c: k, oc: n }
+    };
+    let launch = vec![Launch { label: "bench.matmul".into(), kernel }];
+    be.run(&launch)?;
+    be.sync()?;
+    let t0 = std::time::Instant::now();
+    for _ in 0..iters {
+        be.run(&launch)?;
+    }
+    be.sync()?;
+    let secs = t0.elapsed().as_secs_f64();
+    let flops = if backward { 4.0 } else { 2.0 } * m as f64 * k as f64 * n as f64;
+    Ok(flops * iters as f64 / secs / 1e9)
+}

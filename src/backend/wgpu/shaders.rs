@@ -120,6 +120,11 @@ pub fn attention_variant(hs: u32, workgroup_bytes: u32, rw: bool) -> Variant {
     Variant { family: "attention", subgroup: false, rw, consts: vec![("HS", hs), ("BK", bk), ("BQT", bqt)] }
 }
 
+/// The matmul module specialised for 128×128 tiles (256 invocations, k-slices of 8).
+pub fn matmul_large_variant(rw: bool) -> Variant {
+    Variant { family: "matmul", subgroup: false, rw, consts: vec![("BM", 128), ("BN", 128), ("BK", 8), ("WG", 256)] }
+}
+
 /// Every variant the backend may compile for the usual shapes (head sizes of the GPT-2 family and
 /// the tests, WebGPU's default and a larger workgroup memory), for the portability test.
 pub fn all_variants() -> Vec<Variant> {
@@ -138,6 +143,9 @@ pub fn all_variants() -> Vec<Variant> {
                         continue;
                     }
                     v.push(Variant { family: fam, subgroup: sg, rw, consts: Vec::new() });
+                }
+                if fam == "matmul" {
+                    v.push(matmul_large_variant(rw));
                 }
             }
         }

@@ -1,0 +1,455 @@
+//! The CUDA backend.
+//! (a) every cuda/*.cu compiles with NVRTC for sm_70, sm_80 and sm_90 — skipped, visibly, where
+//!     NVRTC is absent, unless WGPT_REQUIRE_NVRTC=1 (CI), which makes that a failure;
+//! (b) without a driver, `CudaBackend::new` is a one-line `Unavailable` error and `probe` does not panic;
+//! (c) every kernel against the cpu backend on awkward sizes — skipped, visibly, without a CUDA
+//!     device. The cpu half of each case always runs, so the cases themselves are checked here.
+
+use wgpt::backend::cpu::CpuBackend;
+use wgpt::backend::cuda::{self, compile, CudaBackend, CudaOptions};
+use wgpt::backend::Backend;
+use wgpt::error::Error;
+use wgpt::graph::{BufId, BufferTable, DType, Hyper, Kernel, Launch, Role, View};
+
+// ---------------------------------------------------------------- (a) NVRTC
+
+/// NVRTC's description, or None after printing why the test is skipped (panics under WGPT_REQUIRE_NVRTC=1).
+fn nvrtc_or_skip() -> Option<String> {
+    match compile::nvrtc_description() {
+        Ok(d) => Some(d),
+        Err(e) => {
+            if std::env::var("WGPT_REQUIRE_NVRTC").map(|v| v == "1").unwrap_or(false) {
+                panic!("WGPT_REQUIRE_NVRTC=1 but NVRTC is unusable: {e}");
+            }
+            println!("skipped: NVRTC not found ({e})");
+            None
+        }
+    }
+}
+
+#[test]
+fn every_kernel_compiles_for_sm70_sm80_sm90() {
+    let Some(desc) = nvrtc_or_skip() else { return };
+    let archs: Vec<String> = ["sm_70", "sm_80", "sm_90"].iter().map(|s| s.to_string()).collect();
+    let t0 = std::time::Instant::now();
+    let reports = cuda::compile_all(&archs).unwrap_or_else(|e| panic!("{e}"));
+    println!("NVRTC {desc}: {} compilations in {:.1} s", reports.len(), t0.elapsed().as_secs_f64());
+    assert_eq!(reports.len(), 3 * cuda::SOURCES.len());
+    for r in &reports {
+        assert_eq!(r.spill_bytes, 0, "{} {} spills", r.file, r.arch);
+        assert!(!r.functions.is_empty(), "{} {}: no functions parsed from\n{}", r.file, r.arch, r.log);
+        assert!(r.registers > 0 && r.registers <= 255, "{} {}: {} registers", r.file, r.arch, r.registers);
+        let fns: Vec<String> = r.functions.iter().map(|f| format!("{}:{}r/{}B", f.name, f.registers, f.shared_bytes)).collect();
+        println!("{} {}: max {} registers, {} B smem | {}", r.file, r.arch, r.registers, r.shared_bytes, fns.join(" "));
+    }
+    // each kernel the backend loads is in its file's report
+    let all: Vec<&str> = reports.iter().filter(|r| r.arch == "sm_80").flat_map(|r| r.functions.iter().map(|f| f.name.as_str())).collect();
+    for k in ["encoder_forward", "layernorm_backward_dinp", "attention_backward_dkv", "crossentropy_forward_backward", "adamw_update", "sgemm_fallback", "clip_scale"] {
+        assert!(all.contains(&k), "{k} missing from the compile reports");
+    }
+}
+
+#[test]
+fn a_broken_kernel_is_an_error_with_the_log() {
+    let Some(_) = nvrtc_or_skip() else { return };
+    let bad = "extern \"C\" __global__ void k(float* x) { x[0] = undefined_name; }";
+    let e = compile::compile_source("cuda/bad.cu", bad, compile::Target::Cubin(80)).unwrap_err();
+    assert!(e.contains("undefined_name"), "log does not name the error: {e}");
+    let e = cuda::compile_all(&["sm_8x".to_string()]).unwrap_err();
+    assert!(matches!(e, Error::Flag { .. }), "{e}");
+}
+
+#[test]
+fn embedded_sources_match_the_cuda_directory() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("cuda");
+    let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".cu"))
+        .map(|n| n.trim_end_matches(".cu").to_string())
+        .collect();
+    on_disk.sort();
+    let mut embedded: Vec<String> = cuda::SOURCES.iter().map(|(f, _)| f.to_string()).collect();
+    embedded.sort();
+    assert_eq!(on_disk, embedded);
+    for (f, src) in cuda::SOURCES {
+        assert_eq!(*src, std::fs::read_to_string(dir.join(format!("{f}.cu"))).unwrap(), "{f}.cu");
+        // NVIDIA's headers must never be needed (or committed): the kernels include nothing
+        assert!(!src.contains("#include"), "{f}.cu includes a header");
+    }
+    // every family the graph uses has a file (matmul holds the bias / fallback GEMM kernels)
+    for fam in ["encoder", "layernorm", "matmul", "attention", "gelu", "residual", "classifier", "adamw", "reduce"] {
+        assert!(embedded.iter().any(|e| e == fam), "no cuda/{fam}.cu");
+    }
+}
+
+#[test]
+fn ptxas_log_is_parsed() {
+    let log = "\
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'fwd' for 'sm_70'
+ptxas info    : Function properties for fwd
+ptxas         .     24 bytes stack frame, 20 bytes spill stores, 96 bytes spill loads
+ptxas info    : Used 64 registers, used 1 barriers, 24 bytes cumulative stack size, 2112 bytes smem, 392 bytes cmem[0]
+ptxas info    : Compiling entry function 'bwd' for 'sm_70'
+ptxas info    : Function properties for bwd
+ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 8 registers, used 0 barriers, 360 bytes cmem[0]
+";
+    let f = compile::parse_ptxas_log(log);
+    assert_eq!(f.len(), 2);
+    assert_eq!((f[0].name.as_str(), f[0].registers, f[0].shared_bytes, f[0].spill_bytes, f[0].stack_bytes), ("fwd", 64, 2112, 116, 24));
+    assert_eq!((f[1].name.as_str(), f[1].registers, f[1].shared_bytes, f[1].spill_bytes), ("bwd", 8, 0, 0));
+    assert_eq!(compile::parse_arch("sm_90"), Some(90));
+    assert_eq!(compile::parse_arch("70"), Some(70));
+    assert_eq!(compile::parse_arch("sm_x"), None);
+}
+
+// ---------------------------------------------------------------- (b) no driver
+
+#[test]
+fn without_a_driver_new_is_a_one_line_error_and_probe_does_not_panic() {
+    let p = cuda::probe();
+    let shown = p.to_string();
+    println!("{shown}");
+    assert!(shown.contains("nvrtc:"));
+    if p.driver.is_ok() && !p.devices.is_empty() {
+        // a GPU is here: at least a missing device must be a one-line flag error
+        let e = CudaBackend::new(p.devices.len() + 7).err().expect("device index past the end must fail");
+        assert!(matches!(e, Error::Flag { .. }), "{e}");
+        println!("skipped the no-driver half: a CUDA driver and {} device(s) are present", p.devices.len());
+        return;
+    }
+    assert!(p.devices.is_empty());
+    let e = CudaBackend::new(0).err().expect("CudaBackend::new(0) without a device must fail");
+    let msg = e.to_string();
+    println!("CudaBackend::new(0): {msg}");
+    assert!(matches!(e, Error::Unavailable(_)), "{e:?}");
+    assert!(!msg.contains('\n'), "not one line: {msg:?}");
+    assert!(msg.contains("use --backend wgpu or cpu"), "{msg}");
+    if let Err(d) = &p.driver {
+        if d.starts_with("no CUDA driver") {
+            assert!(msg.starts_with("no CUDA driver found (libcuda"), "{msg}");
+        }
+    }
+    // twice: the cached discovery result gives the same answer, still without panicking
+    assert_eq!(CudaBackend::new(0).err().unwrap().to_string(), msg);
+}
+
+// ---------------------------------------------------------------- (c) kernels vs cpu
+
+/// A CUDA backend on device 0, or None (printing "skipped: no CUDA device") where there is none.
+/// Where the driver reports a device, failing to open it is a test failure, not a skip.
+fn gpu(opts: CudaOptions) -> Option<CudaBackend> {
+    let p = cuda::probe();
+    if p.driver.is_err() || p.devices.is_empty() {
+        println!("skipped: no CUDA device ({})", p.driver.err().unwrap_or_else(|| "driver present, no GPU".into()));
+        return None;
+    }
+    Some(CudaBackend::with_options(0, opts).unwrap_or_else(|e| panic!("a CUDA device is present but: {e}")))
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    /// uniform in [-scale, scale)
+    fn f(&mut self, scale: f32) -> f32 {
+        ((self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.f(scale)).collect()
+    }
+    fn ints(&mut self, n: usize, hi: usize) -> Vec<i32> {
+        (0..n).map(|_| (self.next() % hi as u64) as i32).collect()
+    }
+}
+
+/// Buffers, their initial contents and launches; run on both backends and compared.
+#[derive(Default)]
+struct Case {
+    table: BufferTable,
+    f32s: Vec<(BufId, Vec<f32>)>,
+    i32s: Vec<(BufId, Vec<i32>)>,
+    launches: Vec<Launch>,
+}
+
+impl Case {
+    fn f(&mut self, name: &str, data: Vec<f32>) -> BufId {
+        let id = self.table.add(name, data.len(), DType::F32, Role::Activation);
+        self.f32s.push((id, data));
+        id
+    }
+    fn i(&mut self, name: &str, data: Vec<i32>) -> BufId {
+        let id = self.table.add(name, data.len(), DType::I32, Role::Tokens);
+        self.i32s.push((id, data));
+        id
+    }
+    fn v(&self, id: BufId) -> View {
+        self.table.view(id)
+    }
+    fn k(&mut self, label: &str, kernel: Kernel) {
+        self.launches.push(Launch { label: label.to_string(), kernel });
+    }
+
+    fn run(&self, b: &mut dyn Backend, outs: &[BufId]) -> Vec<Vec<f32>> {
+        b.alloc(&self.table).unwrap();
+        for (id, d) in &self.f32s {
+            b.upload_f32(*id, d).unwrap();
+        }
+        for (id, d) in &self.i32s {
+            b.upload_i32(*id, d).unwrap();
+        }
+        b.run(&self.launches).unwrap_or_else(|e| panic!("{}: {e}", b.name()));
+        b.sync().unwrap();
+        outs.iter().map(|&id| b.download_f32(id).unwrap()).collect()
+    }
+}
+
+/// Compare element by element: |got − want| ≤ atol + rtol·|want|; report the worst element.
+fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    let mut worst = (0usize, 0f32);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(g.is_finite() == w.is_finite(), "{what}[{i}]: got {g}, want {w}");
+        if !w.is_finite() {
+            continue;
+        }
+        let excess = (g - w).abs() - (atol + rtol * w.abs());
+        if excess > worst.1 || (i == 0 && excess > 0.0) {
+            worst = (i, excess);
+        }
+    }
+    let i = worst.0;
+    assert!(worst.1 <= 0.0, "{what}[{i}]: got {}, want {} (|diff| {:e})", got[i], want[i], (got[i] - want[i]).abs());
+}
+
+/// Run `case` on the cpu backend (always) and, where a CUDA device exists, on it too; compare `outs`.
+fn check(name: &str, case: &Case, outs: &[(BufId, &str)], atol: f32, rtol: f32, opts: CudaOptions) {
+    let ids: Vec<BufId> = outs.iter().map(|o| o.0).collect();
+    let mut cpu = CpuBackend::new(Some(2)).unwrap();
+    let want = case.run(&mut cpu, &ids);
+    for (w, (_, n)) in want.iter().zip(outs) {
+        assert!(w.iter().all(|x| x.is_finite()), "{name}: cpu {n} is not finite");
+    }
+    let Some(mut g) = gpu(opts) else { return };
+    let t0 = std::time::Instant::now();
+    let got = case.run(&mut g, &ids);
+    for ((gv, wv), (_, n)) in got.iter().zip(&want).zip(outs) {
+        assert_close(&format!("{name}: {n}"), gv, wv, atol, rtol);
+    }
+    println!("{name}: {} matches cpu ({:.1} ms)", g.name(), t0.elapsed().as_secs_f64() * 1e3);
+}
+
+fn dflt() -> CudaOptions {
+    CudaOptions::default()
+}
+
+#[test]
+fn encoder_matches_cpu() {
+    let mut r = Rng(11);
+    let (b, t, c, vocab, tmax) = (3, 7, 13, 11, 9);
+    let mut k = Case::default();
+    let tokens = k.i("tokens", r.ints(b * t, vocab));
+    let wte = k.f("wte", r.vec(vocab * c, 1.0));
+    let wpe = k.f("wpe", r.vec(tmax * c, 1.0));
+    let out = k.f("out", vec![0.0; b * t * c]);
+    let dout = k.f("dout", r.vec(b * t * c, 1.0));
+    let dwte = k.f("dwte", r.vec(vocab * c, 0.5)); // accumulated into
+    let dwpe = k.f("dwpe", r.vec(tmax * c, 0.5));
+    let (vo, vt, vw, vp, vd, vdw, vdp) = (k.v(out), k.v(tokens), k.v(wte), k.v(wpe), k.v(dout), k.v(dwte), k.v(dwpe));
+    k.k("enc.fwd", Kernel::EncoderForward { out: vo, tokens: vt, wte: vw, wpe: vp, b, t, c });
+    k.k("enc.bwd", Kernel::EncoderBackward { dwte: vdw, dwpe: vdp, dout: vd, tokens: vt, b, t, c });
+    check("encoder", &k, &[(out, "out"), (dwte, "dwte"), (dwpe, "dwpe")], 1e-5, 1e-5, dflt());
+}
+
+fn layernorm_case(n: usize, c: usize, accumulate: bool, seed: u64) -> (Case, Vec<(BufId, &'static str)>) {
+    let mut r = Rng(seed);
+    let mut k = Case::default();
+    let inp = k.f("inp", r.vec(n * c, 2.0).iter().map(|x| x + 0.5).collect());
+    let w = k.f("w", r.vec(c, 1.0));
+    let bias = k.f("b", r.vec(c, 1.0));
+    let out = k.f("out", vec![0.0; n * c]);
+    let mean = k.f("mean", vec![0.0; n]);
+    let rstd = k.f("rstd", vec![0.0; n]);
+    let dout = k.f("dout", r.vec(n * c, 1.0));
+    let dinp = k.f("dinp", r.vec(n * c, 1.0));
+    let dw = k.f("dw", r.vec(c, 1.0));
+    let db = k.f("db", r.vec(c, 1.0));
+    let v = |id| k.table.view(id);
+    let fwd = Kernel::LayerNormForward { out: v(out), mean: v(mean), rstd: v(rstd), inp: v(inp), weight: v(w), bias: v(bias), n, c };
+    let bwd = Kernel::LayerNormBackward {
+        dinp: v(dinp), dweight: v(dw), dbias: v(db), dout: v(dout), inp: v(inp), weight: v(w), mean: v(mean), rstd: v(rstd),
+        n, c, accumulate,
+    };
+    k.k("ln.fwd", fwd);
+    k.k("ln.bwd", bwd);
+    (k, vec![(out, "out"), (mean, "mean"), (rstd, "rstd"), (dinp, "dinp"), (dw, "dweight"), (db, "dbias")])
+}
+
+#[test]
+fn layernorm_matches_cpu() {
+    for (n, c, acc) in [(37, 45, false), (5, 3, true), (600, 77, true), (9, 800, false)] {
+        let (k, outs) = layernorm_case(n, c, acc, 3 + n as u64);
+        check(&format!("layernorm n={n} c={c} acc={acc}"), &k, &outs, 2e-4, 2e-4, dflt());
+    }
+}
+
+fn matmul_case(n: usize, c: usize, oc: usize, bias: bool, seed: u64) -> (Case, Vec<(BufId, &'static str)>) {
+    let mut r = Rng(seed);
+    let mut k = Case::default();
+    // inputs live at an offset inside a larger buffer, to check view offsets
+    let inp_buf = k.f("inp", r.vec(n * c + 5, 1.0));
+    let w = k.f("w", r.vec(oc * c, 1.0));
+    let b = k.f("b", r.vec(oc, 1.0));
+    let out = k.f("out", r.vec(n * oc, 1.0)); // overwritten
+    let dout = k.f("dout", r.vec(n * oc, 1.0));
+    let dinp = k.f("dinp", r.vec(n * c, 1.0)); // overwritten
+    let dw = k.f("dw", r.vec(oc * c, 1.0)); // accumulated
+    let db = k.f("db", r.vec(oc, 1.0)); // accumulated
+    let inp = k.table.view(inp_buf).slice(5, n * c);
+    let v = |id| k.table.view(id);
+    let (vb, vdb) = if bias { (Some(v(b)), Some(v(db))) } else { (None, None) };
+    let fwd = Kernel::MatmulForward { out: v(out), inp, weight: v(w), bias: vb, n, c, oc };
+    let bwd = Kernel::MatmulBackward { dinp: v(dinp), dweight: v(dw), dbias: vdb, dout: v(dout), inp, weight: v(w), n, c, oc };
+    k.k("mm.fwd", fwd);
+    k.k("mm.bwd", bwd);
+    (k, vec![(out, "out"), (dinp, "dinp"), (dw, "dweight"), (db, "dbias")])
+}
+
+#[test]
+fn matmul_matches_cpu_with_cublas_and_with_the_builtin_gemm() {
+    for (n, c, oc, bias) in [(37, 45, 29, true), (130, 70, 67, false), (1, 1, 1, true), (300, 96, 200, true)] {
+        let (k, outs) = matmul_case(n, c, oc, bias, 7 + n as u64);
+        let tol = 1e-5 * (n.max(c).max(oc) as f32).sqrt() * 4.0;
+        check(&format!("matmul n={n} c={c} oc={oc} (cuBLAS if present)"), &k, &outs, tol, 1e-4, dflt());
+        let no_blas = CudaOptions { no_cublas: true, ..Default::default() };
+        check(&format!("matmul n={n} c={c} oc={oc} (built-in GEMM)"), &k, &outs, tol, 1e-4, no_blas);
+    }
+}
+
+#[test]
+fn attention_matches_cpu() {
+    // (b, t, c, nh): head sizes 8, 64, 96 and 128 (the largest, needing > 48 KiB of shared memory)
+    for (b, t, c, nh) in [(2, 37, 24, 3), (1, 70, 128, 2), (2, 33, 192, 2), (1, 65, 256, 2), (1, 1, 16, 1)] {
+        let mut r = Rng(100 + t as u64);
+        let mut k = Case::default();
+        let qkv = k.f("qkv", r.vec(b * t * 3 * c, 1.5));
+        let out = k.f("out", vec![0.0; b * t * c]);
+        let lse = k.f("lse", vec![0.0; b * nh * t]);
+        let dout = k.f("dout", r.vec(b * t * c, 1.0));
+        let dqkv = k.f("dqkv", r.vec(b * t * 3 * c, 1.0)); // overwritten
+        let v = |id| k.table.view(id);
+        let fwd = Kernel::AttentionForward { out: v(out), lse: v(lse), qkv: v(qkv), b, t, c, nh };
+        let bwd = Kernel::AttentionBackward { dqkv: v(dqkv), dout: v(dout), out: v(out), lse: v(lse), qkv: v(qkv), b, t, c, nh };
+        k.k("attn.fwd", fwd);
+        k.k("attn.bwd", bwd);
+        check(&format!("attention b={b} t={t} c={c} nh={nh}"), &k, &[(out, "out"), (lse, "lse"), (dqkv, "dqkv")], 2e-5, 2e-4, dflt());
+    }
+}
+
+#[test]
+fn gelu_and_residual_match_cpu() {
+    let mut r = Rng(5);
+    let n = 1003;
+    let mut k = Case::default();
+    let x = k.f("x", r.vec(n, 4.0));
+    let y = k.f("y", r.vec(n + 2, 1.0));
+    let out = k.f("out", vec![0.0; n]);
+    let dout = k.f("dout", r.vec(n, 1.0));
+    let dinp = k.f("dinp", r.vec(n, 1.0));
+    let sum = k.f("sum", vec![0.0; n]);
+    let v = |id| k.table.view(id);
+    let (vx, vy, vout, vdout, vdinp, vsum) = (v(x), v(y).slice(2, n), v(out), v(dout), v(dinp), v(sum));
+    k.k("gelu.fwd", Kernel::GeluForward { out: vout, inp: vx, n });
+    k.k("gelu.bwd", Kernel::GeluBackward { dinp: vdinp, inp: vx, dout: vdout, n });
+    k.k("res", Kernel::ResidualForward { out: vsum, a: vx, b: vy, n });
+    check("gelu+residual", &k, &[(out, "gelu"), (dinp, "dgelu"), (sum, "residual")], 1e-6, 1e-5, dflt());
+}
+
+#[test]
+fn cross_entropy_matches_cpu() {
+    for (n, v, vp, write_grad) in [(5, 37, 40, true), (5, 37, 40, false), (3, 5000, 5008, true), (2, 1, 1, true)] {
+        let mut r = Rng(9 + v as u64);
+        let mut k = Case::default();
+        let logits = k.f("logits", r.vec(n * vp, 3.0));
+        let losses = k.f("losses", vec![0.0; n]);
+        let targets = k.i("targets", r.ints(n, v));
+        let (vl, vls, vt) = (k.v(logits), k.v(losses), k.v(targets));
+        k.k("ce", Kernel::CrossEntropy { logits: vl, losses: vls, targets: vt, n, v, vp, dloss: 1.0 / n as f32, write_grad });
+        check(&format!("cross-entropy n={n} v={v} vp={vp} grad={write_grad}"), &k, &[(losses, "losses"), (logits, "logits")], 1e-5, 1e-4, dflt());
+    }
+}
+
+#[test]
+fn zero_norm_clip_and_adamw_match_cpu() {
+    for max_norm in [0.0f32, 1.0, 1e6] {
+        let mut r = Rng(21);
+        let mut k = Case::default();
+        let n = 100_003;
+        let g1 = k.f("g1", r.vec(n, 0.1));
+        let g2 = k.f("g2", r.vec(77, 1.0));
+        let parts = k.f("parts", vec![9.0; 4]);
+        let bc = |beta: f32| 1.0 - beta.powi(3);
+        let mut hyper = vec![0.0; Hyper::LEN];
+        hyper[Hyper::LR] = 1e-3;
+        hyper[Hyper::BETA1] = 0.9;
+        hyper[Hyper::BETA2] = 0.95;
+        hyper[Hyper::EPS] = 1e-8;
+        hyper[Hyper::BC1] = bc(0.9);
+        hyper[Hyper::BC2] = bc(0.95);
+        let hy = k.f("hyper", hyper);
+        let p = k.f("param", r.vec(n, 1.0));
+        let m = k.f("m", r.vec(n, 0.01));
+        let vv = k.f("v", r.vec(n, 1e-4).iter().map(|x| x.abs()).collect());
+        let junk = k.f("junk", r.vec(50, 1.0));
+        let v = |id| k.table.view(id);
+        let (vg1, vg2, vparts, vhy, vp, vm, vvv, vjunk) = (v(g1), v(g2), v(parts), v(hy), v(p), v(m), v(vv), v(junk));
+        k.k("zero.parts", Kernel::Zero { out: vparts });
+        k.k("zero.junk", Kernel::Zero { out: vjunk.slice(10, 30) });
+        k.k("ss.0", Kernel::SumSquares { out: vparts, inp: vg1, slot: 0 });
+        k.k("ss.2", Kernel::SumSquares { out: vparts, inp: vg2, slot: 2 });
+        k.k("clip", Kernel::ClipScale { hyper: vhy, parts: vparts, max_norm });
+        k.k("adamw", Kernel::AdamW { param: vp, grad: vg1, m: vm, v: vvv, hyper: vhy, weight_decay: 0.1 });
+        let outs = [(parts, "parts"), (hy, "hyper"), (junk, "junk"), (p, "param"), (m, "m"), (vv, "v")];
+        check(&format!("norm/clip/adamw max_norm={max_norm}"), &k, &outs, 1e-6, 1e-4, dflt());
+    }
+}
+
+// ---------------------------------------------------------------- the whole training step
+
+/// The tiny fixture (L=2, C=64, NH=4, V=500; B=4, T=32): 10 AdamW steps on one batch, every kernel
+/// of the graph on the device, within 1e-4 of the float64 reference losses in expected.json.
+#[test]
+fn tiny_fixture_ten_steps_match_the_reference_losses() {
+    use wgpt::graph::{build_train_step, TrainOptions};
+    use wgpt::train::session::{AdamConsts, Session};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tiny");
+    let (cfg, params) = wgpt::model::checkpoint::read_checkpoint(&dir.join("model.bin")).unwrap();
+    let st = wgpt::model::debug_state::read_debug_state(&dir.join("debug_state.bin"), &cfg).unwrap();
+    let exp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let want: Vec<f64> = exp["losses"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    assert_eq!(want.len(), 10);
+    let Some(g) = gpu(dflt()) else { return };
+    let name = g.name();
+    let graph = build_train_step(&cfg, &TrainOptions { b: st.b, t: st.t, grad_accum: 1, weight_decay: 0.01, decay_all: true, grad_clip: 0.0 });
+    let mut sess = Session::new(Box::new(g), graph).unwrap();
+    sess.upload_params(&params).unwrap();
+    let adam = AdamConsts { beta1: 0.9, beta2: 0.999, eps: 1e-8 };
+    let t0 = std::time::Instant::now();
+    let mut worst = 0f64;
+    for (s, &w) in want.iter().enumerate() {
+        sess.zero_grad().unwrap();
+        let loss = sess.train_micro(&st.x, &st.y).unwrap();
+        sess.update(1e-4, adam, s + 1).unwrap();
+        let err = (loss as f64 - w).abs();
+        worst = worst.max(err);
+        assert!(err <= 1e-4, "step {s}: loss {loss}, reference {w} (|diff| {err:e})");
+    }
+    println!("tiny fixture on {name}: 10 losses within {worst:.2e} of the reference ({:.0} ms)", t0.elapsed().as_secs_f64() * 1e3);
+}

@@ -13,8 +13,11 @@ use wgpt::backend::Backend;
 use wgpt::error::Error;
 use wgpt::graph::{BufId, BufferTable, DType, Hyper, Kernel, Launch, Role, View};
 
+/// The adapter under test: the backend's default choice, or WGPT_TEST_ADAPTER=<index> (see
+/// `wgpt info`), e.g. to run the suite on the GL adapter too.
 fn gpu() -> Option<WgpuBackend> {
-    match WgpuBackend::new(None) {
+    let index = std::env::var("WGPT_TEST_ADAPTER").ok().map(|s| s.parse::<usize>().expect("WGPT_TEST_ADAPTER is an index"));
+    match WgpuBackend::new(index) {
         Ok(b) => Some(b),
         Err(e @ Error::Unavailable(_)) => {
             if std::env::var("WGPT_REQUIRE_ADAPTER").as_deref() == Ok("1") {

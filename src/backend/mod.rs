@@ -65,8 +65,25 @@ impl std::fmt::Display for BackendKind {
 pub fn create(kind: BackendKind, device: Option<usize>, threads: Option<usize>) -> Result<Box<dyn Backend>> {
     match kind {
         BackendKind::Cpu => Ok(Box::new(cpu::CpuBackend::new(threads)?)),
-        BackendKind::Wgpu | BackendKind::Cuda | BackendKind::Auto => {
-            let _ = device;
+        BackendKind::Wgpu => Ok(Box::new(wgpu::WgpuBackend::new(device)?)),
+        BackendKind::Cuda => Ok(Box::new(cuda::CudaBackend::new(device.unwrap_or(0))?)),
+        BackendKind::Auto => {
+            if !cuda::probe().devices.is_empty() {
+                match cuda::CudaBackend::new(device.unwrap_or(0)) {
+                    Ok(b) => return Ok(Box::new(b)),
+                    Err(e) => eprintln!("wgpt: CUDA device present but unusable ({e}); trying wgpu"),
+                }
+            }
+            let adapter = match device {
+                Some(d) => Some(d),
+                None => wgpu::best_hardware_adapter(),
+            };
+            if let Some(i) = adapter {
+                match wgpu::WgpuBackend::new(Some(i)) {
+                    Ok(b) => return Ok(Box::new(b)),
+                    Err(e) => eprintln!("wgpt: GPU adapter {i} unusable ({e}); using the cpu backend"),
+                }
+            }
             Ok(Box::new(cpu::CpuBackend::new(threads)?))
         }
     }

@@ -3,7 +3,10 @@
 //! `src/graph/kernels.rs`. Every kernel is parallel with rayon over rows, (batch, head) pairs or
 //! fixed-size chunks, and runs in whatever rayon pool is current (the backend installs its own).
 //! Reductions use fixed chunk sizes and combine partial results in order, so results do not
-//! depend on the thread count. Matmuls use the `gemm` crate with strides (no transposed copies).
+//! depend on the thread count. Matmuls use the `gemm` crate with strides (no transposed copies),
+//! see `matmul.rs`; attention runs its score tiles through the same gemm. Hot loops are compiled
+//! for AVX-512, AVX2 and baseline x86-64 and picked at run time (`simd.rs`), with bit-identical
+//! results; `exp` is a vectorisable polynomial (relative error ≲ 2e-7), not libm's.
 //!
 //! Sizes: a slice may be longer than the kernel needs; only the leading part is used.
 //! Panics if a slice is shorter than its size arguments say, or a token/target id is out of
@@ -13,6 +16,7 @@ use super::simd::{self, multiversion};
 use crate::graph::Hyper;
 use rayon::prelude::*;
 
+use super::matmul::{gemm_serial, Operand};
 pub use super::matmul::{matmul_backward, matmul_forward};
 
 /// LayerNorm epsilon (added to the biased variance).
@@ -228,6 +232,13 @@ multiversion! {
 
 // ----------------------------------------------------------------------------------------------
 // attention
+//
+// One rayon task per (batch, head). Rows are processed in blocks of ATT_ROWS queries; a block
+// [r0, r1) needs keys [0, r1) only (causal), so the score tile is (r1−r0)×r1 and the work is the
+// lower triangle, as small gemm calls. Only lse is kept between forward and backward.
+
+/// Query rows per attention tile.
+const ATT_ROWS: usize = 64;
 
 /// Copies head `h` of `part` (0 = q, 1 = k, 2 = v) of batch `bb` from qkv (b,t,3c) into dst (t, hs).
 #[inline]
@@ -239,6 +250,14 @@ fn gather_head(dst: &mut [f32], qkv: &[f32], bb: usize, h: usize, part: usize, t
     }
 }
 
+/// A row-major (rows, cols) operand, or its transpose.
+fn rm(data: &[f32], cols: usize) -> Operand<'_> {
+    Operand { data, rs: cols, cs: 1 }
+}
+fn tr(data: &[f32], cols: usize) -> Operand<'_> {
+    Operand { data, rs: 1, cs: cols }
+}
+
 /// Causal softmax attention per (batch, head): out_t = Σ_{u≤t} softmax_u(q_t·k_u/√hs)·v_u;
 /// writes out (b·t, c) and lse (b, nh, t) = logsumexp_u of the scaled scores
 #[allow(clippy::too_many_arguments)]
@@ -246,9 +265,10 @@ pub fn attention_forward(out: &mut [f32], lse: &mut [f32], qkv: &[f32], b: usize
     if b == 0 || t == 0 || c == 0 {
         return;
     }
-    assert!(nh > 0 && c % nh == 0, "attention_forward: c must be a multiple of nh");
+    assert!(nh > 0 && c.is_multiple_of(nh), "attention_forward: c must be a multiple of nh");
     assert!(qkv.len() >= b * t * 3 * c, "attention_forward: short qkv");
     let hs = c / nh;
+    let scale = 1.0 / (hs as f32).sqrt();
     // per (b,h) results in a (b, nh, t, hs) scratch, then permuted into (b, t, c)
     let mut tmp = vec![0f32; b * nh * t * hs];
     tmp.par_chunks_mut(t * hs).zip(lse[..b * nh * t].par_chunks_mut(t)).enumerate().for_each(|(bh, (o, l))| {
@@ -259,7 +279,16 @@ pub fn attention_forward(out: &mut [f32], lse: &mut [f32], qkv: &[f32], b: usize
         gather_head(&mut q, qkv, bb, h, 0, t, c, hs);
         gather_head(&mut k, qkv, bb, h, 1, t, c, hs);
         gather_head(&mut v, qkv, bb, h, 2, t, c, hs);
-        attention_head_forward(o, l, &q, &k, &v, hs);
+        let mut s = vec![0f32; ATT_ROWS.min(t) * t];
+        for r0 in (0..t).step_by(ATT_ROWS) {
+            let r1 = (r0 + ATT_ROWS).min(t);
+            let (rows, s) = (r1 - r0, &mut s[..(r1 - r0) * r1]);
+            // S = Q[r0..r1]·K[..r1]ᵀ, then P = softmax of the causal part (zero elsewhere)
+            gemm_serial(s, r1, rows, r1, hs, false, rm(&q[r0 * hs..r1 * hs], hs), tr(&k[..r1 * hs], hs));
+            softmax_rows(s, &mut l[r0..r1], r0, r1, scale);
+            // O[r0..r1] = P·V[..r1]
+            gemm_serial(&mut o[r0 * hs..r1 * hs], hs, rows, hs, r1, false, rm(s, r1), rm(&v[..r1 * hs], hs));
+        }
     });
     out[..b * t * c].par_chunks_mut(c).with_min_len(rows_per_task(c)).enumerate().for_each(|(r, orow)| {
         let (bb, tt) = (r / t, r % t);
@@ -271,29 +300,25 @@ pub fn attention_forward(out: &mut [f32], lse: &mut [f32], qkv: &[f32], b: usize
 }
 
 multiversion! {
-    /// One (batch, head): q, k, v, o are (t, hs); writes o and l (t).
-    fn attention_head_forward(o: &mut [f32], l: &mut [f32], q: &[f32], k: &[f32], v: &[f32], hs: usize) {
-        let t = l.len();
-        let scale = 1.0 / (hs as f32).sqrt();
-        let mut s = vec![0f32; t];
-        for tt in 0..t {
-            let qt = &q[tt * hs..(tt + 1) * hs];
-            let st = &mut s[..=tt];
-            for (u, su) in st.iter_mut().enumerate() {
-                *su = simd::dot(qt, &k[u * hs..(u + 1) * hs]) * scale;
+    /// Rows r0.. of a score tile s (rows, r1): row j (query r0+j) becomes softmax(scale·s[..=r0+j])
+    /// with zeros after it; l[j] = logsumexp of the scaled scores.
+    fn softmax_rows(s: &mut [f32], l: &mut [f32], r0: usize, r1: usize, scale: f32) {
+        for (j, row) in s.chunks_mut(r1).enumerate() {
+            let (live, masked) = row.split_at_mut(r0 + j + 1);
+            for x in live.iter_mut() {
+                *x *= scale;
             }
-            let mx = simd::max(st);
-            for su in st.iter_mut() {
-                *su = simd::exp(*su - mx);
+            let mx = simd::max(live);
+            for x in live.iter_mut() {
+                *x = simd::exp(*x - mx);
             }
-            let z = simd::sum(st);
+            let z = simd::sum(live);
             let inv = 1.0 / z;
-            let ot = &mut o[tt * hs..(tt + 1) * hs];
-            ot.fill(0.0);
-            for (u, &e) in st.iter().enumerate() {
-                simd::axpy(ot, e * inv, &v[u * hs..(u + 1) * hs]);
+            for x in live.iter_mut() {
+                *x *= inv;
             }
-            l[tt] = mx + z.ln();
+            masked.fill(0.0);
+            l[j] = mx + z.ln();
         }
     }
 }
@@ -307,31 +332,51 @@ pub fn attention_backward(
     if b == 0 || t == 0 || c == 0 {
         return;
     }
-    assert!(nh > 0 && c % nh == 0, "attention_backward: c must be a multiple of nh");
+    assert!(nh > 0 && c.is_multiple_of(nh), "attention_backward: c must be a multiple of nh");
     assert!(
         qkv.len() >= b * t * 3 * c && dout.len() >= b * t * c && out.len() >= b * t * c && lse.len() >= b * nh * t,
         "attention_backward: short input"
     );
     let hs = c / nh;
+    let scale = 1.0 / (hs as f32).sqrt();
     // per (b,h): [dq (t,hs) | dk (t,hs) | dv (t,hs)]
     let mut tmp = vec![0f32; b * nh * 3 * t * hs];
     tmp.par_chunks_mut(3 * t * hs).enumerate().for_each(|(bh, g)| {
         let (bb, h) = (bh / nh, bh % nh);
+        let (dq, rest) = g.split_at_mut(t * hs);
+        let (dk, dv) = rest.split_at_mut(t * hs);
         let mut q = vec![0f32; t * hs];
         let mut k = vec![0f32; t * hs];
         let mut v = vec![0f32; t * hs];
         gather_head(&mut q, qkv, bb, h, 0, t, c, hs);
         gather_head(&mut k, qkv, bb, h, 1, t, c, hs);
         gather_head(&mut v, qkv, bb, h, 2, t, c, hs);
-        // dout and out of this head, and D_t = dout_t·out_t
+        // dout of this head, and D_t = dout_t·out_t
         let mut d_o = vec![0f32; t * hs];
         let mut dd = vec![0f32; t];
         for tt in 0..t {
             let row = (bb * t + tt) * c + h * hs;
             d_o[tt * hs..(tt + 1) * hs].copy_from_slice(&dout[row..row + hs]);
-            dd[tt] = simd::dot(&dout[row..row + hs], &out[row..row + hs]);
+            dd[tt] = head_dot(&dout[row..row + hs], &out[row..row + hs]);
         }
-        attention_head_backward(g, &q, &k, &v, &d_o, &dd, &lse[bh * t..(bh + 1) * t], hs);
+        let l = &lse[bh * t..(bh + 1) * t];
+        let mut p = vec![0f32; ATT_ROWS.min(t) * t];
+        let mut ds = vec![0f32; ATT_ROWS.min(t) * t];
+        for r0 in (0..t).step_by(ATT_ROWS) {
+            let r1 = (r0 + ATT_ROWS).min(t);
+            let rows = r1 - r0;
+            let (p, ds) = (&mut p[..rows * r1], &mut ds[..rows * r1]);
+            let (qb, dob) = (&q[r0 * hs..r1 * hs], &d_o[r0 * hs..r1 * hs]);
+            // S = Q·Kᵀ and dP = dO·Vᵀ over keys [0, r1)
+            gemm_serial(p, r1, rows, r1, hs, false, rm(qb, hs), tr(&k[..r1 * hs], hs));
+            gemm_serial(ds, r1, rows, r1, hs, false, rm(dob, hs), tr(&v[..r1 * hs], hs));
+            // P = exp(scale·S − lse), dS = P∘(dP − D)·scale (zero above the diagonal)
+            attention_ds_rows(p, ds, &l[r0..r1], &dd[r0..r1], r0, r1, scale);
+            // dQ = dS·K, dK += dSᵀ·Q, dV += Pᵀ·dO
+            gemm_serial(&mut dq[r0 * hs..r1 * hs], hs, rows, hs, r1, false, rm(ds, r1), rm(&k[..r1 * hs], hs));
+            gemm_serial(&mut dk[..r1 * hs], hs, r1, hs, rows, true, tr(ds, r1), rm(qb, hs));
+            gemm_serial(&mut dv[..r1 * hs], hs, r1, hs, rows, true, tr(p, r1), rm(dob, hs));
+        }
     });
     dqkv[..b * t * 3 * c].par_chunks_mut(3 * c).with_min_len(rows_per_task(3 * c)).enumerate().for_each(|(r, grow)| {
         let (bb, tt) = (r / t, r % t);
@@ -347,35 +392,26 @@ pub fn attention_backward(
 }
 
 multiversion! {
-    /// One (batch, head): g = [dq | dk | dv] (each (t, hs), zero on entry); q, k, v, d_o are (t, hs),
-    /// dd = D (t), l = lse (t).
-    fn attention_head_backward(
-        g: &mut [f32], q: &[f32], k: &[f32], v: &[f32], d_o: &[f32], dd: &[f32], l: &[f32], hs: usize,
-    ) {
-        let t = l.len();
-        let scale = 1.0 / (hs as f32).sqrt();
-        let (dq, rest) = g.split_at_mut(t * hs);
-        let (dk, dv) = rest.split_at_mut(t * hs);
-        let mut p = vec![0f32; t];
-        let mut ds = vec![0f32; t];
-        for tt in 0..t {
-            let qt = &q[tt * hs..(tt + 1) * hs];
-            let dot_t = &d_o[tt * hs..(tt + 1) * hs];
-            let (pt, dst) = (&mut p[..=tt], &mut ds[..=tt]);
-            for u in 0..=tt {
-                pt[u] = simd::dot(qt, &k[u * hs..(u + 1) * hs]) * scale - l[tt];
-                dst[u] = simd::dot(dot_t, &v[u * hs..(u + 1) * hs]);
+    /// a·b for one head's features.
+    fn head_dot(a: &[f32], b: &[f32]) -> f32 {
+        simd::dot(a, b)
+    }
+}
+
+multiversion! {
+    /// Score tile rows r0..: p = exp(scale·s − l) for keys ≤ the query, else 0 (s in, p out);
+    /// ds = p∘(dP − D)·scale (dP in, dS out).
+    fn attention_ds_rows(p: &mut [f32], ds: &mut [f32], l: &[f32], dd: &[f32], r0: usize, r1: usize, scale: f32) {
+        for (j, (prow, drow)) in p.chunks_mut(r1).zip(ds.chunks_mut(r1)).enumerate() {
+            let live = r0 + j + 1;
+            let (lj, dj) = (l[j], dd[j]);
+            for (x, d) in prow[..live].iter_mut().zip(drow[..live].iter_mut()) {
+                let pe = simd::exp(*x * scale - lj);
+                *x = pe;
+                *d = pe * (*d - dj) * scale;
             }
-            for u in 0..=tt {
-                pt[u] = simd::exp(pt[u]);
-                dst[u] = pt[u] * (dst[u] - dd[tt]) * scale;
-            }
-            let dqt = &mut dq[tt * hs..(tt + 1) * hs];
-            for u in 0..=tt {
-                simd::axpy(dqt, dst[u], &k[u * hs..(u + 1) * hs]);
-                simd::axpy(&mut dk[u * hs..(u + 1) * hs], dst[u], qt);
-                simd::axpy(&mut dv[u * hs..(u + 1) * hs], pt[u], dot_t);
-            }
+            prow[live..].fill(0.0);
+            drow[live..].fill(0.0);
         }
     }
 }

@@ -14,10 +14,10 @@ const GEMM_BLOCK: usize = 128;
 
 /// A matrix operand: element (i, j) is at `data[i·rs + j·cs]`.
 #[derive(Clone, Copy)]
-struct Operand<'a> {
-    data: &'a [f32],
-    rs: usize,
-    cs: usize,
+pub(super) struct Operand<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
 }
 
 /// Raw pointers moved into rayon tasks; each task touches a disjoint block of the destination.
@@ -35,6 +35,38 @@ impl SendPtr {
 /// True if every element (i < rows, j < cols) of `o` lies inside its slice.
 fn fits(o: &Operand, rows: usize, cols: usize) -> bool {
     rows == 0 || cols == 0 || (rows - 1) * o.rs + (cols - 1) * o.cs < o.data.len()
+}
+
+/// dst (m×n, row-major with row stride `dst_rs`) = lhs (m×k) · rhs (k×n), or += when
+/// `accumulate`; one single-threaded gemm call (for use inside a rayon task).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gemm_serial(
+    dst: &mut [f32], dst_rs: usize, m: usize, n: usize, k: usize, accumulate: bool, lhs: Operand, rhs: Operand,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!((m - 1) * dst_rs + n <= dst.len() && n <= dst_rs, "gemm: destination out of range");
+    assert!(fits(&lhs, m, k) && fits(&rhs, k, n), "gemm: operand out of range");
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                dst[r * dst_rs..r * dst_rs + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    // SAFETY: the asserts bound every element of dst, lhs and rhs inside their slices; dst (a
+    // &mut) does not overlap lhs or rhs.
+    unsafe {
+        gemm::gemm(
+            m, n, k,
+            dst.as_mut_ptr(), 1, dst_rs as isize, accumulate,
+            lhs.data.as_ptr(), lhs.cs as isize, lhs.rs as isize,
+            rhs.data.as_ptr(), rhs.cs as isize, rhs.rs as isize,
+            1.0f32, 1.0f32, false, false, false, Parallelism::None,
+        );
+    }
 }
 
 /// dst (m×n, row-major with row stride `dst_rs`) = lhs (m×k) · rhs (k×n), or += when

@@ -4,8 +4,11 @@
 //!
 //! Each buffer of the [`BufferTable`] is one `Vec` (f32, or i32 for `DType::I32`). For a launch,
 //! the buffers it writes are moved out of the table (`std::mem::take`) and split into disjoint
-//! `&mut` views; a read view in one of those buffers is copied first, so a launch whose input and
-//! output share a buffer reads the values from before the launch — no unsafe aliasing.
+//! `&mut` output views and the read-only gaps between them. An input view that overlaps an output
+//! is copied first (so it reads the values from before the launch); every other input is
+//! borrowed. No unsafe aliasing. Views are bounds- and dtype-checked, sizes are checked against
+//! the kernel's arguments, and token/target ids against the table they index, before any kernel
+//! runs: a bad launch is an `Err`, never a panic.
 
 pub mod kernels;
 mod matmul;
@@ -341,7 +344,7 @@ fn check_sizes(label: &str, k: &Kernel) -> Result<()> {
             need("weight", weight, oc * c)
         }
         Kernel::AttentionForward { out, lse, qkv, b, t, c, nh } => {
-            if *nh == 0 || c % nh != 0 {
+            if *nh == 0 || !c.is_multiple_of(*nh) {
                 return Err(err(format!("launch '{label}': channels {c} not a multiple of heads {nh}")));
             }
             need("out", out, b * t * c)?;
@@ -349,7 +352,7 @@ fn check_sizes(label: &str, k: &Kernel) -> Result<()> {
             need("qkv", qkv, b * t * 3 * c)
         }
         Kernel::AttentionBackward { dqkv, dout, out, lse, qkv, b, t, c, nh } => {
-            if *nh == 0 || c % nh != 0 {
+            if *nh == 0 || !c.is_multiple_of(*nh) {
                 return Err(err(format!("launch '{label}': channels {c} not a multiple of heads {nh}")));
             }
             need("dqkv", dqkv, b * t * 3 * c)?;

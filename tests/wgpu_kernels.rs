@@ -699,3 +699,21 @@ fn matmul_gflops() {
         }
     }
 }
+
+#[test]
+#[ignore]
+fn zz_debug_attention_parts() {
+    let Some(mut g) = gpu() else { return };
+    let mut r = Rng(4);
+    let (b, t, c, nh) = (2usize, 37usize, 128usize, 2usize);
+    let mut k = Case::new("dbg");
+    let n = b * t;
+    let qkv = k.f32("qkv", r.vec(n * 3 * c, -2.0, 2.0));
+    let out = k.f32("out", vec![0.0; n * c]);
+    let lse = k.f32("lse", vec![0.0; b * nh * t]);
+    k.launch(Kernel::AttentionForward { out: v(out, 0, n * c), lse: v(lse, 0, b * nh * t), qkv: v(qkv, 0, n * 3 * c), b, t, c, nh });
+    k.check(out, 1e-5, 1e-4);
+    let t0 = std::time::Instant::now();
+    compare(&mut g, &k, 1);
+    println!("forward ok in {:?}", t0.elapsed());
+}

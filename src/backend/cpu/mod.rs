@@ -72,7 +72,7 @@ impl CpuBackend {
         let mut b = rayon::ThreadPoolBuilder::new().thread_name(|i| format!("wgpt-cpu-{i}"));
         if let Some(t) = threads {
             if t == 0 {
-                return Err(Error::flag("--threads", "must be at least 1"));
+                return Err(err("the thread count must be at least 1"));
             }
             b = b.num_threads(t);
         }

@@ -107,7 +107,9 @@ pub fn preprocess(variant: &Variant) -> Result<String> {
 /// Attention tile sizes for head size `hs` within `workgroup_bytes` of workgroup memory:
 /// (BK keys staged by the forward/dq kernels, BQT queries staged by the dk/dv kernel).
 pub fn attention_tiles(hs: u32, workgroup_bytes: u32) -> (u32, u32) {
-    let floats = workgroup_bytes / 4;
+    // at most WebGPU's default 16 KiB: bigger tiles gain little and make some shader compilers
+    // (Mesa's GL path) unroll for minutes
+    let floats = workgroup_bytes.min(16384) / 4;
     let pow2_floor = |x: u32| if x == 0 { 0 } else { 1u32 << (31 - x.leading_zeros()) };
     let bk = pow2_floor(floats / (2 * hs)).min(64);
     let bqt = pow2_floor(floats / (2 * hs + 2)).min(64);

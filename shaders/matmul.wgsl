@@ -6,13 +6,12 @@
 // mm_nt:  C[i,j] (= | +=) Σ_k A[i,k]·B[j,k] (+ bias[j])   forward out = x·Wᵀ + b   (A, B k-contiguous)
 // mm_nn:  C[i,j] (= | +=) Σ_k A[i,k]·B[k,j]               backward dinp = dout·W
 // mm_tn:  C[i,j] (= | +=) Σ_k A[k,i]·B[k,j]               backward dW += doutᵀ·x
-// mm_tn_direct: mm_tn's maths with operands read straight from memory (no workgroup staging; 64×64 tiles, 64 invocations)
 // mm_naive: C[i,j] (= | +=) Σ_k A[o_a + i·sam + k·sak]·B[o_b + k·sbk + j·sbn] (+ bias[j])   any strides (fallback)
 // colsum_partial:  part[rb·n + j] = Σ_{i ∈ rows [rb·k, rb·k + k)} A[o_a + i·lda + j]
 // colsum_finalize: dbias[o_bias + j] += Σ_{rb < ldc} part[rb·n + j]          (dbias += Σ_rows dout)
-// mm_nt_sg / mm_nn_sg: mm_nt / mm_nn with each A row loaded by one lane and shared across 8 lanes by
-//   subgroupShuffle (64×64 tiles, 64 invocations; needs subgroups of ≥ 8 lanes laid out along
-//   local_invocation_index)
+// mm_nt_sg / mm_nn_sg / mm_tn_sg: mm_nt / mm_nn / mm_tn with no workgroup memory: each A value is
+//   loaded by one lane of an 8-lane group and shared by subgroupShuffle, B is read directly
+//   (64×64 tiles, 64 invocations; needs subgroups of ≥ 8 lanes laid out along local_invocation_index)
 // Tiled kernels need k (nt, nn), m (tn) and n (nn, tn) multiples of 4 and 16-byte aligned views; the
 // host falls back to mm_naive otherwise.
 
@@ -250,38 +249,13 @@ fn mm_tn(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: 
 fn load_b_row8(k: u32, nb: u32) -> array<vec4<f32>, 2> {
     var r: array<vec4<f32>, 2>;
     let base = p.o_b + k * (p.ldb / 4u) + nb / 4u;
-    if (nb < p.n) {
+    if (k < p.k && nb < p.n) {
         r[0] = b4[base];
     }
-    if (nb + 4u < p.n) {
+    if (k < p.k && nb + 4u < p.n) {
         r[1] = b4[base + 1u];
     }
     return r;
-}
-
-@compute @workgroup_size(64)
-fn mm_tn_direct(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
-    let m0 = wid.y * 64u;
-    let n0 = wid.x * 64u;
-    let tm = lid / 8u;
-    let tn = lid % 8u;
-    let mb = m0 + tm * 8u;
-    let nb = n0 + tn * 8u;
-    var acc: array<vec4<f32>, 16>;
-    for (var k = 0u; k < p.k; k++) {
-        let abase = p.o_a + k * (p.lda / 4u) + mb / 4u;
-        var a0 = vec4<f32>(0.0);
-        var a1_ = vec4<f32>(0.0);
-        if (mb < p.m) {
-            a0 = a4[abase];
-        }
-        if (mb + 4u < p.m) {
-            a1_ = a4[abase + 1u];
-        }
-        let b = load_b_row8(k, nb);
-        fma_block(&acc, a0, a1_, b[0], b[1]);
-    }
-    store_block(&acc, mb, nb);
 }
 
 // grid: (ceil(n/16), ceil(m/16))
@@ -431,5 +405,48 @@ fn mm_nn_sg(
         fma_rows(&acc, ar, b);
     }
     store_block(&acc, m0 + tm * 8u, nb);
+}
+// A (k-major, m-contiguous) for k..k+4 and rows mb..mb+8: lane tn loads A[k + tn/2, mb + 4·(tn%2) ..+4];
+// row i of the result holds A[k..k+4, mb + i] after the shuffles
+@compute @workgroup_size(64)
+fn mm_tn_sg(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(subgroup_invocation_id) sl: u32,
+) {
+    let m0 = wid.y * 64u;
+    let n0 = wid.x * 64u;
+    let tm = lid / 8u;
+    let tn = lid % 8u;
+    let lane0 = sl - tn;
+    let mb = m0 + tm * 8u;
+    let nb = n0 + tn * 8u;
+    let my_m = mb + 4u * (tn % 2u);
+    var acc: array<vec4<f32>, 16>;
+    for (var k = 0u; k < p.k; k += 4u) {
+        let ka = k + tn / 2u;
+        var av = vec4<f32>(0.0);
+        if (ka < p.k && my_m < p.m) {
+            av = a4[p.o_a + ka * (p.lda / 4u) + my_m / 4u];
+        }
+        // (k+kk) row of A, columns mb..mb+4 and mb+4..mb+8
+        let k0a = subgroupShuffle(av, lane0 + 0u);
+        let k0b = subgroupShuffle(av, lane0 + 1u);
+        let k1a = subgroupShuffle(av, lane0 + 2u);
+        let k1b = subgroupShuffle(av, lane0 + 3u);
+        let k2a = subgroupShuffle(av, lane0 + 4u);
+        let k2b = subgroupShuffle(av, lane0 + 5u);
+        let k3a = subgroupShuffle(av, lane0 + 6u);
+        let k3b = subgroupShuffle(av, lane0 + 7u);
+        let r0 = load_b_row8(k, nb);
+        let r1 = load_b_row8(k + 1u, nb);
+        let r2 = load_b_row8(k + 2u, nb);
+        let r3 = load_b_row8(k + 3u, nb);
+        fma_block(&acc, k0a, k0b, r0[0], r0[1]);
+        fma_block(&acc, k1a, k1b, r1[0], r1[1]);
+        fma_block(&acc, k2a, k2b, r2[0], r2[1]);
+        fma_block(&acc, k3a, k3b, r3[0], r3[1]);
+    }
+    store_block(&acc, mb, nb);
 }
 //#endif

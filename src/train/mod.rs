@@ -198,7 +198,13 @@ fn check_args(a: &TrainArgs, cfg: &Config) -> Result<usize> {
 /// Run `wgpt train`.
 pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
     let resume_step = match (&a.out, a.resume) {
-        (Some(dir), true) => state::latest_done(dir),
+        (Some(dir), true) => {
+            let s = state::latest_done(dir);
+            if s.is_none() {
+                eprintln!("wgpt: no complete checkpoint (DONE_*) in {}; starting from --init", dir.display());
+            }
+            s
+        }
         _ => None,
     };
     let (cfg, params) = match (resume_step, &a.out) {

@@ -763,11 +763,15 @@ impl Compiler<'_> {
         };
         let (c_start, c_ext) = (c.off + m0 * c.ld + n0, (mc - 1) * c.ld + nc);
         let contiguous_ok = match layout {
-            Layout::Nt => kc % 4 == 0,
-            Layout::Nn => kc % 4 == 0 && nc % 4 == 0,
-            Layout::Tn => mc % 4 == 0 && nc % 4 == 0,
+            Layout::Nt => kc.is_multiple_of(4),
+            Layout::Nn => kc.is_multiple_of(4) && nc.is_multiple_of(4),
+            Layout::Tn => mc.is_multiple_of(4) && nc.is_multiple_of(4),
         };
-        let vec4 = contiguous_ok && a.ld % 4 == 0 && b.ld % 4 == 0 && a_start % 4 == 0 && b_start % 4 == 0;
+        let vec4 = contiguous_ok
+            && a.ld.is_multiple_of(4)
+            && b.ld.is_multiple_of(4)
+            && a_start.is_multiple_of(4)
+            && b_start.is_multiple_of(4);
         let has_bias = bias.is_some() as u32;
         if vec4 {
             let large = self.caps.matmul == MatmulMode::TiledLarge && mc >= 128 && nc >= 128;
@@ -780,7 +784,7 @@ impl Compiler<'_> {
                 (Layout::Tn, false) => (base, "mm_tn"),
                 (Layout::Nt, true) => (sgv, "mm_nt_sg"),
                 (Layout::Nn, true) => (sgv, "mm_nn_sg"),
-                (Layout::Tn, true) => (sgv, "mm_tn_direct"),
+                (Layout::Tn, true) => (sgv, "mm_tn_sg"),
             };
             let mut call = Call::with_variant(variant, entry);
             let ra = self.bind(&mut call, 1, Target::Table(a.buf), a_start, a_ext, false)?;
@@ -856,7 +860,7 @@ impl Compiler<'_> {
         if b == 0 || t == 0 || c == 0 {
             return Ok(());
         }
-        if nh == 0 || c % nh != 0 {
+        if nh == 0 || !c.is_multiple_of(nh) {
             return Err(Error::backend("wgpu", format!("attention: channels {c} are not divisible by heads {nh}")));
         }
         let hs = c / nh;

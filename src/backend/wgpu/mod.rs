@@ -500,6 +500,32 @@ impl WgpuBackend {
         Ok(out)
     }
 
+    /// Runs each launch on its own and waits for it: (label, milliseconds) per launch, for
+    /// profiling (`wgpt bench`). Pipelines are shared with normal runs; nothing is cached.
+    pub fn profile(&mut self, launches: &[Launch]) -> Result<Vec<(String, f64)>> {
+        self.sync()?;
+        let mut out = Vec::with_capacity(launches.len());
+        for l in launches {
+            let plan = self.build_plan(std::slice::from_ref(l))?;
+            self.wait()?;
+            let t0 = std::time::Instant::now();
+            let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("profile") });
+            {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(&l.label), timestamp_writes: None });
+                for d in &plan.dispatches {
+                    pass.set_pipeline(&d.pipeline);
+                    pass.set_bind_group(0, &d.bind_group, &[]);
+                    pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
+                }
+            }
+            self.queue.submit([enc.finish()]);
+            self.wait()?;
+            out.push((l.label.clone(), t0.elapsed().as_secs_f64() * 1e3));
+        }
+        self.take_errors()?;
+        Ok(out)
+    }
+
     /// Reads a whole i32 buffer back (token ids, for tests).
     pub fn download_i32(&mut self, id: BufId) -> Result<Vec<i32>> {
         Ok(self.download_words(id)?.into_iter().map(|w| w as i32).collect())

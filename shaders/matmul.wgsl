@@ -12,6 +12,8 @@
 // mm_nt_sg / mm_nn_sg / mm_tn_sg: mm_nt / mm_nn / mm_tn with no workgroup memory: each A value is
 //   loaded by one lane of an 8-lane group and shared by subgroupShuffle, B is read directly
 //   (64×64 tiles, 64 invocations; needs subgroups of ≥ 8 lanes laid out along local_invocation_index)
+// mm_splitk_reduce: C[i,j] (= | +=) Σ_z part[z][i][j] (+ bias[j])   — when few tiles share a long k, the
+//   tiled kernels run k in slices (grid z; sam = k per slice, sak = slices) writing partial C to part
 // Tiled kernels need k (nt, nn), m (tn) and n (nn, tn) multiples of 4 and 16-byte aligned views; the
 // host falls back to mm_naive otherwise.
 
@@ -159,14 +161,17 @@ fn compute_tile(acc: ptr<function, array<vec4<f32>, 16>>, tm: u32, tn: u32) {
 }
 
 // one C row segment: columns c0..c0+8 of row gm from two vec4s (masked at the edges)
-fn store_row(gm: u32, c0: u32, v0: vec4<f32>, v1: vec4<f32>) {
+fn store_row(gm: u32, c0: u32, v0: vec4<f32>, v1: vec4<f32>, z: u32) {
     if (gm >= p.m) {
         return;
     }
     let vals = array<f32, 8>(v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w);
     for (var j = 0u; j < 8u; j++) {
         let gn = c0 + j;
-        if (gn < p.n) {
+        if (gn < p.n && p.sak != 0u) {
+            // split-K: this slice's partial C, summed by mm_splitk_reduce
+            part_w[(z * p.m + gm) * p.n + gn] = vals[j];
+        } else if (gn < p.n) {
             var val = vals[j];
             if (p.has_bias != 0u) {
                 val += bias[p.o_bias + gn];
@@ -182,18 +187,27 @@ fn store_row(gm: u32, c0: u32, v0: vec4<f32>, v1: vec4<f32>) {
 }
 
 // constant indices only, so the accumulators can stay in registers
-fn store_block(acc: ptr<function, array<vec4<f32>, 16>>, r0: u32, c0: u32) {
-    store_row(r0 + 0u, c0, (*acc)[0], (*acc)[1]);
-    store_row(r0 + 1u, c0, (*acc)[2], (*acc)[3]);
-    store_row(r0 + 2u, c0, (*acc)[4], (*acc)[5]);
-    store_row(r0 + 3u, c0, (*acc)[6], (*acc)[7]);
-    store_row(r0 + 4u, c0, (*acc)[8], (*acc)[9]);
-    store_row(r0 + 5u, c0, (*acc)[10], (*acc)[11]);
-    store_row(r0 + 6u, c0, (*acc)[12], (*acc)[13]);
-    store_row(r0 + 7u, c0, (*acc)[14], (*acc)[15]);
+fn store_block(acc: ptr<function, array<vec4<f32>, 16>>, r0: u32, c0: u32, z: u32) {
+    store_row(r0 + 0u, c0, (*acc)[0], (*acc)[1], z);
+    store_row(r0 + 1u, c0, (*acc)[2], (*acc)[3], z);
+    store_row(r0 + 2u, c0, (*acc)[4], (*acc)[5], z);
+    store_row(r0 + 3u, c0, (*acc)[6], (*acc)[7], z);
+    store_row(r0 + 4u, c0, (*acc)[8], (*acc)[9], z);
+    store_row(r0 + 5u, c0, (*acc)[10], (*acc)[11], z);
+    store_row(r0 + 6u, c0, (*acc)[12], (*acc)[13], z);
+    store_row(r0 + 7u, c0, (*acc)[14], (*acc)[15], z);
 }
 
-// grid: (ceil(n/BN), ceil(m/BM))
+// The k range of split-K slice z: [z·sam, min(k, (z+1)·sam)), or all of k when sam = 0.
+// Slices are multiples of BK (and of 4), so tiles never straddle two slices.
+fn k_range(z: u32) -> vec2<u32> {
+    if (p.sam == 0u) {
+        return vec2<u32>(0u, p.k);
+    }
+    return vec2<u32>(z * p.sam, min(p.k, (z + 1u) * p.sam));
+}
+
+// grid: (ceil(n/BN), ceil(m/BM), split-K slices)
 @compute @workgroup_size(WG)
 fn mm_nt(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
     let m0 = wid.y * BM;
@@ -201,14 +215,15 @@ fn mm_nt(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: 
     let tm = lid / TX;
     let tn = lid % TX;
     var acc: array<vec4<f32>, 16>;
-    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+    let kr = k_range(wid.z);
+    for (var k0 = kr.x; k0 < kr.y; k0 += BK) {
         load_a_kc(m0, k0, lid);
         load_b_kc(n0, k0, lid);
         workgroupBarrier();
         compute_tile(&acc, tm, tn);
         workgroupBarrier();
     }
-    store_block(&acc, m0 + tm * 8u, n0 + tn * 8u);
+    store_block(&acc, m0 + tm * 8u, n0 + tn * 8u, wid.z);
 }
 
 @compute @workgroup_size(WG)
@@ -218,14 +233,15 @@ fn mm_nn(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: 
     let tm = lid / TX;
     let tn = lid % TX;
     var acc: array<vec4<f32>, 16>;
-    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+    let kr = k_range(wid.z);
+    for (var k0 = kr.x; k0 < kr.y; k0 += BK) {
         load_a_kc(m0, k0, lid);
         load_b_nc(n0, k0, lid);
         workgroupBarrier();
         compute_tile(&acc, tm, tn);
         workgroupBarrier();
     }
-    store_block(&acc, m0 + tm * 8u, n0 + tn * 8u);
+    store_block(&acc, m0 + tm * 8u, n0 + tn * 8u, wid.z);
 }
 
 @compute @workgroup_size(WG)
@@ -235,27 +251,52 @@ fn mm_tn(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: 
     let tm = lid / TX;
     let tn = lid % TX;
     var acc: array<vec4<f32>, 16>;
-    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+    let kr = k_range(wid.z);
+    for (var k0 = kr.x; k0 < kr.y; k0 += BK) {
         load_a_mc(m0, k0, lid);
         load_b_nc(n0, k0, lid);
         workgroupBarrier();
         compute_tile(&acc, tm, tn);
         workgroupBarrier();
     }
-    store_block(&acc, m0 + tm * 8u, n0 + tn * 8u);
+    store_block(&acc, m0 + tm * 8u, n0 + tn * 8u, wid.z);
 }
 
 // B[k, j..j+8] of an n-contiguous B as two vec4s (zeros past n)
 fn load_b_row8(k: u32, nb: u32) -> array<vec4<f32>, 2> {
-    var r: array<vec4<f32>, 2>;
-    let base = p.o_b + k * (p.ldb / 4u) + nb / 4u;
-    if (k < p.k && nb < p.n) {
-        r[0] = b4[base];
+    // branch-free: clamped addresses, zeros selected past the edges
+    let kc = min(k, p.k - 1u);
+    let base = p.o_b + kc * (p.ldb / 4u);
+    let c0 = min(nb, p.n - 4u) / 4u;
+    let c1 = min(nb + 4u, p.n - 4u) / 4u;
+    let z = vec4<f32>(0.0);
+    let v0 = select(z, b4[base + c0], k < p.k && nb < p.n);
+    let v1 = select(z, b4[base + c1], k < p.k && nb + 4u < p.n);
+    return array<vec4<f32>, 2>(v0, v1);
+}
+
+// split-K: C[i,j] (= | +=) Σ_{z < sak} part[(z·m + i)·n + j] (+ bias[j]), slices summed in order
+@compute @workgroup_size(256)
+fn mm_splitk_reduce(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let total = p.m * p.n;
+    let stride = nwg.x * 256u;
+    for (var e = gid.x; e < total; e += stride) {
+        var s = 0.0;
+        for (var z = 0u; z < p.sak; z++) {
+            s += part_r[z * total + e];
+        }
+        let i = e / p.n;
+        let j = e - i * p.n;
+        if (p.has_bias != 0u) {
+            s += bias[p.o_bias + j];
+        }
+        let idx = p.o_c + i * p.ldc + j;
+        if (p.accum != 0u) {
+            cm[idx] = cm[idx] + s;
+        } else {
+            cm[idx] = s;
+        }
     }
-    if (k < p.k && nb + 4u < p.n) {
-        r[1] = b4[base + 1u];
-    }
-    return r;
 }
 
 // grid: (ceil(n/16), ceil(m/16))
@@ -370,14 +411,15 @@ fn mm_nt_sg(
     let b6 = p.o_b + min(nb + 6u, nl) * ld4b;
     let b7 = p.o_b + min(nb + 7u, nl) * ld4b;
     var acc: array<vec4<f32>, 16>;
-    for (var k4 = 0u; k4 < p.k / 4u; k4++) {
+    let kr = k_range(wid.z);
+    for (var k4 = kr.x / 4u; k4 < kr.y / 4u; k4++) {
         let ar = shared_a_rows(a4[abase + k4], lane0);
         let bv = array<vec4<f32>, 8>(
             b4[b0 + k4], b4[b1 + k4], b4[b2 + k4], b4[b3 + k4], b4[b4_ + k4], b4[b5 + k4], b4[b6 + k4], b4[b7 + k4],
         );
         fma_dot(&acc, ar, bv);
     }
-    store_block(&acc, m0 + tm * 8u, nb);
+    store_block(&acc, m0 + tm * 8u, nb, wid.z);
 }
 
 @compute @workgroup_size(64)
@@ -394,7 +436,8 @@ fn mm_nn_sg(
     let abase = p.o_a + min(m0 + tm * 8u + tn, p.m - 1u) * (p.lda / 4u);
     let nb = n0 + tn * 8u;
     var acc: array<vec4<f32>, 16>;
-    for (var k4 = 0u; k4 < p.k / 4u; k4++) {
+    let kr = k_range(wid.z);
+    for (var k4 = kr.x / 4u; k4 < kr.y / 4u; k4++) {
         let ar = shared_a_rows(a4[abase + k4], lane0);
         let k = k4 * 4u;
         let r0 = load_b_row8(k, nb);
@@ -404,7 +447,7 @@ fn mm_nn_sg(
         let b = array<vec4<f32>, 8>(r0[0], r0[1], r1[0], r1[1], r2[0], r2[1], r3[0], r3[1]);
         fma_rows(&acc, ar, b);
     }
-    store_block(&acc, m0 + tm * 8u, nb);
+    store_block(&acc, m0 + tm * 8u, nb, wid.z);
 }
 // A (k-major, m-contiguous) for k..k+4 and rows mb..mb+8: lane tn loads A[k + tn/2, mb + 4·(tn%2) ..+4];
 // row i of the result holds A[k..k+4, mb + i] after the shuffles
@@ -423,7 +466,8 @@ fn mm_tn_sg(
     let nb = n0 + tn * 8u;
     let my_m = mb + 4u * (tn % 2u);
     var acc: array<vec4<f32>, 16>;
-    for (var k = 0u; k < p.k; k += 4u) {
+    let kr = k_range(wid.z);
+    for (var k = kr.x; k < kr.y; k += 4u) {
         let ka = k + tn / 2u;
         var av = vec4<f32>(0.0);
         if (ka < p.k && my_m < p.m) {
@@ -447,6 +491,6 @@ fn mm_tn_sg(
         fma_block(&acc, k2a, k2b, r2[0], r2[1]);
         fma_block(&acc, k3a, k3b, r3[0], r3[1]);
     }
-    store_block(&acc, mb, nb);
+    store_block(&acc, mb, nb, wid.z);
 }
 //#endif

@@ -299,6 +299,23 @@ fn matmul_forward_and_backward() {
     }
 }
 
+/// Long-k matmuls split along k (partial tiles in scratch, then summed in order), in every mode.
+#[test]
+fn matmul_split_k() {
+    let Some(mut g) = gpu() else { return };
+    let mut r = Rng(12);
+    g.set_split_k_target(100_000);
+    for mode in matmul_modes(&g) {
+        g.set_matmul_mode(mode).unwrap();
+        // forward and dinp with k = 1100 / 1536; dW with k = n = 1030 (not a multiple of 4)
+        for &(n, cc, oc, bias) in &[(74usize, 1100usize, 96usize, true), (1030, 64, 136, true), (74, 96, 1536, false), (300, 1100, 260, true)] {
+            let c = matmul_case(&mut r, n, cc, oc, bias, 0);
+            let e = compare(&mut g, &c, 1);
+            println!("{mode:?} split-k {}: max |Δ| {e:e}", c.name);
+        }
+    }
+}
+
 fn attention_case(r: &mut Rng, b: usize, t: usize, c: usize, nh: usize) -> Case {
     let mut k = Case::new(&format!("attention b={b} t={t} c={c} nh={nh} hs={}", c / nh));
     let n = b * t;
@@ -796,9 +813,11 @@ fn step_profile() {
     // per launch, grouped by kernel family
     let be = &mut g;
     let mut fam: std::collections::BTreeMap<&str, f64> = Default::default();
+    let mut all = Vec::new();
     for phase in [&graph.zero_grad, &graph.train, &graph.update] {
         let times = be.profile(phase).unwrap();
         for (l, (_, ms)) in phase.iter().zip(times) {
+            all.push((ms, l.label.clone()));
             let key = match &l.kernel {
                 Kernel::MatmulForward { .. } => "matmul fwd",
                 Kernel::MatmulBackward { .. } => "matmul bwd",
@@ -812,5 +831,9 @@ fn step_profile() {
     let total: f64 = fam.values().sum();
     for (k, ms) in &fam {
         println!("  {k:14} {ms:9.1} ms  {:5.1}%", 100.0 * ms / total);
+    }
+    all.sort_by(|a, b| b.0.total_cmp(&a.0));
+    for (ms, l) in all.iter().take(8) {
+        println!("  slowest: {l} {ms:.1} ms");
     }
 }

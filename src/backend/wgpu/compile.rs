@@ -68,6 +68,8 @@ pub struct DeviceCaps {
     pub max_groups: u32,
     pub workgroup_bytes: u32,
     pub matmul: MatmulMode,
+    /// matmuls with fewer output tiles than this (and a long k) are split along k
+    pub split_k_target: u32,
 }
 
 impl DeviceCaps {
@@ -80,6 +82,7 @@ impl DeviceCaps {
             max_groups: limits.max_compute_workgroups_per_dimension.max(1),
             workgroup_bytes: limits.max_compute_workgroup_storage_size,
             matmul,
+            split_k_target: 512,
         }
     }
 }
@@ -786,7 +789,19 @@ impl Compiler<'_> {
                 (Layout::Nn, true) => (sgv, "mm_nn_sg"),
                 (Layout::Tn, true) => (sgv, "mm_tn_sg"),
             };
-            let mut call = Call::with_variant(variant, entry);
+            // split-K when the output has too few tiles to fill the device and k is long
+            let tiles = ceil_div(mc, tile) * ceil_div(nc, tile);
+            let bk = if large { 8 } else { 16 };
+            let mut slices = 1u64;
+            if tiles < self.caps.split_k_target as u64 && kc >= 1024 {
+                let cap = (self.caps.max_binding.min(256 << 20) / 4) / (mc * nc);
+                slices = ceil_div(self.caps.split_k_target as u64, tiles).min(kc / 256).min(64).min(cap).max(1);
+            }
+            let kslice = if slices > 1 { ceil_div(ceil_div(kc, slices), bk) * bk } else { 0 };
+            if slices > 1 {
+                slices = ceil_div(kc, kslice);
+            }
+            let mut call = Call::with_variant(variant.clone(), entry);
             let ra = self.bind(&mut call, 1, Target::Table(a.buf), a_start, a_ext, false)?;
             let rb = self.bind(&mut call, 2, Target::Table(b.buf), b_start, b_ext, false)?;
             let rc = self.bind(&mut call, 3, Target::Table(c.buf), c_start, c_ext, true)?;
@@ -795,12 +810,29 @@ impl Compiler<'_> {
                 None => self.bind(&mut call, 4, Target::Dummy, 0, 4, false)?,
             };
             debug_assert!(ra % 4 == 0 && rb % 4 == 0);
+            let split = slices > 1;
+            self.bind_scratch(&mut call, 7, if split { slices * mc * nc } else { 4 }, true)?;
             call.params(&[
                 mc as u32, nc as u32, kc as u32, a.ld as u32, b.ld as u32, c.ld as u32, ra / 4, rb / 4, rc, rbias,
-                has_bias, accum as u32,
+                has_bias, accum as u32, kslice as u32, if split { slices as u32 } else { 0 },
             ]);
-            call.groups = [ceil_div(nc, tile) as u32, ceil_div(mc, tile) as u32, 1];
+            call.groups = [ceil_div(nc, tile) as u32, ceil_div(mc, tile) as u32, slices as u32];
             self.push(call);
+            if split {
+                let mut call = Call::with_variant(variant, "mm_splitk_reduce");
+                let rc = self.bind(&mut call, 3, Target::Table(c.buf), c_start, c_ext, true)?;
+                let rbias = match bias {
+                    Some((buf, off)) => self.bind(&mut call, 4, Target::Table(buf), off + n0, nc, false)?,
+                    None => self.bind(&mut call, 4, Target::Dummy, 0, 4, false)?,
+                };
+                self.bind_scratch(&mut call, 8, slices * mc * nc, false)?;
+                call.params(&[
+                    mc as u32, nc as u32, kc as u32, 0, 0, c.ld as u32, 0, 0, rc, rbias, has_bias, accum as u32, 0,
+                    slices as u32,
+                ]);
+                call.groups = self.stride_groups(mc * nc, ELEMWISE_WG);
+                self.push(call);
+            }
         } else {
             let (sam, sak, sbk, sbn) = match layout {
                 Layout::Nt => (a.ld, 1, 1, b.ld),

@@ -210,7 +210,11 @@ impl WgpuBackend {
                 }
             }
         };
-        let caps = DeviceCaps::from_limits(&limits, mode);
+        let mut caps = DeviceCaps::from_limits(&limits, mode);
+        if info.device_type == wgpu::DeviceType::Cpu {
+            // a few cores: only split when a matmul could not keep them busy
+            caps.split_k_target = 16;
+        }
         let dummy = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("dummy"),
             size: 256,
@@ -287,6 +291,14 @@ impl WgpuBackend {
     pub fn limit_bindings_for_tests(&mut self, bytes: u64) {
         self.flush();
         self.caps.max_binding = bytes.min(self.caps.max_binding);
+        self.plans.clear();
+    }
+
+    /// Sets the output-tile count under which long-k matmuls are split along k (tests, tuning).
+    #[doc(hidden)]
+    pub fn set_split_k_target(&mut self, tiles: u32) {
+        self.flush();
+        self.caps.split_k_target = tiles;
         self.plans.clear();
     }
 

@@ -21,7 +21,7 @@ fn nvrtc_or_skip() -> Option<String> {
             if std::env::var("WGPT_REQUIRE_NVRTC").map(|v| v == "1").unwrap_or(false) {
                 panic!("WGPT_REQUIRE_NVRTC=1 but NVRTC is unusable: {e}");
             }
-            println!("skipped: NVRTC not found ({e})");
+            skip_note(&format!("skipped: NVRTC not found ({e})"));
             None
         }
     }
@@ -118,7 +118,7 @@ fn without_a_driver_new_is_a_one_line_error_and_probe_does_not_panic() {
         // a GPU is here: at least a missing device must be a one-line flag error
         let e = CudaBackend::new(p.devices.len() + 7).err().expect("device index past the end must fail");
         assert!(matches!(e, Error::Flag { .. }), "{e}");
-        println!("skipped the no-driver half: a CUDA driver and {} device(s) are present", p.devices.len());
+        skip_note(&format!("skipped the no-driver half: a CUDA driver and {} device(s) are present", p.devices.len()));
         return;
     }
     assert!(p.devices.is_empty());
@@ -144,7 +144,7 @@ fn without_a_driver_new_is_a_one_line_error_and_probe_does_not_panic() {
 fn gpu(opts: CudaOptions) -> Option<CudaBackend> {
     let p = cuda::probe();
     if p.driver.is_err() || p.devices.is_empty() {
-        println!("skipped: no CUDA device ({})", p.driver.err().unwrap_or_else(|| "driver present, no GPU".into()));
+        skip_note(&format!("skipped: no CUDA device ({})", p.driver.err().unwrap_or_else(|| "driver present, no GPU".into())));
         return None;
     }
     Some(CudaBackend::with_options(0, opts).unwrap_or_else(|e| panic!("a CUDA device is present but: {e}")))
@@ -452,4 +452,11 @@ fn tiny_fixture_ten_steps_match_the_reference_losses() {
         assert!(err <= 1e-4, "step {s}: loss {loss}, reference {w} (|diff| {err:e})");
     }
     println!("tiny fixture on {name}: 10 losses within {worst:.2e} of the reference ({:.0} ms)", t0.elapsed().as_secs_f64() * 1e3);
+}
+
+/// Say why a test is skipped where the person running `cargo test` sees it: written straight to
+/// the process's stderr, which libtest's output capture (print!/eprint! only) does not swallow.
+fn skip_note(msg: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{msg}");
 }

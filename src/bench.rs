@@ -106,8 +106,9 @@ pub fn run_step(a: &BenchArgs) -> Result<BenchReport> {
     for s in 0..(a.warmup + a.steps) {
         let t0 = Instant::now();
         sess.zero_grad()?;
-        sess.train_micro(&x, &y)?;
+        sess.train_micro_async(&x, &y)?;
         sess.update(1e-4, AdamConsts::default(), s + 1)?;
+        sess.mean_loss()?;
         sess.backend.sync()?;
         if s >= a.warmup {
             times.push(t0.elapsed().as_secs_f64() * 1e3);

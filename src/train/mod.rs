@@ -287,13 +287,18 @@ pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
         let t0 = Instant::now();
         sess.zero_grad()?;
         let mut loss_sum = 0.0f64;
-        for _ in 0..grad_accum {
+        for k in 0..grad_accum {
             let (x, y) = train_loader.next_batch()?;
-            loss_sum += sess.train_micro(&x, &y)? as f64;
+            sess.train_micro_async(&x, &y)?;
+            // the last micro-step's losses are read after the update is queued: one host wait per step
+            if k + 1 < grad_accum {
+                loss_sum += sess.mean_loss()? as f64;
+            }
         }
-        let loss = (loss_sum / grad_accum as f64) as f32;
         let lr = sched.lr_at(step);
         let norm = sess.update(lr, adam, step + 1)?;
+        loss_sum += sess.mean_loss()? as f64;
+        let loss = (loss_sum / grad_accum as f64) as f32;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         if !loss.is_finite() {
             return Err(Error::Data(format!("training diverged at step {}: loss is {loss}; try a lower --lr", step + 1)));

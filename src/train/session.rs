@@ -84,7 +84,8 @@ impl Session {
         self.backend.upload_i32(self.graph.io.targets, y)
     }
 
-    fn mean_loss(&mut self) -> Result<f32> {
+    /// Mean of the per-position losses left by the last `train`/`eval` run (waits for the device).
+    pub fn mean_loss(&mut self) -> Result<f32> {
         let losses = self.backend.download_f32(self.graph.io.losses)?;
         let sum: f64 = losses.iter().map(|&l| l as f64).sum();
         Ok((sum / losses.len() as f64) as f32)
@@ -96,9 +97,15 @@ impl Session {
 
     /// One micro-step (forward, loss, backward; gradients accumulate). Returns the batch's mean loss.
     pub fn train_micro(&mut self, x: &[i32], y: &[i32]) -> Result<f32> {
-        self.upload_batch(x, y)?;
-        self.backend.run(&self.graph.train)?;
+        self.train_micro_async(x, y)?;
         self.mean_loss()
+    }
+
+    /// One micro-step without reading the loss back: on a GPU the step's launches queue up without a
+    /// host wait; read the loss later with `mean_loss` (before the next micro-step overwrites it).
+    pub fn train_micro_async(&mut self, x: &[i32], y: &[i32]) -> Result<()> {
+        self.upload_batch(x, y)?;
+        self.backend.run(&self.graph.train)
     }
 
     /// One AdamW update with learning rate `lr` at 1-based step `t`. Returns the gradient norm

@@ -1,16 +1,17 @@
 // attention.wgsl — causal multi-head self-attention, flash style: no (t,t) matrix is stored; the forward
 // keeps the softmax statistics lse and the backward recomputes p from them. qkv rows are [q | k | v]
-// (3c wide), head h uses features [h·HS, (h+1)·HS). One invocation per query (or key) row, key/query
-// tiles staged in workgroup memory. HS, BK and BQT are specialised by the host per head size
-// (the values below are the defaults for HS = 64).
+// (3c wide), head h uses features [h·hs, (h+1)·hs). One invocation per query (or key) row, key/query
+// tiles staged in workgroup memory; head vectors are held as vec4s (HS = hs rounded up to 4, the
+// padding is zero). HS, BK and BQT are specialised by the host per head size (defaults: hs = 64).
 // attn_forward:   s_u = q_t·k_u·scale (u ≤ t), online softmax; out_t = Σ_u softmax(s)_u·v_u; lse_t = max + ln Σ exp(s − max)
-// attn_backward_d: D[b,h,t] = Σ_i dout[b,t,h·HS+i]·out[b,t,h·HS+i]
+// attn_backward_d: D[b,h,t] = Σ_i dout[b,t,h·hs+i]·out[b,t,h·hs+i]
 // attn_backward_dq: p = exp(q_t·k_u·scale − lse_t), dp = dout_t·v_u, ds = p·(dp − D_t); dq_t = scale·Σ_{u≤t} ds·k_u
 // attn_backward_dkv: same p, ds; dk_u = scale·Σ_{t≥u} ds·q_t;  dv_u = Σ_{t≥u} p·dout_t
 
 const HS: u32 = 64u;
 const BK: u32 = 32u;
 const BQT: u32 = 16u;
+const HS4: u32 = HS / 4u;
 const BQ: u32 = 64u;
 const NEG: f32 = -3.0e38;
 
@@ -25,6 +26,7 @@ struct P {
     o_dout: u32,
     o_dqkv: u32,
     scale: f32,
+    hs: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: P;
@@ -38,21 +40,54 @@ struct P {
 @group(0) @binding(8) var<storage, read_write> dd_w: array<f32>;
 @group(0) @binding(9) var<storage, read> dd_r: array<f32>;
 
-var<workgroup> ks: array<f32, BK * HS>;
-var<workgroup> vs: array<f32, BK * HS>;
+var<workgroup> ks: array<vec4<f32>, BK * HS4>;
+var<workgroup> vs: array<vec4<f32>, BK * HS4>;
+
+// features i0..i0+4 of a head vector starting at element `base` (zeros past hs)
+fn qkv4(base: u32, i0: u32) -> vec4<f32> {
+    var r = vec4<f32>(0.0);
+    for (var j = 0u; j < 4u; j++) {
+        if (i0 + j < p.hs) {
+            r[j] = qkv[base + i0 + j];
+        }
+    }
+    return r;
+}
+
+fn dout4(base: u32, i0: u32) -> vec4<f32> {
+    var r = vec4<f32>(0.0);
+    for (var j = 0u; j < 4u; j++) {
+        if (i0 + j < p.hs) {
+            r[j] = dout[base + i0 + j];
+        }
+    }
+    return r;
+}
+
+fn store_dqkv4(base: u32, i0: u32, v: vec4<f32>) {
+    for (var j = 0u; j < 4u; j++) {
+        if (i0 + j < p.hs) {
+            dqkv[base + i0 + j] = v[j];
+        }
+    }
+}
+
+// element index of feature 0 of part `part` (0 q, 1 k, 2 v) of head h at row (bb, u)
+fn head_base(bb: u32, u: u32, h: u32, part: u32) -> u32 {
+    return p.o_qkv + (bb * p.t + u) * 3u * p.c + part * p.c + h * p.hs;
+}
 
 // Stage keys and values [u0, u0 + BK) of head h, batch bb into ks/vs (zeros past t).
 fn load_kv(bb: u32, h: u32, u0: u32, lid: u32) {
-    for (var e = lid; e < BK * HS; e += BQ) {
-        let j = e / HS;
-        let i = e - j * HS;
+    for (var e = lid; e < BK * HS4; e += BQ) {
+        let j = e / HS4;
+        let i4 = e - j * HS4;
         let u = u0 + j;
-        var kv = 0.0;
-        var vv = 0.0;
+        var kv = vec4<f32>(0.0);
+        var vv = vec4<f32>(0.0);
         if (u < p.t) {
-            let base = p.o_qkv + (bb * p.t + u) * 3u * p.c + h * HS + i;
-            kv = qkv[base + p.c];
-            vv = qkv[base + 2u * p.c];
+            kv = qkv4(head_base(bb, u, h, 1u), i4 * 4u);
+            vv = qkv4(head_base(bb, u, h, 2u), i4 * 4u);
         }
         ks[e] = kv;
         vs[e] = vv;
@@ -68,12 +103,11 @@ fn attn_forward(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
     let tq = q0 + lid;
     let live = tq < p.t;
     let tr = min(tq, p.t - 1u);
-    var q: array<f32, HS>;
-    var acc: array<f32, HS>;
-    let qbase = p.o_qkv + (bb * p.t + tr) * 3u * p.c + h * HS;
-    for (var i = 0u; i < HS; i++) {
-        q[i] = qkv[qbase + i] * p.scale;
-        acc[i] = 0.0;
+    var q: array<vec4<f32>, HS4>;
+    var acc: array<vec4<f32>, HS4>;
+    let qbase = head_base(bb, tr, h, 0u);
+    for (var i = 0u; i < HS4; i++) {
+        q[i] = qkv4(qbase, i * 4u) * p.scale;
     }
     var mx = NEG;
     var l = 0.0;
@@ -89,25 +123,26 @@ fn attn_forward(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
             for (var j = 0u; j < BK; j++) {
                 var sc = NEG;
                 if (u0 + j <= tq) {
-                    sc = 0.0;
-                    for (var i = 0u; i < HS; i++) {
-                        sc += q[i] * ks[j * HS + i];
+                    var d = vec4<f32>(0.0);
+                    for (var i = 0u; i < HS4; i++) {
+                        d += q[i] * ks[j * HS4 + i];
                     }
+                    sc = d.x + d.y + d.z + d.w;
                 }
                 s[j] = sc;
                 tmax = max(tmax, sc);
             }
             let corr = exp(mx - tmax);
             l *= corr;
-            for (var i = 0u; i < HS; i++) {
+            for (var i = 0u; i < HS4; i++) {
                 acc[i] *= corr;
             }
             for (var j = 0u; j < BK; j++) {
                 if (u0 + j <= tq) {
                     let pj = exp(s[j] - tmax);
                     l += pj;
-                    for (var i = 0u; i < HS; i++) {
-                        acc[i] += pj * vs[j * HS + i];
+                    for (var i = 0u; i < HS4; i++) {
+                        acc[i] += pj * vs[j * HS4 + i];
                     }
                 }
             }
@@ -116,10 +151,15 @@ fn attn_forward(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
         workgroupBarrier();
     }
     if (live) {
-        let obase = p.o_out + (bb * p.t + tq) * p.c + h * HS;
+        let obase = p.o_out + (bb * p.t + tq) * p.c + h * p.hs;
         let inv = 1.0 / l;
-        for (var i = 0u; i < HS; i++) {
-            out_w[obase + i] = acc[i] * inv;
+        for (var i = 0u; i < HS4; i++) {
+            let v = acc[i] * inv;
+            for (var j = 0u; j < 4u; j++) {
+                if (i * 4u + j < p.hs) {
+                    out_w[obase + i * 4u + j] = v[j];
+                }
+            }
         }
         lse_w[p.o_lse + (bb * p.nh + h) * p.t + tq] = mx + log(l);
     }
@@ -135,9 +175,9 @@ fn attn_backward_d(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
         let bh = e / p.t;
         let h = bh % p.nh;
         let bb = bh / p.nh;
-        let base = (bb * p.t + tt) * p.c + h * HS;
+        let base = (bb * p.t + tt) * p.c + h * p.hs;
         var s = 0.0;
-        for (var i = 0u; i < HS; i++) {
+        for (var i = 0u; i < p.hs; i++) {
             s += dout[p.o_dout + base + i] * out_r[p.o_out + base + i];
         }
         dd_w[e] = s;
@@ -153,15 +193,14 @@ fn attn_backward_dq(@builtin(local_invocation_index) lid: u32, @builtin(workgrou
     let tq = q0 + lid;
     let live = tq < p.t;
     let tr = min(tq, p.t - 1u);
-    var q: array<f32, HS>;
-    var g: array<f32, HS>;
-    var dq: array<f32, HS>;
-    let qbase = p.o_qkv + (bb * p.t + tr) * 3u * p.c + h * HS;
-    let gbase = p.o_dout + (bb * p.t + tr) * p.c + h * HS;
-    for (var i = 0u; i < HS; i++) {
-        q[i] = qkv[qbase + i] * p.scale;
-        g[i] = dout[gbase + i];
-        dq[i] = 0.0;
+    var q: array<vec4<f32>, HS4>;
+    var g: array<vec4<f32>, HS4>;
+    var dq: array<vec4<f32>, HS4>;
+    let qbase = head_base(bb, tr, h, 0u);
+    let gbase = p.o_dout + (bb * p.t + tr) * p.c + h * p.hs;
+    for (var i = 0u; i < HS4; i++) {
+        q[i] = qkv4(qbase, i * 4u) * p.scale;
+        g[i] = dout4(gbase, i * 4u);
     }
     let st = (bb * p.nh + h) * p.t + tr;
     let lse = lse_r[p.o_lse + st];
@@ -175,16 +214,16 @@ fn attn_backward_dq(@builtin(local_invocation_index) lid: u32, @builtin(workgrou
         if (live) {
             for (var j = 0u; j < BK; j++) {
                 if (u0 + j <= tq) {
-                    var sc = 0.0;
-                    var dp = 0.0;
-                    for (var i = 0u; i < HS; i++) {
-                        sc += q[i] * ks[j * HS + i];
-                        dp += g[i] * vs[j * HS + i];
+                    var sc = vec4<f32>(0.0);
+                    var dp = vec4<f32>(0.0);
+                    for (var i = 0u; i < HS4; i++) {
+                        sc += q[i] * ks[j * HS4 + i];
+                        dp += g[i] * vs[j * HS4 + i];
                     }
-                    let pr = exp(sc - lse);
-                    let ds = pr * (dp - dd);
-                    for (var i = 0u; i < HS; i++) {
-                        dq[i] += ds * ks[j * HS + i];
+                    let pr = exp(sc.x + sc.y + sc.z + sc.w - lse);
+                    let ds = pr * (dp.x + dp.y + dp.z + dp.w - dd);
+                    for (var i = 0u; i < HS4; i++) {
+                        dq[i] += ds * ks[j * HS4 + i];
                     }
                 }
             }
@@ -192,15 +231,15 @@ fn attn_backward_dq(@builtin(local_invocation_index) lid: u32, @builtin(workgrou
         workgroupBarrier();
     }
     if (live) {
-        let obase = p.o_dqkv + (bb * p.t + tq) * 3u * p.c + h * HS;
-        for (var i = 0u; i < HS; i++) {
-            dqkv[obase + i] = dq[i] * p.scale;
+        let obase = p.o_dqkv + (bb * p.t + tq) * 3u * p.c + h * p.hs;
+        for (var i = 0u; i < HS4; i++) {
+            store_dqkv4(obase, i * 4u, dq[i] * p.scale);
         }
     }
 }
 
-var<workgroup> qs: array<f32, BQT * HS>;
-var<workgroup> gs: array<f32, BQT * HS>;
+var<workgroup> qs: array<vec4<f32>, BQT * HS4>;
+var<workgroup> gs: array<vec4<f32>, BQT * HS4>;
 var<workgroup> ls: array<f32, BQT>;
 var<workgroup> ds_: array<f32, BQT>;
 
@@ -213,31 +252,28 @@ fn attn_backward_dkv(@builtin(local_invocation_index) lid: u32, @builtin(workgro
     let u = k0 + lid;
     let live = u < p.t;
     let ur = min(u, p.t - 1u);
-    var k: array<f32, HS>;
-    var v: array<f32, HS>;
-    var dk: array<f32, HS>;
-    var dv: array<f32, HS>;
-    let kbase = p.o_qkv + (bb * p.t + ur) * 3u * p.c + h * HS;
-    for (var i = 0u; i < HS; i++) {
-        k[i] = qkv[kbase + p.c + i];
-        v[i] = qkv[kbase + 2u * p.c + i];
-        dk[i] = 0.0;
-        dv[i] = 0.0;
+    var k: array<vec4<f32>, HS4>;
+    var v: array<vec4<f32>, HS4>;
+    var dk: array<vec4<f32>, HS4>;
+    var dv: array<vec4<f32>, HS4>;
+    for (var i = 0u; i < HS4; i++) {
+        k[i] = qkv4(head_base(bb, ur, h, 1u), i * 4u);
+        v[i] = qkv4(head_base(bb, ur, h, 2u), i * 4u);
     }
     let st0 = (bb * p.nh + h) * p.t;
     let first = k0 / BQT;
     let ntiles = (p.t + BQT - 1u) / BQT;
     for (var qt = first; qt < ntiles; qt++) {
         let t0 = qt * BQT;
-        for (var e = lid; e < BQT * HS; e += BQ) {
-            let j = e / HS;
-            let i = e - j * HS;
+        for (var e = lid; e < BQT * HS4; e += BQ) {
+            let j = e / HS4;
+            let i4 = e - j * HS4;
             let tt = t0 + j;
-            var qv = 0.0;
-            var gv = 0.0;
+            var qv = vec4<f32>(0.0);
+            var gv = vec4<f32>(0.0);
             if (tt < p.t) {
-                qv = qkv[p.o_qkv + (bb * p.t + tt) * 3u * p.c + h * HS + i] * p.scale;
-                gv = dout[p.o_dout + (bb * p.t + tt) * p.c + h * HS + i];
+                qv = qkv4(head_base(bb, tt, h, 0u), i4 * 4u) * p.scale;
+                gv = dout4(p.o_dout + (bb * p.t + tt) * p.c + h * p.hs, i4 * 4u);
             }
             qs[e] = qv;
             gs[e] = gv;
@@ -258,17 +294,17 @@ fn attn_backward_dkv(@builtin(local_invocation_index) lid: u32, @builtin(workgro
             for (var j = 0u; j < BQT; j++) {
                 let tt = t0 + j;
                 if (tt >= u && tt < p.t) {
-                    var sc = 0.0;
-                    var dp = 0.0;
-                    for (var i = 0u; i < HS; i++) {
-                        sc += qs[j * HS + i] * k[i];
-                        dp += gs[j * HS + i] * v[i];
+                    var sc = vec4<f32>(0.0);
+                    var dp = vec4<f32>(0.0);
+                    for (var i = 0u; i < HS4; i++) {
+                        sc += qs[j * HS4 + i] * k[i];
+                        dp += gs[j * HS4 + i] * v[i];
                     }
-                    let pr = exp(sc - ls[j]);
-                    let dsc = pr * (dp - ds_[j]);
-                    for (var i = 0u; i < HS; i++) {
-                        dv[i] += pr * gs[j * HS + i];
-                        dk[i] += dsc * qs[j * HS + i];
+                    let pr = exp(sc.x + sc.y + sc.z + sc.w - ls[j]);
+                    let dsc = pr * (dp.x + dp.y + dp.z + dp.w - ds_[j]);
+                    for (var i = 0u; i < HS4; i++) {
+                        dv[i] += pr * gs[j * HS4 + i];
+                        dk[i] += dsc * qs[j * HS4 + i];
                     }
                 }
             }
@@ -276,10 +312,10 @@ fn attn_backward_dkv(@builtin(local_invocation_index) lid: u32, @builtin(workgro
         workgroupBarrier();
     }
     if (live) {
-        let obase = p.o_dqkv + (bb * p.t + u) * 3u * p.c + h * HS;
-        for (var i = 0u; i < HS; i++) {
-            dqkv[obase + p.c + i] = dk[i];
-            dqkv[obase + 2u * p.c + i] = dv[i];
+        let obase = p.o_dqkv + (bb * p.t + u) * 3u * p.c + h * p.hs;
+        for (var i = 0u; i < HS4; i++) {
+            store_dqkv4(obase + p.c, i * 4u, dk[i]);
+            store_dqkv4(obase + 2u * p.c, i * 4u, dv[i]);
         }
     }
 }

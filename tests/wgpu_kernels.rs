@@ -346,7 +346,7 @@ fn attention_case(r: &mut Rng, b: usize, t: usize, c: usize, nh: usize) -> Case 
 fn attention_forward_and_backward() {
     let Some(mut g) = gpu() else { return };
     let mut r = Rng(4);
-    for (b, t, c, nh) in [(B, T, C, 6), (B, T, 128, 2), (1, 130, 64, 1), (3, 1, 32, 2)] {
+    for (b, t, c, nh) in [(B, T, C, 6), (B, T, 128, 2), (1, 130, 64, 1), (3, 1, 32, 2), (2, 19, 50, 2)] {
         let k = attention_case(&mut r, b, t, c, nh);
         let e = compare(&mut g, &k, 1);
         println!("{}: max |Δ| {e:e}", k.name);
@@ -680,6 +680,9 @@ fn gpt2_124m_plans_within_webgpu_default_limits() {
         plan.largest_buffer.1 as f64 / (1 << 20) as f64
     );
     assert!(plan.total_bytes > g.total_bytes() as u64);
+    let t0 = std::time::Instant::now();
+    let key_len = format!("{:?}", g.train).len();
+    println!("train phase: {} launches, Debug key {key_len} bytes in {:?}", g.train.len(), t0.elapsed());
     assert!(plan.check_budget(1 << 30).is_err(), "1 GiB is not enough for GPT-2 124M training");
     let big = TrainOptions { b: 64, ..opts };
     let g = build_train_step(&gpt2_124m(), &big);

@@ -913,12 +913,13 @@ impl Compiler<'_> {
         let mut b0 = 0;
         while b0 < b {
             let bs = bs_max.min(b - b0);
-            let mut words = [0u32; 10];
+            let mut words = [0u32; 11];
             words[0] = bs as u32;
             words[1] = t as u32;
             words[2] = c as u32;
             words[3] = nh as u32;
             words[9] = f(scale);
+            words[10] = hs as u32;
             match dqkv {
                 None => {
                     let mut call = Call::with_variant(attention_variant(hs as u32, self.caps.workgroup_bytes, false), "attn_forward");

@@ -110,16 +110,22 @@ pub fn attention_tiles(hs: u32, workgroup_bytes: u32) -> (u32, u32) {
     // at most WebGPU's default 16 KiB: bigger tiles gain little and make some shader compilers
     // (Mesa's GL path) unroll for minutes
     let floats = workgroup_bytes.min(16384) / 4;
+    let hs = attention_hs(hs);
     let pow2_floor = |x: u32| if x == 0 { 0 } else { 1u32 << (31 - x.leading_zeros()) };
     let bk = pow2_floor(floats / (2 * hs)).min(64);
     let bqt = pow2_floor(floats / (2 * hs + 2)).min(64);
     (bk, bqt)
 }
 
+/// The specialised head size: hs rounded up to a multiple of 4 (head vectors are vec4s).
+pub fn attention_hs(hs: u32) -> u32 {
+    hs.div_ceil(4) * 4
+}
+
 /// The attention variant for head size `hs`.
 pub fn attention_variant(hs: u32, workgroup_bytes: u32, rw: bool) -> Variant {
     let (bk, bqt) = attention_tiles(hs, workgroup_bytes);
-    Variant { family: "attention", subgroup: false, rw, consts: vec![("HS", hs), ("BK", bk), ("BQT", bqt)] }
+    Variant { family: "attention", subgroup: false, rw, consts: vec![("HS", attention_hs(hs)), ("BK", bk), ("BQT", bqt)] }
 }
 
 /// The matmul module specialised for 128×128 tiles (256 invocations, k-slices of 8).
@@ -134,7 +140,7 @@ pub fn all_variants() -> Vec<Variant> {
     for fam in FAMILIES {
         for rw in [false, true] {
             if fam == "attention" {
-                for hs in [16, 32, 64, 80, 96, 128] {
+                for hs in [16, 25, 32, 64, 80, 96, 128] {
                     for wg in [16384, 32768] {
                         v.push(attention_variant(hs, wg, rw));
                     }

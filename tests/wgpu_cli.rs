@@ -77,3 +77,17 @@ fn wgpu_training_follows_the_cpu_loss_curve() {
         assert!((c - g).abs() < 2e-3, "step {}: cpu {c} vs wgpu {g}", i + 1);
     }
 }
+
+#[test]
+fn a_step_too_big_for_the_adapter_is_refused_before_allocating() {
+    if !have_adapter() {
+        return;
+    }
+    // GPT-2 124M at B=64, T=1024 needs bindings and buffers beyond lavapipe's limits
+    let o = wgpt(&["bench", "--backend", "wgpu", "--model", "d12", "--batch", "64", "--seq-len", "1024", "--steps", "1"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(!err.contains("panicked"), "{err}");
+    let line = err.lines().find(|l| l.starts_with("error")).expect("an error line");
+    assert!(line.contains("--batch") && line.contains("MiB"), "{line}");
+}

@@ -17,6 +17,11 @@ use crate::graph::{BufId, BufferTable, Launch};
 pub trait Backend {
     /// Short name and device, e.g. "cpu (2 threads)" or "wgpu: NVIDIA H100 (Vulkan)".
     fn name(&self) -> String;
+    /// Check, before anything is allocated, that the buffers and launches fit this device (sizes,
+    /// binding limits); the error says what to lower. Backends without limits accept everything.
+    fn check_fits(&self, _table: &BufferTable, _phases: &[&[Launch]]) -> Result<()> {
+        Ok(())
+    }
     /// Allocate every buffer of the table (zero-filled). Called once; buffer ids index the table.
     fn alloc(&mut self, table: &BufferTable) -> Result<()>;
     /// Copy host f32 data into a whole f32 buffer (`data.len()` must equal its length).

@@ -30,6 +30,8 @@ pub struct Session {
 impl Session {
     /// Allocate every buffer of `graph` on `backend`.
     pub fn new(mut backend: Box<dyn Backend>, graph: Graph) -> Result<Session> {
+        let phases = [&graph.zero_grad[..], &graph.train[..], &graph.eval[..], &graph.update[..]];
+        backend.check_fits(&graph.buffers, &phases)?;
         backend.alloc(&graph.buffers)?;
         let layout = ParamLayout::new(&graph.cfg);
         Ok(Session { backend, graph, layout })

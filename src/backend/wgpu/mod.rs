@@ -557,6 +557,10 @@ impl Backend for WgpuBackend {
         format!("wgpu: {} ({:?})", self.info.name, self.info.backend)
     }
 
+    fn check_fits(&self, table: &BufferTable, phases: &[&[Launch]]) -> Result<()> {
+        self.plan(table, phases).map(|_| ())
+    }
+
     fn alloc(&mut self, table: &BufferTable) -> Result<()> {
         // sizes first: say what does not fit before allocating anything
         plan_memory(table, &[], &self.caps)?;

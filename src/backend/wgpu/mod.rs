@@ -47,6 +47,12 @@ pub struct AdapterReport {
 }
 
 fn instance() -> wgpu::Instance {
+    // Mesa's implicit Vulkan layer VK_LAYER_MESA_device_select only reorders devices for programs
+    // that take the first one (wgpt lists them all) and, on headless machines, prints
+    // "XDG_RUNTIME_DIR is invalid" while probing Wayland. Leave it out unless the user set it.
+    if std::env::var_os("NODEVICE_SELECT").is_none() {
+        std::env::set_var("NODEVICE_SELECT", "1");
+    }
     // WGPU_BACKEND=vulkan|gl|metal|dx12 restricts the back ends, as in every wgpu program
     wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
 }

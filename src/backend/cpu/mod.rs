@@ -495,6 +495,13 @@ impl Backend for CpuBackend {
         self.f32_buffer(id).map(|b| b.to_vec())
     }
 
+    fn download_view(&mut self, view: View) -> Result<Vec<f32>> {
+        let b = self.f32_buffer(view.buf)?;
+        b.get(view.offset..view.offset + view.len)
+            .map(|s| s.to_vec())
+            .ok_or_else(|| Error::backend("cpu", format!("view {view:?} is outside its buffer of {} elements", b.len())))
+    }
+
     fn run(&mut self, launches: &[Launch]) -> Result<()> {
         for l in launches {
             self.run_one(l)?;

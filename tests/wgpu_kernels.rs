@@ -7,6 +7,7 @@
 //! Without any wgpu adapter the tests print "skipped: no wgpu adapter" and pass, unless
 //! WGPT_REQUIRE_ADAPTER=1 (CI), where that is a failure. Here lavapipe (Vulkan on the CPU) runs them.
 
+use std::io::Write;
 use wgpt::backend::cpu::CpuBackend;
 use wgpt::backend::wgpu::{MatmulMode, WgpuBackend};
 use wgpt::backend::Backend;
@@ -23,7 +24,8 @@ fn gpu() -> Option<WgpuBackend> {
             if std::env::var("WGPT_REQUIRE_ADAPTER").as_deref() == Ok("1") {
                 panic!("WGPT_REQUIRE_ADAPTER=1 but no wgpu adapter: {e}");
             }
-            println!("skipped: no wgpu adapter ({e})");
+            // straight to stderr: libtest's capture (print!/eprint!) would hide it
+            let _ = writeln!(std::io::stderr().lock(), "skipped: no wgpu adapter ({e})");
             None
         }
         Err(e) => panic!("wgpu backend failed to start: {e}"),

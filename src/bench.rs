@@ -1,6 +1,6 @@
 //! `wgpt bench`: times full training steps (forward, backward, update) after warm-up, or one kernel.
 
-use crate::backend::{self, BackendKind};
+use crate::backend::BackendArgs;
 use crate::error::{Error, Result};
 use crate::graph::{build_train_step, TrainOptions};
 use crate::train::session::{AdamConsts, Session};
@@ -17,14 +17,8 @@ pub enum BenchKernel {
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct BenchArgs {
-    #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
-    pub backend: BackendKind,
-    /// device index for wgpu/cuda
-    #[arg(long)]
-    pub device: Option<usize>,
-    /// cpu backend threads (default: all cores)
-    #[arg(long)]
-    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub backend: BackendArgs,
     /// model descriptor (d12 = GPT-2 124M) or an llm.c checkpoint
     #[arg(long, default_value = "d12")]
     pub model: String,
@@ -90,7 +84,7 @@ pub fn run_step(a: &BenchArgs) -> Result<BenchReport> {
     if a.seq_len == 0 || a.seq_len > cfg.max_t {
         return Err(Error::flag("--seq-len", format!("must be in 1..={}", cfg.max_t)));
     }
-    let backend = backend::create(a.backend, a.device, a.threads)?;
+    let backend = a.backend.create()?;
     let graph = build_train_step(
         &cfg,
         &TrainOptions { b: a.batch, t: a.seq_len, grad_accum: 1, weight_decay: 0.1, decay_all: false, grad_clip: 1.0 },
@@ -154,7 +148,7 @@ pub fn run_matmul(a: &BenchArgs) -> Result<MatmulReport> {
         label: "matmul".into(),
         kernel: Kernel::MatmulForward { out: t.view(out), inp: t.view(inp), weight: t.view(w), bias: None, n: m, c: k, oc: n },
     }];
-    let mut be = backend::create(a.backend, a.device, a.threads)?;
+    let mut be = a.backend.create()?;
     be.alloc(&t)?;
     let mut r = crate::rng::XorShift(7);
     let xs: Vec<f32> = (0..m * k).map(|_| r.next_f32() - 0.5).collect();

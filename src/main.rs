@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use wgpt::backend::{self, BackendKind};
+use wgpt::backend::BackendArgs;
 use wgpt::bench::{BenchArgs, BenchKernel};
 use wgpt::error::{Error, Result};
 use wgpt::train::TrainArgs;
@@ -60,14 +60,8 @@ struct SampleArgs {
     /// tokenizer file (default: the built-in GPT-2 BPE)
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
-    backend: BackendKind,
-    /// device index for wgpu/cuda
-    #[arg(long)]
-    device: Option<usize>,
-    /// cpu backend threads (default: all cores)
-    #[arg(long)]
-    threads: Option<usize>,
+    #[command(flatten)]
+    backend: BackendArgs,
 }
 
 #[derive(clap::Args)]
@@ -206,7 +200,7 @@ fn sample(a: &SampleArgs) -> Result<ExitCode> {
     if t == 0 || t > cfg.max_t {
         return Err(Error::flag("--seq-len", format!("must be in 1..={}", cfg.max_t)));
     }
-    let backend = backend::create(a.backend, a.device, a.threads)?;
+    let backend = a.backend.create()?;
     let mut sess = Session::new(backend, wgpt::graph::build_forward(&cfg, 1, t))?;
     sess.upload_params(&params)?;
     let ids = sample::generate(&mut sess, &prompt, a.tokens, a.temperature, a.top_k, a.seed)?;

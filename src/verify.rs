@@ -1,7 +1,7 @@
 //! `wgpt verify`: the port of llm.c's test_gpt2. Step 0's logits, loss and all 16 gradients are
 //! compared with an llm.c debug-state file, then N AdamW steps run on the same batch.
 
-use crate::backend::{self, BackendKind};
+use crate::backend::BackendArgs;
 use crate::error::{Error, Result};
 use crate::graph::{build_train_step, TrainOptions};
 use crate::model::checkpoint::read_checkpoint;
@@ -18,14 +18,8 @@ pub struct VerifyArgs {
     /// llm.c debug state (x, y, logits, loss, gradients)
     #[arg(long)]
     pub state: PathBuf,
-    #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
-    pub backend: BackendKind,
-    /// device index for wgpu/cuda
-    #[arg(long)]
-    pub device: Option<usize>,
-    /// cpu backend threads (default: all cores)
-    #[arg(long)]
-    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub backend: BackendArgs,
     /// AdamW steps after the step-0 comparison
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
@@ -91,7 +85,7 @@ pub fn run(a: &VerifyArgs) -> Result<VerifyReport> {
     if t > cfg.max_t {
         return Err(Error::format(&a.state, format!("T={t} exceeds the model's maxT={}", cfg.max_t)));
     }
-    let backend = backend::create(a.backend, a.device, a.threads)?;
+    let backend = a.backend.create()?;
     let graph = build_train_step(&cfg, &TrainOptions { b, t, grad_accum: 1, weight_decay: a.weight_decay, decay_all: true, grad_clip: 0.0 });
     let mut sess = Session::new(backend, graph)?;
     sess.upload_params(&params)?;

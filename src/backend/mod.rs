@@ -42,6 +42,27 @@ pub trait Backend {
     fn sync(&mut self) -> Result<()>;
 }
 
+/// The device-choice flags every command that runs a graph shares (flattened into its clap args).
+#[derive(Clone, Debug, clap::Args)]
+pub struct BackendArgs {
+    /// backend: auto picks a real GPU (CUDA, then wgpu) and falls back to cpu
+    #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
+    pub backend: BackendKind,
+    /// device index for wgpu/cuda (see `wgpt info`)
+    #[arg(long)]
+    pub device: Option<usize>,
+    /// cpu backend threads (default: all cores)
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+impl BackendArgs {
+    /// The backend these flags ask for.
+    pub fn create(&self) -> Result<Box<dyn Backend>> {
+        create(self.backend, self.device, self.threads)
+    }
+}
+
 /// Which backend the user asked for (`--backend`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendKind {

@@ -8,7 +8,7 @@ pub mod schedule;
 pub mod session;
 pub mod state;
 
-use crate::backend::{self, BackendKind};
+use crate::backend::BackendArgs;
 use crate::data::shards::{DataLoader, LoaderOptions};
 use crate::data::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
@@ -41,15 +41,8 @@ impl From<CkptPrecision> for Precision {
 /// bundled Shakespeare in about three minutes on a 2-core CPU.
 #[derive(Clone, Debug, clap::Args)]
 pub struct TrainArgs {
-    /// backend: auto picks a real GPU (CUDA, then wgpu) and falls back to cpu
-    #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
-    pub backend: BackendKind,
-    /// device index for wgpu/cuda (see `wgpt info`)
-    #[arg(long)]
-    pub device: Option<usize>,
-    /// cpu backend threads (default: all cores)
-    #[arg(long)]
-    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub backend: BackendArgs,
     /// model: an llm.c checkpoint (.bin) to start from, or a descriptor for random init: dN (llm.c's
     /// d6, d12, d24, d36, d48...), or dN:cC (N layers, C channels, C/64 heads) for small models
     #[arg(long, default_value = "d4:c256")]
@@ -221,7 +214,7 @@ pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
     };
     let tokenizer = load_tokenizer(a.tokenizer.as_deref(), &a.train);
 
-    let backend = backend::create(a.backend, a.device, a.threads)?;
+    let backend = a.backend.create()?;
     let graph = build_train_step(
         &cfg,
         &TrainOptions { b: a.batch, t: a.seq_len, grad_accum, weight_decay: a.weight_decay, decay_all: false, grad_clip: a.grad_clip },

@@ -198,3 +198,29 @@ fn bad_inputs_give_one_line_errors() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("--backend"));
 }
+
+#[test]
+fn prepare_then_train_on_your_own_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("poems.txt");
+    let body: String = (0..60)
+        .map(|i| format!("Stanza {i}: the quick brown fox jumps over the lazy dog.\nAnd then it rests.\n\n"))
+        .collect();
+    std::fs::write(&text, body).unwrap();
+    let out = dir.path().join("data");
+    let o = wgpt(&["prepare", text.to_str().unwrap(), "--out", out.to_str().unwrap(), "--val-tokens", "300"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in ["poems_train.bin", "poems_val.bin", "gpt2_tokenizer.bin"] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let train_glob = format!("{}/*_train.bin", out.display());
+    let val_glob = format!("{}/*_val.bin", out.display());
+    let o = wgpt(&[
+        "train", "--backend", "cpu", "--init", "d1:c64", "--train", &train_glob, "--val", &val_glob, "--batch", "2",
+        "--seq-len", "16", "--steps", "3", "--val-every", "3", "--val-batches", "2", "--gen-tokens", "4",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--- sample at step 3 ---"));
+    // a missing input names the file
+    assert_clean_error(&wgpt(&["prepare", "no_such.txt", "--out", out.to_str().unwrap()]), "no_such.txt");
+}

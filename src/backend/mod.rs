@@ -54,11 +54,18 @@ pub struct BackendArgs {
     /// cpu backend threads (default: all cores)
     #[arg(long)]
     pub threads: Option<usize>,
+    /// cuda: let cuBLAS use TF32 tensor cores on sm_80+ (faster, ~10-bit matmul inputs; llm.c's -f 1)
+    #[arg(long)]
+    pub tf32: bool,
 }
 
 impl BackendArgs {
     /// The backend these flags ask for.
     pub fn create(&self) -> Result<Box<dyn Backend>> {
+        if self.tf32 && matches!(self.backend, BackendKind::Cuda | BackendKind::Auto) && !cuda::probe().devices.is_empty() {
+            let opts = cuda::CudaOptions { tf32: true, ..Default::default() };
+            return Ok(Box::new(cuda::CudaBackend::with_options(self.device.unwrap_or(0), opts)?));
+        }
         create(self.backend, self.device, self.threads)
     }
 }

@@ -66,7 +66,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0)]
     pub total_batch: usize,
     /// optimiser steps
-    #[arg(long, default_value_t = 150)]
+    #[arg(long, default_value_t = 250)]
     pub steps: usize,
     /// peak learning rate
     #[arg(long, default_value_t = 2e-3)]
@@ -93,7 +93,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1.0)]
     pub grad_clip: f32,
     /// evaluate the validation loss every N steps and at the end (0 = never)
-    #[arg(long, default_value_t = 25)]
+    #[arg(long, default_value_t = 50)]
     pub val_every: usize,
     /// batches per validation
     #[arg(long, default_value_t = 8)]

@@ -4,7 +4,7 @@ use crate::backend::BackendArgs;
 use crate::error::{Error, Result};
 use crate::graph::{build_train_step, TrainOptions};
 use crate::train::session::{AdamConsts, Session};
-use crate::train::{config_from_descriptor, load_or_init};
+use crate::train::load_or_init;
 use std::time::Instant;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -74,13 +74,11 @@ pub fn run_step(a: &BenchArgs) -> Result<BenchReport> {
     if a.batch == 0 {
         return Err(Error::flag("--batch", "must be at least 1"));
     }
-    let (cfg, params) = if a.model.ends_with(".bin") { load_or_init(&a.model, 42)? } else {
-        let cfg = config_from_descriptor(&a.model).map_err(|e| match e {
-            Error::Flag { msg, .. } => Error::flag("--model", msg),
-            e => e,
-        })?;
-        (cfg, crate::model::init::init_params(&cfg, 42))
-    };
+    // the same loader as `train --init`; here the flag is called --model
+    let (cfg, params) = load_or_init(&a.model, 42).map_err(|e| match e {
+        Error::Flag { msg, .. } => Error::flag("--model", msg),
+        e => e,
+    })?;
     if a.seq_len == 0 || a.seq_len > cfg.max_t {
         return Err(Error::flag("--seq-len", format!("must be in 1..={}", cfg.max_t)));
     }

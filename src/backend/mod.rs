@@ -62,11 +62,8 @@ pub struct BackendArgs {
 impl BackendArgs {
     /// The backend these flags ask for.
     pub fn create(&self) -> Result<Box<dyn Backend>> {
-        if self.tf32 && matches!(self.backend, BackendKind::Cuda | BackendKind::Auto) && !cuda::probe().devices.is_empty() {
-            let opts = cuda::CudaOptions { tf32: true, ..Default::default() };
-            return Ok(Box::new(cuda::CudaBackend::with_options(self.device.unwrap_or(0), opts)?));
-        }
-        create(self.backend, self.device, self.threads)
+        let cuda_opts = cuda::CudaOptions { tf32: self.tf32, ..Default::default() };
+        create(self.backend, self.device, self.threads, cuda_opts)
     }
 }
 
@@ -95,14 +92,19 @@ impl std::fmt::Display for BackendKind {
 /// Create the backend the user asked for. `auto` takes a real GPU when one is usable (CUDA, then a
 /// hardware wgpu adapter) and otherwise the cpu backend — never a software adapter, which is far
 /// slower than the cpu backend.
-pub fn create(kind: BackendKind, device: Option<usize>, threads: Option<usize>) -> Result<Box<dyn Backend>> {
+pub fn create(
+    kind: BackendKind,
+    device: Option<usize>,
+    threads: Option<usize>,
+    cuda_opts: cuda::CudaOptions,
+) -> Result<Box<dyn Backend>> {
     match kind {
         BackendKind::Cpu => Ok(Box::new(cpu::CpuBackend::new(threads)?)),
         BackendKind::Wgpu => Ok(Box::new(wgpu::WgpuBackend::new(device)?)),
-        BackendKind::Cuda => Ok(Box::new(cuda::CudaBackend::new(device.unwrap_or(0))?)),
+        BackendKind::Cuda => Ok(Box::new(cuda::CudaBackend::with_options(device.unwrap_or(0), cuda_opts)?)),
         BackendKind::Auto => {
             if !cuda::probe().devices.is_empty() {
-                match cuda::CudaBackend::new(device.unwrap_or(0)) {
+                match cuda::CudaBackend::with_options(device.unwrap_or(0), cuda_opts) {
                     Ok(b) => return Ok(Box::new(b)),
                     Err(e) => eprintln!("wgpt: CUDA device present but unusable ({e}); trying wgpu"),
                 }

@@ -2,8 +2,16 @@
 //! (a) every cuda/*.cu compiles with NVRTC for sm_70, sm_80 and sm_90 — skipped, visibly, where
 //!     NVRTC is absent, unless WGPT_REQUIRE_NVRTC=1 (CI), which makes that a failure;
 //! (b) without a driver, `CudaBackend::new` is a one-line `Unavailable` error and `probe` does not panic;
-//! (c) every kernel against the cpu backend on awkward sizes — skipped, visibly, without a CUDA
-//!     device. The cpu half of each case always runs, so the cases themselves are checked here.
+//! (c) every kernel against the cpu backend on awkward sizes, the tiny fixture's ten steps, and
+//!     `wgpt verify`/`wgpt train --backend cuda` — skipped, visibly, without a CUDA device. The cpu
+//!     half of each case always runs, so the cases themselves are checked here;
+//! (d) the tests of (c) once more in a child process whose "device" is the CUDA emulator of
+//!     tests/cuda_emu (the real cuda/*.cu compiled for the host, behind a stand-in libcuda): the
+//!     whole backend runs — cudarc, NVRTC, module loading, every launch — with the kernels on the
+//!     CPU. Skipped, visibly, without a C++ compiler or NVRTC, unless WGPT_REQUIRE_NVRTC=1 (CI).
+//!     This is not a GPU: it proves the host code and the kernels' logic, not timing or the memory model.
+
+mod cuda_emu;
 
 use wgpt::backend::cpu::CpuBackend;
 use wgpt::backend::cuda::{self, compile, CudaBackend, CudaOptions};
@@ -452,6 +460,126 @@ fn tiny_fixture_ten_steps_match_the_reference_losses() {
         assert!(err <= 1e-4, "step {s}: loss {loss}, reference {w} (|diff| {err:e})");
     }
     println!("tiny fixture on {name}: 10 losses within {worst:.2e} of the reference ({:.0} ms)", t0.elapsed().as_secs_f64() * 1e3);
+}
+
+// ---------------------------------------------------------------- the CLI on the device
+
+const TINY: &str = "tests/data/tiny";
+
+fn wgpt(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_wgpt")).args(args).output().expect("running wgpt")
+}
+
+/// `wgpt verify --backend cuda` on the fixture: loss, logits, every gradient and the 10 losses.
+#[test]
+fn verify_cli_on_the_tiny_fixture() {
+    if gpu(dflt()).is_none() {
+        return;
+    }
+    let o = wgpt(&[
+        "verify", "--model", &format!("{TINY}/model.bin"), "--state", &format!("{TINY}/debug_state.bin"),
+        "--backend", "cuda", "--steps", "10", "--json",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "verify --backend cuda failed:\n{out}\n{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert!(r["backend"].as_str().unwrap().starts_with("cuda"), "{}", r["backend"]);
+    let exp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(format!("{TINY}/expected.json")).unwrap()).unwrap();
+    assert!((r["loss"].as_f64().unwrap() - exp["loss"].as_f64().unwrap()).abs() < 1e-5);
+    assert!(r["logits_max_abs_error"].as_f64().unwrap() < 1e-4);
+    for g in r["grads"].as_array().unwrap() {
+        assert!(g["rel_error"].as_f64().unwrap() < 1e-4, "{g}");
+    }
+    for (l, w) in r["losses"].as_array().unwrap().iter().zip(exp["losses"].as_array().unwrap()) {
+        assert!((l.as_f64().unwrap() - w.as_f64().unwrap()).abs() < 1e-4, "{l} vs {w}");
+    }
+    println!("verify --backend cuda: {}", r["backend"]);
+}
+
+fn train_losses(backend: &str, log: &std::path::Path) -> Vec<f64> {
+    let o = wgpt(&[
+        "train", "--backend", backend, "--init", &format!("{TINY}/model.bin"), "--train", &format!("{TINY}/train.bin"),
+        "--val", &format!("{TINY}/train.bin"), "--batch", "4", "--seq-len", "32", "--total-batch", "256", "--steps", "6",
+        "--lr", "1e-3", "--val-every", "3", "--val-batches", "1", "--gen-tokens", "0", "--log-json", log.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "train --backend {backend}: {}", String::from_utf8_lossy(&o.stderr));
+    std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["train_loss"].as_f64())
+        .collect()
+}
+
+/// `wgpt train --backend cuda` follows the cpu backend's loss curve (gradient accumulation,
+/// shuffled data, validation in between).
+#[test]
+fn training_follows_the_cpu_loss_curve() {
+    if gpu(dflt()).is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cpu = train_losses("cpu", &dir.path().join("cpu.jsonl"));
+    let dev = train_losses("cuda", &dir.path().join("cuda.jsonl"));
+    assert_eq!(cpu.len(), 6);
+    assert_eq!(dev.len(), 6);
+    assert!(cpu[5] < cpu[0], "the cpu run should learn: {cpu:?}");
+    for (i, (c, g)) in cpu.iter().zip(&dev).enumerate() {
+        assert!((c - g).abs() < 2e-3, "step {}: cpu {c} vs cuda {g}", i + 1);
+    }
+}
+
+// ---------------------------------------------------------------- (d) the emulator
+
+/// Set in the child process that runs the device tests on the emulator.
+const EMU_ENV: &str = "WGPT_CUDA_EMULATED";
+
+#[test]
+fn device_tests_on_the_cuda_emulator() {
+    if std::env::var_os(EMU_ENV).is_some() {
+        return; // we are the child
+    }
+    let required = std::env::var("WGPT_REQUIRE_NVRTC").map(|v| v == "1").unwrap_or(false);
+    if let Err(e) = compile::nvrtc_description() {
+        assert!(!required, "WGPT_REQUIRE_NVRTC=1 but NVRTC is unusable: {e}");
+        skip_note(&format!("skipped: the CUDA emulator needs NVRTC ({e})"));
+        return;
+    }
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("cuda-emu");
+    let t0 = std::time::Instant::now();
+    let dirs = match cuda_emu::build(&out, cuda::SOURCES) {
+        Ok(d) => d,
+        Err(e) => {
+            assert!(!required, "WGPT_REQUIRE_NVRTC=1 but the CUDA emulator did not build: {e}");
+            skip_note(&format!("skipped: the CUDA emulator did not build ({e})"));
+            return;
+        }
+    };
+    let built = t0.elapsed().as_secs_f64();
+    let mut path: Vec<std::path::PathBuf> = dirs;
+    if let Some(old) = std::env::var_os("LD_LIBRARY_PATH") {
+        path.extend(std::env::split_paths(&old));
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new(std::env::current_exe().unwrap())
+        // the compile-only tests already ran in this process
+        .args(["--test-threads", "1", "--nocapture", "--skip", "device_tests_on_the_cuda_emulator", "--skip", "compiles", "--skip", "broken_kernel"])
+        .env(EMU_ENV, "1")
+        .env("LD_LIBRARY_PATH", std::env::join_paths(&path).unwrap())
+        .env("WGPT_CACHE_DIR", cache.path())
+        .env("WGPT_CUDA_EMU_CC", "70")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "the device tests failed on the CUDA emulator:\n{stdout}\n{stderr}");
+    // every device test really ran there: no skips, and the backend named the emulator
+    assert!(!stderr.contains("skipped:"), "a device test skipped on the emulator:\n{stderr}");
+    assert!(stdout.contains("CUDA emulator"), "the child did not run on the emulator:\n{stdout}");
+    for must in ["tiny fixture on", "verify --backend cuda", "attention", "matmul", "norm/clip/adamw"] {
+        assert!(stdout.contains(must), "`{must}` missing from the emulated run:\n{stdout}");
+    }
+    println!("{stdout}");
+    println!("CUDA emulator: built in {built:.1} s, device tests in {:.1} s", t0.elapsed().as_secs_f64() - built);
 }
 
 /// Say why a test is skipped where the person running `cargo test` sees it: written straight to

@@ -573,13 +573,68 @@ fn device_tests_on_the_cuda_emulator() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "the device tests failed on the CUDA emulator:\n{stdout}\n{stderr}");
     // every device test really ran there: no skips, and the backend named the emulator
-    assert!(!stderr.contains("skipped:"), "a device test skipped on the emulator:\n{stderr}");
+    assert!(!stderr.contains("skipped: no CUDA device"), "a device test skipped on the emulator:\n{stderr}");
+    for l in stderr.lines().filter(|l| l.starts_with("skipped")) {
+        skip_note(&format!("(on the emulator) {l}"));
+    }
     assert!(stdout.contains("CUDA emulator"), "the child did not run on the emulator:\n{stdout}");
-    for must in ["tiny fixture on", "verify --backend cuda", "attention", "matmul", "norm/clip/adamw"] {
+    for must in ["tiny fixture on", "verify --backend cuda", "attention", "matmul", "norm/clip/adamw", "CUDA 11.4 driver + NVRTC 12"] {
         assert!(stdout.contains(must), "`{must}` missing from the emulated run:\n{stdout}");
     }
     println!("{stdout}");
     println!("CUDA emulator: built in {built:.1} s, device tests in {:.1} s", t0.elapsed().as_secs_f64() - built);
+}
+
+/// Emulator only (the one driver whose CUDA version a test can choose): a CUDA 11 driver with
+/// only NVRTC 12 is a one-line error naming what to install; with NVRTC 11 on LD_LIBRARY_PATH
+/// ($WGPT_TEST_NVRTC11_DIR, e.g. from `pip install --target D nvidia-cuda-nvrtc-cu11`) that one
+/// is chosen over the NVRTC 12 in site-packages, and the fixture verifies through it.
+#[test]
+fn a_cuda11_driver_gets_nvrtc11() {
+    if std::env::var_os(EMU_ENV).is_none() {
+        return; // runs inside device_tests_on_the_cuda_emulator
+    }
+    let nvrtc = wgpt::backend::cuda::dl::lib(wgpt::backend::cuda::dl::Which::Nvrtc).unwrap().path.clone();
+    let verify = ["verify", "--model", "tests/data/tiny/model.bin", "--state", "tests/data/tiny/debug_state.bin", "--backend", "cuda", "--steps", "2"];
+    let run = |envs: &[(&str, &str)]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_wgpt"));
+        c.args(verify).env("WGPT_CUDA_EMU_DRIVER", "11040");
+        for (k, v) in envs {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    // (a) NVRTC 12 with a CUDA 11.4 driver
+    let o = run(&[("WGPT_NVRTC", nvrtc.as_str())]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(!err.contains("panicked"), "{err}");
+    let line = err.lines().find(|l| l.starts_with("error")).expect("an error line");
+    assert!(line.contains("CUDA 11.4 driver") && line.contains("nvidia-cuda-nvrtc-cu11"), "{line}");
+    println!("CUDA 11.4 driver + NVRTC 12: {line}");
+    // (b) NVRTC 11 on LD_LIBRARY_PATH is preferred for that driver
+    let Some(dir) = std::env::var_os("WGPT_TEST_NVRTC11_DIR").filter(|d| !d.is_empty()) else {
+        assert!(std::env::var("WGPT_REQUIRE_NVRTC").as_deref() != Ok("1"), "WGPT_REQUIRE_NVRTC=1 but WGPT_TEST_NVRTC11_DIR is not set");
+        skip_note("skipped: the NVRTC 11 half (set WGPT_TEST_NVRTC11_DIR to a directory with libnvrtc.so.11.2)");
+        return;
+    };
+    let mut lp: Vec<std::path::PathBuf> = std::env::split_paths(&std::env::var_os("LD_LIBRARY_PATH").unwrap_or_default()).collect();
+    lp.push(std::path::PathBuf::from(&dir));
+    let lp = std::env::join_paths(lp).unwrap();
+    let o = run(&[("LD_LIBRARY_PATH", lp.to_str().unwrap()), ("WGPT_NVRTC", "")]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "verify with NVRTC 11 failed:\n{out}\n{}", String::from_utf8_lossy(&o.stderr));
+    let info = std::process::Command::new(env!("CARGO_BIN_EXE_wgpt"))
+        .arg("info")
+        .env("WGPT_CUDA_EMU_DRIVER", "11040")
+        .env("LD_LIBRARY_PATH", &lp)
+        .env("WGPT_NVRTC", "")
+        .output()
+        .unwrap();
+    let info = String::from_utf8_lossy(&info.stdout);
+    let line = info.lines().find(|l| l.starts_with("nvrtc: 11.")).unwrap_or_else(|| panic!("NVRTC 11 not chosen:\n{info}"));
+    assert!(!info.contains("warning"), "{info}");
+    println!("CUDA 11.4 driver: chose {line}; verify passed");
 }
 
 /// Say why a test is skipped where the person running `cargo test` sees it: written straight to

@@ -1,12 +1,10 @@
 //! NVRTC: compiling `cuda/*.cu` (embedded in the binary) to CUBIN, parsing ptxas' resource
 //! report, and the on-disk CUBIN cache.
 
-use std::ffi::{c_char, CString};
 use std::path::PathBuf;
 
-use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys};
-
 use super::dl::{self, Which};
+use super::nvrtc;
 use crate::error::{Error, Result};
 
 /// Every kernel source file, by family name (`Kernel::family()`), embedded at build time.
@@ -86,15 +84,9 @@ impl Target {
     }
 }
 
-/// "12.9 (/path/to/libnvrtc.so.12)", or why NVRTC is unusable.
+/// NVRTC's (major, minor), or why NVRTC is unusable.
 pub fn nvrtc_version() -> std::result::Result<(i32, i32), String> {
-    dl::lib(Which::Nvrtc)?;
-    let (mut major, mut minor) = (0i32, 0i32);
-    let r = unsafe { nvrtc_sys::nvrtcVersion(&mut major, &mut minor) };
-    if r != nvrtc_sys::nvrtcResult::NVRTC_SUCCESS {
-        return Err(format!("nvrtcVersion failed: {r:?}"));
-    }
-    Ok((major, minor))
+    nvrtc::version()
 }
 
 /// NVRTC's version and where it was loaded from, e.g. "12.9 (/usr/local/cuda/lib64/libnvrtc.so.12)".
@@ -106,20 +98,7 @@ pub fn nvrtc_description() -> std::result::Result<String, String> {
 
 /// The architectures this NVRTC can generate SASS for (e.g. 70, 75, 80, ...).
 pub fn supported_archs() -> std::result::Result<Vec<u32>, String> {
-    dl::lib(Which::Nvrtc)?;
-    let mut n = 0i32;
-    unsafe {
-        let r = nvrtc_sys::nvrtcGetNumSupportedArchs(&mut n);
-        if r != nvrtc_sys::nvrtcResult::NVRTC_SUCCESS {
-            return Err(format!("nvrtcGetNumSupportedArchs failed: {r:?}"));
-        }
-        let mut v = vec![0i32; n.max(0) as usize];
-        let r = nvrtc_sys::nvrtcGetSupportedArchs(v.as_mut_ptr());
-        if r != nvrtc_sys::nvrtcResult::NVRTC_SUCCESS {
-            return Err(format!("nvrtcGetSupportedArchs failed: {r:?}"));
-        }
-        Ok(v.into_iter().map(|a| a as u32).collect())
-    }
+    nvrtc::supported_archs()
 }
 
 fn unavailable(e: String) -> Error {
@@ -143,50 +122,11 @@ fn base_options() -> Vec<String> {
     o
 }
 
-fn cstr_lossy(v: &[c_char]) -> String {
-    let bytes: Vec<u8> = v.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
-    String::from_utf8_lossy(&bytes).into_owned()
-}
-
 /// Compile one source with NVRTC. Ok((image, log)); Err(log or reason).
 pub fn compile_source(file: &str, src: &str, target: Target) -> std::result::Result<(Vec<u8>, String), String> {
-    dl::lib(Which::Nvrtc)?;
-    let csrc = CString::new(src).map_err(|_| format!("{file}: NUL byte in source"))?;
-    let cname = CString::new(file).map_err(|_| format!("{file}: bad name"))?;
-    let prog = nvrtc::create_program(&csrc, Some(&cname)).map_err(|e| format!("nvrtcCreateProgram: {e}"))?;
     let mut opts = base_options();
     opts.push(format!("--gpu-architecture={}", target.arch_flag()));
-    let compiled = unsafe { nvrtc::compile_program(prog, &opts) };
-    let log = unsafe { nvrtc::get_program_log(prog) }.map(|v| cstr_lossy(&v)).unwrap_or_default();
-    let out = match compiled {
-        Err(e) => Err(if log.trim().is_empty() { format!("{e}") } else { log.clone() }),
-        Ok(()) => unsafe {
-            match target {
-                Target::Cubin(_) => {
-                    let mut size = 0usize;
-                    let r = nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size);
-                    if r != nvrtc_sys::nvrtcResult::NVRTC_SUCCESS || size == 0 {
-                        Err(format!("nvrtcGetCUBINSize: {r:?}"))
-                    } else {
-                        let mut buf = vec![0u8; size];
-                        let r = nvrtc_sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut c_char);
-                        if r != nvrtc_sys::nvrtcResult::NVRTC_SUCCESS {
-                            Err(format!("nvrtcGetCUBIN: {r:?}"))
-                        } else {
-                            Ok((buf, log.clone()))
-                        }
-                    }
-                }
-                Target::Ptx(_) => match nvrtc::get_ptx(prog) {
-                    // keep the terminating NUL: cuModuleLoadData wants a C string
-                    Ok(v) => Ok((v.iter().map(|&c| c as u8).collect(), log.clone())),
-                    Err(e) => Err(format!("nvrtcGetPTX: {e}")),
-                },
-            }
-        },
-    };
-    let _ = unsafe { nvrtc::destroy_program(prog) };
-    out
+    nvrtc::compile(file, src, &opts, matches!(target, Target::Ptx(_)))
 }
 
 /// The number just before `key` in `line` ("Used 40 registers" → 40 for "registers").

@@ -7,6 +7,10 @@
 //! object to cudarc's later by-name `dlopen`, because it matches the library's SONAME. Every
 //! library is also checked for the symbols this backend uses, so an old driver gives an error
 //! instead of a panic deep inside cudarc.
+//!
+//! NVRTC is different: it is called directly (`nvrtc.rs`), so any `libnvrtc.so.*` will do, and
+//! where several are installed the newest one the driver can run code from is chosen (a CUDA 11
+//! driver cannot load CUBINs from NVRTC 12).
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -57,12 +61,29 @@ impl Lib {
         }
     }
 
+    /// `dlopen(path, RTLD_NOW | RTLD_LOCAL)`: for NVRTC, whose symbols are looked up here only
+    /// (two NVRTC versions may be opened while choosing, and must not interpose on each other).
+    pub fn open_local(name: &str) -> Result<Lib, String> {
+        use std::ffi::{CStr, CString};
+        let c = CString::new(name).map_err(|_| format!("{name}: bad library name"))?;
+        unsafe {
+            let h = sys::dlopen(c.as_ptr(), sys::RTLD_NOW);
+            if h.is_null() {
+                let e = sys::dlerror();
+                let msg = if e.is_null() { "dlopen failed".to_string() } else { CStr::from_ptr(e).to_string_lossy().into_owned() };
+                return Err(msg);
+            }
+            Ok(Lib { path: name.to_string(), handle: h as usize })
+        }
+    }
+
     /// Whether the library exports `sym`.
     pub fn has(&self, sym: &str) -> bool {
         self.sym(sym).is_some()
     }
 
-    fn sym(&self, sym: &str) -> Option<*mut std::ffi::c_void> {
+    /// The address of `sym`, if the library exports it.
+    pub fn sym(&self, sym: &str) -> Option<*mut std::ffi::c_void> {
         let c = std::ffi::CString::new(sym).ok()?;
         let p = unsafe { sys::dlsym(self.handle as *mut _, c.as_ptr()) };
         (!p.is_null()).then_some(p)
@@ -92,8 +113,14 @@ impl Lib {
     pub fn open(name: &str) -> Result<Lib, String> {
         Err(format!("{name}: explicit loading is only implemented on Linux"))
     }
+    pub fn open_local(name: &str) -> Result<Lib, String> {
+        Self::open(name)
+    }
     pub fn has(&self, _sym: &str) -> bool {
         true
+    }
+    pub fn sym(&self, _sym: &str) -> Option<*mut std::ffi::c_void> {
+        None
     }
     fn resolve_path(self, _sym: &str) -> Lib {
         self
@@ -123,9 +150,9 @@ impl Which {
     fn files(self) -> &'static [&'static str] {
         match self {
             Which::Driver => &["libcuda.so.1", "libcuda.so"],
-            Which::Nvrtc => &["libnvrtc.so.12", "libnvrtc.so"],
-            Which::CublasLt => &["libcublasLt.so.12", "libcublasLt.so"],
-            Which::Cublas => &["libcublas.so.12", "libcublas.so"],
+            Which::Nvrtc => &["libnvrtc.so.12", "libnvrtc.so.11.2", "libnvrtc.so.13", "libnvrtc.so"],
+            Which::CublasLt => &["libcublasLt.so.12", "libcublasLt.so.11", "libcublasLt.so"],
+            Which::Cublas => &["libcublas.so.12", "libcublas.so.11", "libcublas.so"],
         }
     }
     /// The pip package directory under `site-packages/nvidia/`.
@@ -148,11 +175,7 @@ impl Which {
                 "cuModuleLoadData", "cuModuleUnload", "cuModuleGetFunction", "cuFuncSetAttribute",
                 "cuLaunchKernel", "cuGetErrorString", "cuGetErrorName",
             ],
-            Which::Nvrtc => &[
-                "nvrtcVersion", "nvrtcCreateProgram", "nvrtcCompileProgram", "nvrtcDestroyProgram",
-                "nvrtcGetProgramLogSize", "nvrtcGetProgramLog", "nvrtcGetCUBINSize", "nvrtcGetCUBIN",
-                "nvrtcGetPTXSize", "nvrtcGetPTX", "nvrtcGetNumSupportedArchs", "nvrtcGetSupportedArchs",
-            ],
+            Which::Nvrtc => super::nvrtc::SYMBOLS,
             Which::CublasLt => &["cublasLtCreate"],
             Which::Cublas => &[
                 "cublasCreate_v2", "cublasDestroy_v2", "cublasSetStream_v2", "cublasSgemm_v2", "cublasSetMathMode",
@@ -198,14 +221,7 @@ fn find(which: Which) -> Result<Lib, String> {
         }
     };
     if which == Which::Nvrtc {
-        if let Some(p) = std::env::var_os("WGPT_NVRTC").filter(|p| !p.is_empty()) {
-            let p = PathBuf::from(p);
-            let l = Lib::open(&p.display().to_string()).map_err(|e| format!("$WGPT_NVRTC: {e}"))?;
-            if by_name(which).is_none() {
-                return Err(format!("$WGPT_NVRTC: {} loaded but not under a name cudarc looks for", p.display()));
-            }
-            return check(l);
-        }
+        return find_nvrtc(&check);
     }
     if which == Which::Cublas {
         // libcublas needs libcublasLt; preload it from wherever it is.
@@ -244,7 +260,7 @@ fn find(which: Which) -> Result<Lib, String> {
         None => format!(
             "{what} (searched the loader path, $CUDA_HOME, $CUDA_PATH, /usr/local/cuda and Python site-packages{})",
             match which {
-                Which::Nvrtc => "; pip install nvidia-cuda-nvrtc-cu12",
+                Which::Nvrtc => "; pip install nvidia-cuda-nvrtc-cu12, or -cu11 for a CUDA 11 driver",
                 _ => "; pip install nvidia-cublas-cu12",
             }
         ),
@@ -270,6 +286,84 @@ fn find(which: Which) -> Result<Lib, String> {
     }
 }
 
+/// The CUDA major version of a `libnvrtc.so.<major>[.<minor>...]` file, from its real name.
+fn nvrtc_file_major(p: &Path) -> Option<i32> {
+    let real = std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let name = real.file_name()?.to_str()?.to_string();
+    name.strip_prefix("libnvrtc.so.")?.split('.').next()?.parse().ok()
+}
+
+/// NVRTC: `$WGPT_NVRTC` if set; otherwise every libnvrtc on the loader path, in the toolkit
+/// roots and in Python's `nvidia/cuda_nvrtc`, preferring (in that order) the first whose CUDA
+/// major version the driver can run, when the driver is present.
+#[cfg(target_os = "linux")]
+fn find_nvrtc(check: &dyn Fn(Lib) -> Result<Lib, String>) -> Result<Lib, String> {
+    if let Some(p) = std::env::var_os("WGPT_NVRTC").filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p).display().to_string();
+        let l = Lib::open_local(&p).map_err(|e| format!("$WGPT_NVRTC: {e}"))?;
+        return check(l).map_err(|e| format!("$WGPT_NVRTC: {e}"));
+    }
+    let mut cands: Vec<PathBuf> = Vec::new();
+    // the loader path first: $LD_LIBRARY_PATH (environment modules), then ld.so's cache
+    if let Some(lp) = std::env::var_os("LD_LIBRARY_PATH") {
+        for d in std::env::split_paths(&lp) {
+            for f in Which::Nvrtc.files() {
+                if d.join(f).is_file() {
+                    cands.push(d.join(f));
+                }
+            }
+        }
+    }
+    for f in Which::Nvrtc.files() {
+        if let Ok(l) = Lib::open_local(f) {
+            let l = l.resolve_path("nvrtcVersion");
+            cands.push(PathBuf::from(&l.path));
+        }
+    }
+    for dir in search_dirs(Which::Nvrtc) {
+        for f in Which::Nvrtc.files() {
+            if dir.join(f).is_file() {
+                cands.push(dir.join(f));
+            }
+        }
+    }
+    let mut seen = Vec::new();
+    cands.retain(|p| {
+        let c = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+        let new = !seen.contains(&c);
+        seen.push(c);
+        new
+    });
+    // the driver's CUDA version, when there is a driver (no cuInit needed to ask)
+    let driver_major = lib(Which::Driver).ok().and_then(|_| {
+        let mut v = 0i32;
+        let r = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };
+        (r == cudarc::driver::sys::CUresult::CUDA_SUCCESS && v > 0).then_some(v / 1000)
+    });
+    if let Some(dm) = driver_major {
+        // stable: keeps the search order within each group
+        cands.sort_by_key(|p| nvrtc_file_major(p).map(|m| m > dm).unwrap_or(false));
+    }
+    let mut errs = Vec::new();
+    for p in &cands {
+        match Lib::open_local(&p.display().to_string()).and_then(|l| check(l)) {
+            Ok(l) => return Ok(l),
+            Err(e) => errs.push(e),
+        }
+    }
+    Err(if errs.is_empty() {
+        "libnvrtc.so not found (searched $LD_LIBRARY_PATH, the loader's cache, $CUDA_HOME, $CUDA_PATH, /usr/local/cuda* and Python site-packages; pip install nvidia-cuda-nvrtc-cu12, or -cu11 for a CUDA 11 driver, or set $WGPT_NVRTC)".to_string()
+    } else {
+        format!("no usable NVRTC (11.2 or newer): {}", errs.join("; "))
+    })
+}
+
+#[cfg(not(target_os = "linux"))]
+#[allow(dead_code)]
+fn find_nvrtc(_check: &dyn Fn(Lib) -> Result<Lib, String>) -> Result<Lib, String> {
+    Err("NVRTC discovery is only implemented on Linux".to_string())
+}
+
 /// Toolkit roots from the environment, then the usual places.
 fn toolkit_roots() -> Vec<PathBuf> {
     let mut v = Vec::new();
@@ -279,7 +373,7 @@ fn toolkit_roots() -> Vec<PathBuf> {
         }
     }
     v.push(PathBuf::from("/usr/local/cuda"));
-    let mut versioned: Vec<PathBuf> = glob_paths("/usr/local/cuda-12*");
+    let mut versioned: Vec<PathBuf> = glob_paths("/usr/local/cuda-1[1-9]*");
     versioned.sort();
     versioned.reverse();
     v.extend(versioned);

@@ -6,6 +6,7 @@
 
 pub mod compile;
 pub mod dl;
+pub mod nvrtc;
 pub mod probe;
 
 use std::ffi::c_void;
@@ -160,6 +161,9 @@ impl CudaBackend {
         dl::lib(dl::Which::Nvrtc).map_err(|e| {
             Error::Unavailable(format!("{e}; the CUDA backend compiles its kernels with NVRTC (or use --backend wgpu or cpu)"))
         })?;
+        if let Some(e) = probe::nvrtc_too_new(&driver) {
+            return Err(Error::Unavailable(e));
+        }
         let cc = (info.cc_major * 10 + info.cc_minor) as u32;
         let supported = compile::supported_archs().map_err(|e| Error::Unavailable(format!("NVRTC unusable: {e}")))?;
         let target = if supported.contains(&cc) {
@@ -182,18 +186,7 @@ impl CudaBackend {
 
         let mut modules = std::collections::HashMap::new();
         for (family, src) in SOURCES {
-            let mut what = format!("loading cuda/{family}.cu ({})", target.arch_flag());
-            if let Ok((major, minor)) = compile::nvrtc_version() {
-                // CUBINs load on drivers of the same CUDA major version or newer, not older
-                if driver.version / 1000 < major {
-                    what = format!(
-                        "{what}; NVRTC {major}.{minor} is newer than the driver (CUDA {}): use an NVRTC {} (pip install nvidia-cuda-nvrtc-cu{})",
-                        driver.version_string(),
-                        driver.version / 1000,
-                        driver.version / 1000
-                    );
-                }
-            }
+            let what = format!("loading cuda/{family}.cu ({})", target.arch_flag());
             let (image, cached) = compile::compile_cached(family, src, target)?;
             let m = match ctx.load_module(cudarc::nvrtc::Ptx::from_binary(image)) {
                 Ok(m) => m,

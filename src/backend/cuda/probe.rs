@@ -77,6 +77,21 @@ pub(crate) fn device_info(ordinal: usize) -> Result<CudaDeviceInfo, String> {
     Ok(CudaDeviceInfo { ordinal, name, cc_major, cc_minor, total_memory })
 }
 
+/// Where the NVRTC found is newer (CUDA major version) than the driver, which then cannot load
+/// its CUBINs: the one-line error that says what to install instead.
+pub(crate) fn nvrtc_too_new(driver: &DriverInfo) -> Option<String> {
+    let (major, minor) = compile::nvrtc_version().ok()?;
+    let dm = driver.version / 1000;
+    (major > dm).then(|| {
+        let path = dl::lib(Which::Nvrtc).map(|l| l.path.clone()).unwrap_or_default();
+        format!(
+            "NVRTC {major}.{minor} ({path}) makes code the CUDA {} driver cannot load; use an NVRTC {dm}.x \
+             (pip install nvidia-cuda-nvrtc-cu{dm}, a CUDA {dm} toolkit on LD_LIBRARY_PATH, or $WGPT_NVRTC)",
+            driver.version_string()
+        )
+    })
+}
+
 /// Look for the driver, its GPUs, NVRTC, cuBLAS and the headers.
 pub fn probe() -> CudaProbe {
     let driver = init_driver();
@@ -118,7 +133,12 @@ impl std::fmt::Display for CudaProbe {
             )?;
         }
         match &self.nvrtc {
-            Ok(s) => writeln!(f, "nvrtc: {s}")?,
+            Ok(s) => {
+                writeln!(f, "nvrtc: {s}")?;
+                if let Some(e) = self.driver.as_ref().ok().and_then(nvrtc_too_new) {
+                    writeln!(f, "nvrtc: warning: {e}")?;
+                }
+            }
             Err(e) => writeln!(f, "nvrtc: {e}")?,
         }
         match &self.cublas {

@@ -578,7 +578,7 @@ fn device_tests_on_the_cuda_emulator() {
         skip_note(&format!("(on the emulator) {l}"));
     }
     assert!(stdout.contains("CUDA emulator"), "the child did not run on the emulator:\n{stdout}");
-    for must in ["tiny fixture on", "verify --backend cuda", "attention", "matmul", "norm/clip/adamw", "CUDA 11.4 driver + NVRTC 12"] {
+    for must in ["tiny fixture on", "verify --backend cuda", "attention", "matmul", "norm/clip/adamw", "CUDA 11.4 driver + NVRTC 12", "host wait", "1 GiB GPU"] {
         assert!(stdout.contains(must), "`{must}` missing from the emulated run:\n{stdout}");
     }
     println!("{stdout}");
@@ -635,6 +635,78 @@ fn a_cuda11_driver_gets_nvrtc11() {
     let line = info.lines().find(|l| l.starts_with("nvrtc: 11.")).unwrap_or_else(|| panic!("NVRTC 11 not chosen:\n{info}"));
     assert!(!info.contains("warning"), "{info}");
     println!("CUDA 11.4 driver: chose {line}; verify passed");
+}
+
+/// Emulator only (it counts what the host asks of the driver): one training step — zero_grad,
+/// forward, loss, backward, gradient norm and clip, AdamW — is launches on one stream with a
+/// single host wait, at the end (reading the gradient norm back).
+#[test]
+fn a_training_step_waits_on_the_host_once() {
+    if std::env::var_os(EMU_ENV).is_none() {
+        return; // runs inside device_tests_on_the_cuda_emulator
+    }
+    use wgpt::graph::{build_train_step, TrainOptions};
+    use wgpt::train::session::{AdamConsts, Session};
+    let driver = wgpt::backend::cuda::dl::lib(wgpt::backend::cuda::dl::Which::Driver).unwrap();
+    let p = driver.sym("wgpt_emu_counters").expect("the emulator's libcuda exports wgpt_emu_counters");
+    let counters: extern "C" fn(*mut i64) = unsafe { std::mem::transmute(p) };
+    let read = || {
+        let mut c = [0i64; 3];
+        counters(c.as_mut_ptr());
+        c
+    };
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tiny");
+    let (cfg, params) = wgpt::model::checkpoint::read_checkpoint(&dir.join("model.bin")).unwrap();
+    let st = wgpt::model::debug_state::read_debug_state(&dir.join("debug_state.bin"), &cfg).unwrap();
+    let graph = build_train_step(&cfg, &TrainOptions { b: st.b, t: st.t, grad_accum: 1, weight_decay: 0.0, decay_all: true, grad_clip: 1.0 });
+    let n_launches: usize = graph.train.len() + graph.zero_grad.len() + graph.update.len();
+    let mut sess = Session::new(Box::new(gpu(dflt()).unwrap()), graph).unwrap();
+    sess.upload_params(&params).unwrap();
+    let adam = AdamConsts { beta1: 0.9, beta2: 0.95, eps: 1e-8 };
+    // as the training loop does it: queue the micro-step, queue the update, which reads the
+    // gradient norm back (the one wait), then read the loss (nothing left to wait for)
+    sess.zero_grad().unwrap();
+    sess.train_micro_async(&st.x, &st.y).unwrap();
+    sess.update(1e-4, adam, 1).unwrap();
+    sess.mean_loss().unwrap();
+    let c0 = read();
+    sess.zero_grad().unwrap();
+    sess.train_micro_async(&st.x, &st.y).unwrap();
+    let c1 = read();
+    let norm = sess.update(1e-4, adam, 2).unwrap();
+    let c2 = read();
+    let loss = sess.mean_loss().unwrap();
+    let launches = c2[0] - c0[0];
+    println!(
+        "one step (grad clip on): {launches} launches for {n_launches} graph launches; host waits: {} before the update, {} at its end; loss {loss}, norm {norm}",
+        c1[1] - c0[1],
+        c2[1] - c1[1]
+    );
+    assert!(launches as usize >= n_launches, "{launches} kernel launches for {n_launches} graph launches");
+    assert_eq!(c1[1] - c0[1], 0, "the host waited during zero_grad/forward/backward");
+    assert_eq!(c1[2] - c0[2], 0, "a device→host copy during zero_grad/forward/backward");
+    assert_eq!(c2[1] - c1[1], 1, "host waits in the update");
+    assert!(loss.is_finite() && norm.is_finite() && norm > 0.0);
+}
+
+/// Emulator only (its memory size can be chosen): a step larger than the GPU's free memory is
+/// refused before allocating, with one line naming the flags to lower.
+#[test]
+fn a_step_too_big_for_the_gpu_is_a_one_line_error() {
+    if std::env::var_os(EMU_ENV).is_none() {
+        return; // runs inside device_tests_on_the_cuda_emulator
+    }
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_wgpt"))
+        .args(["bench", "--backend", "cuda", "--model", "d12", "--batch", "8", "--seq-len", "1024", "--steps", "1"])
+        .env("WGPT_CUDA_EMU_MEM_MIB", "1024")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(!err.contains("panicked"), "{err}");
+    let line = err.lines().find(|l| l.starts_with("error")).expect("an error line");
+    assert!(line.contains("--batch") && line.contains("GiB"), "{line}");
+    println!("d12 B=8 T=1024 on a 1 GiB GPU: {line}");
 }
 
 /// Say why a test is skipped where the person running `cargo test` sees it: written straight to

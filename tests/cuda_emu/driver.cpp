@@ -186,7 +186,8 @@ static int env_int(const char* k, int dflt) {
 }
 static std::mutex g_mu;
 static std::map<uint64_t, size_t> g_allocs;
-static long long g_launches = 0;
+// what the host asked for, for tests of "no host wait between kernels" (wgpt_emu_counters)
+static std::atomic<long long> g_launches{0}, g_syncs{0}, g_dtoh{0};
 
 static void die(const char* what) {
     fprintf(stderr, "cuda-emu: %s\n", what);
@@ -260,14 +261,20 @@ CUresult cuCtxSetCurrent(void* c) {
     t_ctx = c;
     return OK;
 }
-CUresult cuCtxSynchronize() { return OK; }
+CUresult cuCtxSynchronize() {
+    g_syncs++;
+    return OK;
+}
 static int g_stream_obj;
 CUresult cuStreamCreate(void** s, unsigned) {
     *s = &g_stream_obj;
     return OK;
 }
 CUresult cuStreamDestroy_v2(void*) { return OK; }
-CUresult cuStreamSynchronize(void*) { return OK; }
+CUresult cuStreamSynchronize(void*) {
+    g_syncs++;
+    return OK;
+}
 static size_t g_used = 0;
 CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
     std::lock_guard<std::mutex> g(g_mu);
@@ -310,6 +317,7 @@ CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, void*) {
 }
 CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, void*) {
     check_range(s, n, "cuMemcpyDtoHAsync outside an allocation");
+    g_dtoh++;
     memcpy(d, (void*)s, n);
     return OK;
 }
@@ -344,6 +352,13 @@ CUresult cuGetErrorString(CUresult r, const char** s) {
 CUresult cuGetErrorName(CUresult r, const char** s) {
     *s = r == LAUNCH_FAILED ? "CUDA_ERROR_LAUNCH_FAILED" : r == OUT_OF_MEMORY ? "CUDA_ERROR_OUT_OF_MEMORY" : "CUDA_ERROR_EMU";
     return OK;
+}
+
+// not CUDA: the counts of kernel launches, stream/context synchronisations and device→host copies
+void wgpt_emu_counters(long long out[3]) {
+    out[0] = g_launches;
+    out[1] = g_syncs;
+    out[2] = g_dtoh;
 }
 
 CUresult cuLaunchKernel(void* fp, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,

@@ -2,7 +2,8 @@
 // CUDA backend (through cudarc) calls, on host memory, launching the kernels of cuda/*.cu
 // compiled for the host with shim.h. Device pointers are host pointers. Launches run at once
 // (a stream is trivially in order). Each block runs on one worker OS thread as blockDim fibers;
-// blocks are spread over the host's cores. It checks what a GPU would not forgive: launch limits,
+// blocks are spread over the host's cores; between barriers a block's threads run one after the
+// other (forwards or backwards, alternating between blocks and launches). It checks what a GPU would not forgive: launch limits,
 // dynamic shared memory above the opt-in, copies outside an allocation, double frees, barriers
 // not reached by every live thread of a block (deadlock), full-mask shuffles with exited lanes.
 // Fresh device memory and dynamic shared memory are filled with NaNs, so reading either before
@@ -46,6 +47,7 @@ struct Worker {
     void* fn = nullptr;
     void** params = nullptr;
     const char* name = "";
+    unsigned parity = 0;  // the launch's number, mod 2
 };
 static thread_local Worker W;
 static std::mutex g_err_mu;
@@ -112,9 +114,13 @@ static bool run_block(dim3 b, unsigned nt) {
         makecontext(&f.ctx, fiber_main, 0);
     }
     unsigned nwarps = (nt + 31) / 32;
+    // Between barriers the fibers run one after another, in thread order or in reverse, alternating
+    // between neighbouring blocks and between launches: a missing barrier shows up whichever
+    // thread reads the other's write.
+    bool reverse = (((b.z * gridDim.y + b.y) * gridDim.x + b.x) + W.parity) % 2 == 1;
     for (;;) {
-        for (unsigned t = 0; t < nt; t++) {
-            Fiber& f = W.fibers[t];
+        for (unsigned i = 0; i < nt; i++) {
+            Fiber& f = W.fibers[reverse ? nt - 1 - i : i];
             if (f.state != RUN) continue;
             W.cur = &f;
             swapcontext(&W.sched, &f.ctx);
@@ -384,6 +390,7 @@ CUresult cuLaunchKernel(void* fp, unsigned gx, unsigned gy, unsigned gz, unsigne
         W.fn = f->fn;
         W.params = params;
         W.name = f->name.c_str();
+        W.parity = (unsigned)(g_launches % 2);
         blockDim = dim3{bx, by, bz};
         gridDim = dim3{gx, gy, gz};
         for (;;) {

@@ -528,6 +528,54 @@ fn training_follows_the_cpu_loss_curve() {
     }
 }
 
+/// Checkpoints and `--resume` on the device: a run stopped after its step-2 checkpoint and resumed
+/// gives the uninterrupted run's step 3 and 4 losses (within 1e-4: the wte gradient's atomics make
+/// CUDA runs not bit-reproducible).
+#[test]
+fn resume_on_the_device_continues_the_run() {
+    if gpu(dflt()).is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let run = |out: &std::path::Path, log: &std::path::Path, steps: &str, resume: bool| {
+        let mut args = vec![
+            "train", "--backend", "cuda", "--init", "tests/data/tiny/model.bin", "--train", "tests/data/tiny/train.bin",
+            "--val-every", "0", "--gen-tokens", "0", "--batch", "4", "--seq-len", "32", "--steps", "4",
+            "--checkpoint-every", "2", "--out", out.to_str().unwrap(), "--log-json", log.to_str().unwrap(),
+        ];
+        if resume {
+            args.push("--resume");
+        }
+        let o = wgpt(&args);
+        assert!(o.status.success(), "train ({steps}): {}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read_to_string(log)
+            .unwrap()
+            .lines()
+            .filter_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                Some((v["step"].as_u64()?, v["train_loss"].as_f64()?))
+            })
+            .collect::<Vec<_>>()
+    };
+    let full = run(&dir.path().join("full"), &dir.path().join("full.jsonl"), "uninterrupted", false);
+    let part = dir.path().join("part");
+    run(&part, &dir.path().join("a.jsonl"), "first part", false);
+    // keep only the step-2 checkpoint, as if the run had stopped before step 4's
+    for e in std::fs::read_dir(&part).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name().unwrap().to_string_lossy().contains("00000004") {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    let resumed = run(&part, &dir.path().join("b.jsonl"), "resumed", true);
+    assert_eq!(resumed.iter().map(|r| r.0).collect::<Vec<_>>(), vec![3, 4], "{resumed:?}");
+    for (s, l) in &resumed {
+        let want = full.iter().find(|f| f.0 == *s).unwrap().1;
+        assert!((l - want).abs() < 1e-4, "step {s}: resumed {l} vs uninterrupted {want}");
+    }
+    println!("resume on cuda: steps 3-4 {resumed:?} vs {full:?}");
+}
+
 // ---------------------------------------------------------------- (d) the emulator
 
 /// Set in the child process that runs the device tests on the emulator.
@@ -588,7 +636,7 @@ fn device_tests_on_the_cuda_emulator() {
         skip_note(&format!("(on the emulator) {l}"));
     }
     assert!(stdout.contains("CUDA emulator"), "the child did not run on the emulator:\n{stdout}");
-    for must in ["tiny fixture on", "verify --backend cuda", "attention", "matmul", "norm/clip/adamw", "CUDA 11.4 driver + NVRTC 12", "host wait", "1 GiB GPU"] {
+    for must in ["tiny fixture on", "verify --backend cuda", "attention", "matmul", "norm/clip/adamw", "CUDA 11.4 driver + NVRTC 12", "host wait", "1 GiB GPU", "resume on cuda"] {
         assert!(stdout.contains(must), "`{must}` missing from the emulated run:\n{stdout}");
     }
     println!("{stdout}");

@@ -11,7 +11,9 @@
 //!     CPU. Skipped, visibly, without a C++ compiler or NVRTC, unless WGPT_REQUIRE_NVRTC=1 (CI).
 //!     This is not a GPU: it proves the host code and the kernels' logic, not timing or the memory model.
 
+mod common;
 mod cuda_emu;
+use common::{assert_follows_cpu, verify_tiny_fixture, wgpt};
 
 use wgpt::backend::cpu::CpuBackend;
 use wgpt::backend::cuda::{self, compile, CudaBackend, CudaOptions};
@@ -464,50 +466,14 @@ fn tiny_fixture_ten_steps_match_the_reference_losses() {
 
 // ---------------------------------------------------------------- the CLI on the device
 
-const TINY: &str = "tests/data/tiny";
-
-fn wgpt(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_wgpt")).args(args).output().expect("running wgpt")
-}
-
 /// `wgpt verify --backend cuda` on the fixture: loss, logits, every gradient and the 10 losses.
 #[test]
 fn verify_cli_on_the_tiny_fixture() {
     if gpu(dflt()).is_none() {
         return;
     }
-    let o = wgpt(&[
-        "verify", "--model", &format!("{TINY}/model.bin"), "--state", &format!("{TINY}/debug_state.bin"),
-        "--backend", "cuda", "--steps", "10", "--json",
-    ]);
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "verify --backend cuda failed:\n{out}\n{}", String::from_utf8_lossy(&o.stderr));
-    let r: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
-    assert!(r["backend"].as_str().unwrap().starts_with("cuda"), "{}", r["backend"]);
-    let exp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(format!("{TINY}/expected.json")).unwrap()).unwrap();
-    assert!((r["loss"].as_f64().unwrap() - exp["loss"].as_f64().unwrap()).abs() < 1e-5);
-    assert!(r["logits_max_abs_error"].as_f64().unwrap() < 1e-4);
-    for g in r["grads"].as_array().unwrap() {
-        assert!(g["rel_error"].as_f64().unwrap() < 1e-4, "{g}");
-    }
-    for (l, w) in r["losses"].as_array().unwrap().iter().zip(exp["losses"].as_array().unwrap()) {
-        assert!((l.as_f64().unwrap() - w.as_f64().unwrap()).abs() < 1e-4, "{l} vs {w}");
-    }
-    println!("verify --backend cuda: {}", r["backend"]);
-}
-
-fn train_losses(backend: &str, log: &std::path::Path) -> Vec<f64> {
-    let o = wgpt(&[
-        "train", "--backend", backend, "--init", &format!("{TINY}/model.bin"), "--train", &format!("{TINY}/train.bin"),
-        "--val", &format!("{TINY}/train.bin"), "--batch", "4", "--seq-len", "32", "--total-batch", "256", "--steps", "6",
-        "--lr", "1e-3", "--val-every", "3", "--val-batches", "1", "--gen-tokens", "0", "--log-json", log.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "train --backend {backend}: {}", String::from_utf8_lossy(&o.stderr));
-    std::fs::read_to_string(log)
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["train_loss"].as_f64())
-        .collect()
+    let name = verify_tiny_fixture("cuda");
+    println!("verify --backend cuda: {name}");
 }
 
 /// `wgpt train --backend cuda` follows the cpu backend's loss curve (gradient accumulation,
@@ -517,15 +483,7 @@ fn training_follows_the_cpu_loss_curve() {
     if gpu(dflt()).is_none() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let cpu = train_losses("cpu", &dir.path().join("cpu.jsonl"));
-    let dev = train_losses("cuda", &dir.path().join("cuda.jsonl"));
-    assert_eq!(cpu.len(), 6);
-    assert_eq!(dev.len(), 6);
-    assert!(cpu[5] < cpu[0], "the cpu run should learn: {cpu:?}");
-    for (i, (c, g)) in cpu.iter().zip(&dev).enumerate() {
-        assert!((c - g).abs() < 2e-3, "step {}: cpu {c} vs cuda {g}", i + 1);
-    }
+    assert_follows_cpu("cuda", &["--val-every", "3", "--val-batches", "1"]);
 }
 
 /// Checkpoints and `--resume` on the device: a run stopped after its step-2 checkpoint and resumed

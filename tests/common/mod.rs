@@ -1,0 +1,66 @@
+//! Helpers shared by the test files that drive the `wgpt` binary on a GPU backend.
+
+use std::process::{Command, Output};
+
+pub const TINY: &str = "tests/data/tiny";
+
+pub fn wgpt(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_wgpt")).args(args).output().expect("running wgpt")
+}
+
+/// `wgpt verify --backend <backend> --json` on the tiny fixture, checked against expected.json:
+/// loss within 1e-5, logits within 1e-4, each gradient within 1e-4 relative, the 10 losses within
+/// 1e-4. Returns the backend's description from the report.
+pub fn verify_tiny_fixture(backend: &str) -> String {
+    let o = wgpt(&[
+        "verify", "--model", &format!("{TINY}/model.bin"), "--state", &format!("{TINY}/debug_state.bin"),
+        "--backend", backend, "--steps", "10", "--json",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "verify --backend {backend} failed:\n{out}\n{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let name = r["backend"].as_str().unwrap().to_string();
+    assert!(name.starts_with(backend), "{name}");
+    let exp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(format!("{TINY}/expected.json")).unwrap()).unwrap();
+    assert!((r["loss"].as_f64().unwrap() - exp["loss"].as_f64().unwrap()).abs() < 1e-5);
+    assert!(r["logits_max_abs_error"].as_f64().unwrap() < 1e-4);
+    for g in r["grads"].as_array().unwrap() {
+        assert!(g["rel_error"].as_f64().unwrap() < 1e-4, "{g}");
+    }
+    for (l, w) in r["losses"].as_array().unwrap().iter().zip(exp["losses"].as_array().unwrap()) {
+        assert!((l.as_f64().unwrap() - w.as_f64().unwrap()).abs() < 1e-4, "{l} vs {w}");
+    }
+    name
+}
+
+/// The per-step train losses of 6 steps on the fixture's tokens (B=4, T=32, --total-batch 256:
+/// two accumulated micro-steps per update, shuffled data), with `extra` flags appended.
+pub fn train_losses(backend: &str, log: &std::path::Path, extra: &[&str]) -> Vec<f64> {
+    let mut args = vec![
+        "train", "--backend", backend, "--init", "tests/data/tiny/model.bin", "--train", "tests/data/tiny/train.bin",
+        "--val", "tests/data/tiny/train.bin", "--batch", "4", "--seq-len", "32", "--total-batch", "256", "--steps", "6",
+        "--lr", "1e-3", "--gen-tokens", "0", "--log-json", log.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let o = wgpt(&args);
+    assert!(o.status.success(), "train --backend {backend}: {}", String::from_utf8_lossy(&o.stderr));
+    std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["train_loss"].as_f64())
+        .collect()
+}
+
+/// `train_losses` on the cpu backend and on `backend`: both have 6 steps, the cpu run learns, and
+/// every step's loss agrees within 2e-3.
+pub fn assert_follows_cpu(backend: &str, extra: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let cpu = train_losses("cpu", &dir.path().join("cpu.jsonl"), extra);
+    let dev = train_losses(backend, &dir.path().join("dev.jsonl"), extra);
+    assert_eq!(cpu.len(), 6);
+    assert_eq!(dev.len(), 6);
+    assert!(cpu[5] < cpu[0], "the cpu run should learn: {cpu:?}");
+    for (i, (c, g)) in cpu.iter().zip(&dev).enumerate() {
+        assert!((c - g).abs() < 2e-3, "step {}: cpu {c} vs {backend} {g}", i + 1);
+    }
+}

@@ -48,26 +48,20 @@ mod sys {
 impl Lib {
     /// `dlopen(name_or_path, RTLD_NOW | RTLD_GLOBAL)`; the error is dlerror()'s text.
     pub fn open(name: &str) -> Result<Lib, String> {
-        use std::ffi::{CStr, CString};
-        let c = CString::new(name).map_err(|_| format!("{name}: bad library name"))?;
-        unsafe {
-            let h = sys::dlopen(c.as_ptr(), sys::RTLD_NOW | sys::RTLD_GLOBAL);
-            if h.is_null() {
-                let e = sys::dlerror();
-                let msg = if e.is_null() { "dlopen failed".to_string() } else { CStr::from_ptr(e).to_string_lossy().into_owned() };
-                return Err(msg);
-            }
-            Ok(Lib { path: name.to_string(), handle: h as usize })
-        }
+        Self::open_with(name, sys::RTLD_NOW | sys::RTLD_GLOBAL)
     }
 
     /// `dlopen(path, RTLD_NOW | RTLD_LOCAL)`: for NVRTC, whose symbols are looked up here only
     /// (two NVRTC versions may be opened while choosing, and must not interpose on each other).
     pub fn open_local(name: &str) -> Result<Lib, String> {
+        Self::open_with(name, sys::RTLD_NOW)
+    }
+
+    fn open_with(name: &str, flags: std::ffi::c_int) -> Result<Lib, String> {
         use std::ffi::{CStr, CString};
         let c = CString::new(name).map_err(|_| format!("{name}: bad library name"))?;
         unsafe {
-            let h = sys::dlopen(c.as_ptr(), sys::RTLD_NOW);
+            let h = sys::dlopen(c.as_ptr(), flags);
             if h.is_null() {
                 let e = sys::dlerror();
                 let msg = if e.is_null() { "dlopen failed".to_string() } else { CStr::from_ptr(e).to_string_lossy().into_owned() };
@@ -346,7 +340,7 @@ fn find_nvrtc(check: &dyn Fn(Lib) -> Result<Lib, String>) -> Result<Lib, String>
     }
     let mut errs = Vec::new();
     for p in &cands {
-        match Lib::open_local(&p.display().to_string()).and_then(|l| check(l)) {
+        match Lib::open_local(&p.display().to_string()).and_then(check) {
             Ok(l) => return Ok(l),
             Err(e) => errs.push(e),
         }

@@ -13,21 +13,30 @@ use super::dl::{self, Which};
 type Prog = *mut c_void;
 type R = c_int; // nvrtcResult; 0 = NVRTC_SUCCESS
 
+type VersionFn = unsafe extern "C" fn(*mut c_int, *mut c_int) -> R;
+type IntOutFn = unsafe extern "C" fn(*mut c_int) -> R;
+type CreateFn = unsafe extern "C" fn(*mut Prog, *const c_char, *const c_char, c_int, *const *const c_char, *const *const c_char) -> R;
+type CompileFn = unsafe extern "C" fn(Prog, c_int, *const *const c_char) -> R;
+type DestroyFn = unsafe extern "C" fn(*mut Prog) -> R;
+type SizeFn = unsafe extern "C" fn(Prog, *mut usize) -> R;
+type GetFn = unsafe extern "C" fn(Prog, *mut c_char) -> R;
+type ErrorStringFn = unsafe extern "C" fn(R) -> *const c_char;
+
 /// The entry points, resolved once.
 struct Api {
-    version: unsafe extern "C" fn(*mut c_int, *mut c_int) -> R,
-    num_archs: unsafe extern "C" fn(*mut c_int) -> R,
-    archs: unsafe extern "C" fn(*mut c_int) -> R,
-    create: unsafe extern "C" fn(*mut Prog, *const c_char, *const c_char, c_int, *const *const c_char, *const *const c_char) -> R,
-    compile: unsafe extern "C" fn(Prog, c_int, *const *const c_char) -> R,
-    destroy: unsafe extern "C" fn(*mut Prog) -> R,
-    log_size: unsafe extern "C" fn(Prog, *mut usize) -> R,
-    log: unsafe extern "C" fn(Prog, *mut c_char) -> R,
-    cubin_size: unsafe extern "C" fn(Prog, *mut usize) -> R,
-    cubin: unsafe extern "C" fn(Prog, *mut c_char) -> R,
-    ptx_size: unsafe extern "C" fn(Prog, *mut usize) -> R,
-    ptx: unsafe extern "C" fn(Prog, *mut c_char) -> R,
-    error_string: unsafe extern "C" fn(R) -> *const c_char,
+    version: VersionFn,
+    num_archs: IntOutFn,
+    archs: IntOutFn,
+    create: CreateFn,
+    compile: CompileFn,
+    destroy: DestroyFn,
+    log_size: SizeFn,
+    log: GetFn,
+    cubin_size: SizeFn,
+    cubin: GetFn,
+    ptx_size: SizeFn,
+    ptx: GetFn,
+    error_string: ErrorStringFn,
 }
 
 /// Every symbol `Api` needs (checked when a candidate library is chosen).
@@ -42,26 +51,26 @@ fn api() -> Result<&'static Api, String> {
     API.get_or_init(|| {
         let lib = dl::lib(Which::Nvrtc)?;
         macro_rules! f {
-            ($name:literal) => {{
+            ($name:literal, $ty:ty) => {{
                 let p = lib.sym($name).ok_or_else(|| format!("{} lacks {}", lib.path, $name))?;
-                // SAFETY: the symbol is NVRTC's function of that name; the field's type is its C signature
-                unsafe { std::mem::transmute::<*mut c_void, _>(p) }
+                // SAFETY: the symbol is NVRTC's function of that name and $ty is its C signature
+                unsafe { std::mem::transmute::<*mut c_void, $ty>(p) }
             }};
         }
         Ok(Api {
-            version: f!("nvrtcVersion"),
-            num_archs: f!("nvrtcGetNumSupportedArchs"),
-            archs: f!("nvrtcGetSupportedArchs"),
-            create: f!("nvrtcCreateProgram"),
-            compile: f!("nvrtcCompileProgram"),
-            destroy: f!("nvrtcDestroyProgram"),
-            log_size: f!("nvrtcGetProgramLogSize"),
-            log: f!("nvrtcGetProgramLog"),
-            cubin_size: f!("nvrtcGetCUBINSize"),
-            cubin: f!("nvrtcGetCUBIN"),
-            ptx_size: f!("nvrtcGetPTXSize"),
-            ptx: f!("nvrtcGetPTX"),
-            error_string: f!("nvrtcGetErrorString"),
+            version: f!("nvrtcVersion", VersionFn),
+            num_archs: f!("nvrtcGetNumSupportedArchs", IntOutFn),
+            archs: f!("nvrtcGetSupportedArchs", IntOutFn),
+            create: f!("nvrtcCreateProgram", CreateFn),
+            compile: f!("nvrtcCompileProgram", CompileFn),
+            destroy: f!("nvrtcDestroyProgram", DestroyFn),
+            log_size: f!("nvrtcGetProgramLogSize", SizeFn),
+            log: f!("nvrtcGetProgramLog", GetFn),
+            cubin_size: f!("nvrtcGetCUBINSize", SizeFn),
+            cubin: f!("nvrtcGetCUBIN", GetFn),
+            ptx_size: f!("nvrtcGetPTXSize", SizeFn),
+            ptx: f!("nvrtcGetPTX", GetFn),
+            error_string: f!("nvrtcGetErrorString", ErrorStringFn),
         })
     })
     .as_ref()
@@ -125,11 +134,7 @@ pub fn compile(file: &str, src: &str, options: &[String], ptx: bool) -> Result<(
 }
 
 /// A size-then-contents NVRTC getter into a byte vector; Err(result code).
-unsafe fn read(
-    prog: Prog,
-    size: unsafe extern "C" fn(Prog, *mut usize) -> R,
-    get: unsafe extern "C" fn(Prog, *mut c_char) -> R,
-) -> Result<Vec<u8>, R> {
+unsafe fn read(prog: Prog, size: SizeFn, get: GetFn) -> Result<Vec<u8>, R> {
     let mut n = 0usize;
     let r = size(prog, &mut n);
     if r != 0 {

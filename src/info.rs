@@ -38,9 +38,14 @@ pub fn report() -> String {
     s
 }
 
-/// `wgpt kernels --cuda --arch ...`: compile every cuda/*.cu with NVRTC, one line per file and arch.
+/// `wgpt kernels --cuda --arch ...`: compile every cuda/*.cu with NVRTC, one line per file and
+/// arch, after a line naming the NVRTC used.
 pub fn compile_cuda(archs: &[String]) -> Result<()> {
-    for r in cuda::compile_all(archs)? {
+    let reports = cuda::compile_all(archs)?;
+    if let Ok(d) = cuda::compile::nvrtc_description() {
+        println!("nvrtc: {d}");
+    }
+    for r in reports {
         println!("{r}");
     }
     Ok(())

@@ -59,6 +59,30 @@ fn every_kernel_compiles_for_sm70_sm80_sm90() {
     }
 }
 
+/// The same with NVRTC 11 (what a CUDA 11 driver needs), through `wgpt kernels --cuda`:
+/// $WGPT_TEST_NVRTC11_DIR holds libnvrtc.so.11.2 (CI installs 11.8 there).
+#[test]
+fn every_kernel_compiles_with_nvrtc11_too() {
+    let Some(dir) = std::env::var_os("WGPT_TEST_NVRTC11_DIR").filter(|d| !d.is_empty()) else {
+        assert!(std::env::var("WGPT_REQUIRE_NVRTC").as_deref() != Ok("1"), "WGPT_REQUIRE_NVRTC=1 but WGPT_TEST_NVRTC11_DIR is not set");
+        skip_note("skipped: NVRTC 11 compile check (set WGPT_TEST_NVRTC11_DIR to a directory with libnvrtc.so.11.2)");
+        return;
+    };
+    let lib = std::path::Path::new(&dir).join("libnvrtc.so.11.2");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_wgpt"))
+        .args(["kernels", "--cuda", "--arch", "sm_70,sm_80,sm_90"])
+        .env("WGPT_NVRTC", &lib)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
+    let mut lines = out.lines();
+    let first = lines.next().unwrap_or_default();
+    assert!(first.starts_with("nvrtc: 11."), "{first}");
+    assert_eq!(lines.filter(|l| l.contains(" 0 B spills")).count(), 3 * cuda::SOURCES.len(), "{out}");
+    println!("{first}: every kernel for sm_70/80/90, no spills");
+}
+
 #[test]
 fn a_broken_kernel_is_an_error_with_the_log() {
     let Some(_) = nvrtc_or_skip() else { return };

@@ -32,6 +32,45 @@ __device__ __forceinline__ void load_tile(float* dst, int ld, const float* src, 
     }
 }
 
+// Two dot products per own row r (rows rb..rb+RPW of two [TILE][ld] tiles) and this lane's streamed
+// row (row `lane` of two [TILE][hsp] tiles): a[r] = own_a[r]·str_a[lane], b[r] = own_b[r]·str_b[lane].
+__device__ __forceinline__ void own_dot_streamed2(float (&a)[RPW], float (&b)[RPW], const float* own_a,
+                                                  const float* own_b, int ld, const float* str_a,
+                                                  const float* str_b, int hsp, int rb, int lane, int hs) {
+#pragma unroll
+    for (int r = 0; r < RPW; r++) {
+        a[r] = 0.0f;
+        b[r] = 0.0f;
+    }
+    for (int d = 0; d < hs; d++) {
+        float sa = str_a[lane * hsp + d];
+        float sb = str_b[lane * hsp + d];
+#pragma unroll
+        for (int r = 0; r < RPW; r++) {
+            a[r] += own_a[(rb + r) * ld + d] * sa;
+            b[r] += own_b[(rb + r) * ld + d] * sb;
+        }
+    }
+}
+
+// This lane's features (lane + 32·k, k < NDL; 0 past hs) of row j of a [TILE][hsp] tile.
+__device__ __forceinline__ void lane_features(float (&f)[NDL], const float* tile, int j, int hsp, int lane, int hs) {
+#pragma unroll
+    for (int k = 0; k < NDL; k++) {
+        int d = lane + 32 * k;
+        f[k] = d < hs ? tile[j * hsp + d] : 0.0f;
+    }
+}
+
+// row[d] = acc[k]·mul for this lane's features d = lane + 32·k < hs.
+__device__ __forceinline__ void store_features(float* row, const float (&acc)[NDL], float mul, int lane, int hs) {
+#pragma unroll
+    for (int k = 0; k < NDL; k++) {
+        int d = lane + 32 * k;
+        if (d < hs) row[d] = acc[k] * mul;
+    }
+}
+
 // s[u] = q_t·k_u/√hs (u ≤ t), p = softmax(s), out[b,t,h·hs..] = Σ_u p[u]·v_u;
 // lse[b,h,t] = max + ln Σ exp(s − max)
 extern "C" __global__ void __launch_bounds__(256, 2) attention_forward(float* __restrict__ out, float* __restrict__ lse,
@@ -95,11 +134,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) attention_forward(float* __
         }
         for (int j = 0; j < TILE; j++) {
             float vv[NDL];
-#pragma unroll
-            for (int k = 0; k < NDL; k++) {
-                int d = lane + 32 * k;
-                vv[k] = d < hs ? Vs[j * hsp + d] : 0.0f;
-            }
+            lane_features(vv, Vs, j, hsp, lane, hs);
 #pragma unroll
             for (int r = 0; r < RPW; r++) {
                 float pj = __shfl_sync(FULL, s[r], j);
@@ -112,13 +147,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) attention_forward(float* __
     for (int r = 0; r < RPW; r++) {
         int t = q0 + rb + r;
         if (t >= T) continue;
-        float inv = 1.0f / l[r];
-        float* orow = out + ((long long)b * T + t) * C + h * hs;
-#pragma unroll
-        for (int k = 0; k < NDL; k++) {
-            int d = lane + 32 * k;
-            if (d < hs) orow[d] = o[r][k] * inv;
-        }
+        store_features(out + ((long long)b * T + t) * C + h * hs, o[r], 1.0f / l[r], lane, hs);
         if (lane == 0) lse[((long long)b * NH + h) * T + t] = m[r] + logf(l[r]);
     }
 }
@@ -175,21 +204,8 @@ extern "C" __global__ void __launch_bounds__(256, 2) attention_backward_dq(float
         load_tile(Ks, hsp, base, stride, C + h * hs, k0, T, hs);
         load_tile(Vs, hsp, base, stride, 2 * C + h * hs, k0, T, hs);
         __syncthreads();
-        float s[RPW], dp[RPW];
-#pragma unroll
-        for (int r = 0; r < RPW; r++) {
-            s[r] = 0.0f;
-            dp[r] = 0.0f;
-        }
-        for (int d = 0; d < hs; d++) {
-            float kv = Ks[lane * hsp + d];
-            float vv = Vs[lane * hsp + d];
-#pragma unroll
-            for (int r = 0; r < RPW; r++) {
-                s[r] += Qs[(rb + r) * hs + d] * kv;
-                dp[r] += Os[(rb + r) * hs + d] * vv;
-            }
-        }
+        float s[RPW], dp[RPW];  // s = q_t·k_u, dp = dout_t·v_u
+        own_dot_streamed2(s, dp, Qs, Os, hs, Ks, Vs, hsp, rb, lane, hs);
         int u = k0 + lane;
 #pragma unroll
         for (int r = 0; r < RPW; r++) {
@@ -200,11 +216,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) attention_backward_dq(float
         }
         for (int j = 0; j < TILE; j++) {
             float kk[NDL];
-#pragma unroll
-            for (int k = 0; k < NDL; k++) {
-                int d = lane + 32 * k;
-                kk[k] = d < hs ? Ks[j * hsp + d] : 0.0f;
-            }
+            lane_features(kk, Ks, j, hsp, lane, hs);
 #pragma unroll
             for (int r = 0; r < RPW; r++) {
                 float dsj = __shfl_sync(FULL, s[r], j);
@@ -217,12 +229,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) attention_backward_dq(float
     for (int r = 0; r < RPW; r++) {
         int t = q0 + rb + r;
         if (t >= T) continue;
-        float* row = dqkv + ((long long)b * T + t) * stride + h * hs;
-#pragma unroll
-        for (int k = 0; k < NDL; k++) {
-            int d = lane + 32 * k;
-            if (d < hs) row[d] = dq[r][k] * scale;
-        }
+        store_features(dqkv + ((long long)b * T + t) * stride + h * hs, dq[r], scale, lane, hs);
     }
 }
 
@@ -273,21 +280,8 @@ extern "C" __global__ void __launch_bounds__(256, 2) attention_backward_dkv(floa
             Ds[threadIdx.x] = t < T ? Dbuf[lbase + t] : 0.0f;
         }
         __syncthreads();
-        float s[RPW], dp[RPW];
-#pragma unroll
-        for (int r = 0; r < RPW; r++) {
-            s[r] = 0.0f;
-            dp[r] = 0.0f;
-        }
-        for (int d = 0; d < hs; d++) {
-            float qv = Qs[lane * hsp + d];
-            float ov = Os[lane * hsp + d];
-#pragma unroll
-            for (int r = 0; r < RPW; r++) {
-                s[r] += qv * Ks[(rb + r) * hs + d];
-                dp[r] += ov * Vs[(rb + r) * hs + d];
-            }
-        }
+        float s[RPW], dp[RPW];  // s = k_u·q_t, dp = v_u·dout_t
+        own_dot_streamed2(s, dp, Ks, Vs, hs, Qs, Os, hsp, rb, lane, hs);
         int t = q0 + lane;
         float Lt = Ls[lane], Dt = Ds[lane];
 #pragma unroll
@@ -300,12 +294,8 @@ extern "C" __global__ void __launch_bounds__(256, 2) attention_backward_dkv(floa
         }
         for (int j = 0; j < TILE; j++) {
             float qq[NDL], oo[NDL];
-#pragma unroll
-            for (int k = 0; k < NDL; k++) {
-                int d = lane + 32 * k;
-                qq[k] = d < hs ? Qs[j * hsp + d] : 0.0f;
-                oo[k] = d < hs ? Os[j * hsp + d] : 0.0f;
-            }
+            lane_features(qq, Qs, j, hsp, lane, hs);
+            lane_features(oo, Os, j, hsp, lane, hs);
 #pragma unroll
             for (int r = 0; r < RPW; r++) {
                 float pj = __shfl_sync(FULL, s[r], j);
@@ -323,13 +313,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) attention_backward_dkv(floa
         int u = u0 + rb + r;
         if (u >= T) continue;
         float* row = dqkv + ((long long)b * T + u) * stride + h * hs;
-#pragma unroll
-        for (int k = 0; k < NDL; k++) {
-            int d = lane + 32 * k;
-            if (d < hs) {
-                row[C + d] = dk[r][k] * scale;
-                row[2 * C + d] = dv[r][k];
-            }
-        }
+        store_features(row + C, dk[r], scale, lane, hs);
+        store_features(row + 2 * C, dv[r], 1.0f, lane, hs);
     }
 }

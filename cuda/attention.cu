@@ -62,6 +62,22 @@ __device__ __forceinline__ void lane_features(float (&f)[NDL], const float* tile
     }
 }
 
+// acc[r] += Σ_j w_j[r]·tile[j] over the TILE streamed rows, where lane j holds w_j[r] = w[r] (the
+// weights travel by shuffle) and each lane accumulates its own features.
+__device__ __forceinline__ void accumulate_rows(float (&acc)[RPW][NDL], const float (&w)[RPW], const float* tile,
+                                                int hsp, int lane, int hs) {
+    for (int j = 0; j < TILE; j++) {
+        float f[NDL];
+        lane_features(f, tile, j, hsp, lane, hs);
+#pragma unroll
+        for (int r = 0; r < RPW; r++) {
+            float wj = __shfl_sync(FULL, w[r], j);
+#pragma unroll
+            for (int k = 0; k < NDL; k++) acc[r][k] += wj * f[k];
+        }
+    }
+}
+
 // row[d] = acc[k]·mul for this lane's features d = lane + 32·k < hs.
 __device__ __forceinline__ void store_features(float* row, const float (&acc)[NDL], float mul, int lane, int hs) {
 #pragma unroll
@@ -132,16 +148,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) attention_forward(float* __
             m[r] = mnew;
             s[r] = p;
         }
-        for (int j = 0; j < TILE; j++) {
-            float vv[NDL];
-            lane_features(vv, Vs, j, hsp, lane, hs);
-#pragma unroll
-            for (int r = 0; r < RPW; r++) {
-                float pj = __shfl_sync(FULL, s[r], j);
-#pragma unroll
-                for (int k = 0; k < NDL; k++) o[r][k] += pj * vv[k];
-            }
-        }
+        accumulate_rows(o, s, Vs, hsp, lane, hs);  // o += p·v
     }
 #pragma unroll
     for (int r = 0; r < RPW; r++) {
@@ -214,16 +221,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) attention_backward_dq(float
             float p = valid ? expf(s[r] * scale - L[r]) : 0.0f;
             s[r] = p * (dp[r] - D[r]);  // dS
         }
-        for (int j = 0; j < TILE; j++) {
-            float kk[NDL];
-            lane_features(kk, Ks, j, hsp, lane, hs);
-#pragma unroll
-            for (int r = 0; r < RPW; r++) {
-                float dsj = __shfl_sync(FULL, s[r], j);
-#pragma unroll
-                for (int k = 0; k < NDL; k++) dq[r][k] += dsj * kk[k];
-            }
-        }
+        accumulate_rows(dq, s, Ks, hsp, lane, hs);  // dq += dS·k
     }
 #pragma unroll
     for (int r = 0; r < RPW; r++) {
@@ -292,21 +290,8 @@ extern "C" __global__ void __launch_bounds__(256, 2) attention_backward_dkv(floa
             s[r] = p;                    // p
             dp[r] = p * (dp[r] - Dt);    // dS
         }
-        for (int j = 0; j < TILE; j++) {
-            float qq[NDL], oo[NDL];
-            lane_features(qq, Qs, j, hsp, lane, hs);
-            lane_features(oo, Os, j, hsp, lane, hs);
-#pragma unroll
-            for (int r = 0; r < RPW; r++) {
-                float pj = __shfl_sync(FULL, s[r], j);
-                float dsj = __shfl_sync(FULL, dp[r], j);
-#pragma unroll
-                for (int k = 0; k < NDL; k++) {
-                    dv[r][k] += pj * oo[k];
-                    dk[r][k] += dsj * qq[k];
-                }
-            }
-        }
+        accumulate_rows(dv, s, Os, hsp, lane, hs);   // dv += p·dout
+        accumulate_rows(dk, dp, Qs, hsp, lane, hs);  // dk += dS·q
     }
 #pragma unroll
     for (int r = 0; r < RPW; r++) {

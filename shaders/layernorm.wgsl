@@ -39,22 +39,7 @@ struct P {
 @group(0) @binding(13) var<storage, read_write> dbias: array<f32>;
 
 const WG: u32 = 256u;
-var<workgroup> red: array<vec2<f32>, 256>;
-
-// Σ over the workgroup of v (tree order, deterministic); every invocation gets the result.
-fn block_sum2(v: vec2<f32>, lid: u32) -> vec2<f32> {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if (lid < s) {
-            red[lid] += red[lid + s];
-        }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
+//#include block_reduce vec2<f32>
 
 @compute @workgroup_size(256)
 fn ln_forward(
@@ -71,13 +56,13 @@ fn ln_forward(
     for (var i = lid; i < p.c; i += WG) {
         s += inp[x0 + i];
     }
-    let m = block_sum2(vec2<f32>(s, 0.0), lid).x / f32(p.c);
+    let m = block_sum(vec2<f32>(s, 0.0), lid).x / f32(p.c);
     var v = 0.0;
     for (var i = lid; i < p.c; i += WG) {
         let d = inp[x0 + i] - m;
         v += d * d;
     }
-    let rs = 1.0 / sqrt(block_sum2(vec2<f32>(v, 0.0), lid).x / f32(p.c) + 1e-5);
+    let rs = 1.0 / sqrt(block_sum(vec2<f32>(v, 0.0), lid).x / f32(p.c) + 1e-5);
     let y0 = p.o_out + row * p.c;
     for (var i = lid; i < p.c; i += WG) {
         dst[y0 + i] = (inp[x0 + i] - m) * rs * weight[p.o_w + i] + bias[p.o_b + i];
@@ -108,7 +93,7 @@ fn ln_backward_dinp(
         let g = dout[d0 + i] * weight[p.o_w + i];
         acc += vec2<f32>(g, g * xh);
     }
-    let sums = block_sum2(acc, lid) / f32(p.c);
+    let sums = block_sum(acc, lid) / f32(p.c);
     let y0 = p.o_out + row * p.c;
     for (var i = lid; i < p.c; i += WG) {
         let xh = (inp[x0 + i] - m) * rs;

@@ -22,22 +22,7 @@ struct P {
 @group(0) @binding(4) var<storage, read> part_r: array<f32>;
 @group(0) @binding(5) var<storage, read_write> hyper: array<f32>;
 
-var<workgroup> red: array<f32, 256>;
-
-// Σ over the workgroup of v (tree order, deterministic); every invocation gets the result.
-fn block_sum(v: f32, lid: u32) -> f32 {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var s = 128u; s > 0u; s >>= 1u) {
-        if (lid < s) {
-            red[lid] += red[lid + s];
-        }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
+//#include block_reduce f32
 
 @compute @workgroup_size(256)
 fn zero(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {

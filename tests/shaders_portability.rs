@@ -6,7 +6,7 @@
 use naga::back::{hlsl, msl, spv};
 use naga::valid::{Capabilities, ValidationFlags, Validator};
 use std::path::Path;
-use wgpt::backend::wgpu::shaders::{all_variants, preprocess, FAMILIES};
+use wgpt::backend::wgpu::shaders::{all_variants, expand_includes, preprocess, FAMILIES, LIBS};
 
 /// Parse, validate and translate one WGSL text; returns a description of every failure.
 fn check(name: &str, src: &str) -> Vec<String> {
@@ -84,9 +84,16 @@ fn every_shader_file_validates_and_translates() {
         let src = std::fs::read_to_string(f).unwrap();
         // the file starts with comments stating the maths
         assert!(src.trim_start().starts_with("//"), "{} must start with a comment block", f.display());
-        errs.extend(check(&f.display().to_string(), &src));
+        let name = f.display().to_string();
+        let src = expand_includes(&name, &src).unwrap_or_else(|e| panic!("{e}"));
+        errs.extend(check(&name, &src));
     }
     assert!(errs.is_empty(), "{} shader error(s):\n{}", errs.len(), errs.join("\n"));
+    // every shared piece under shaders/lib/ is used (and so validated) somewhere
+    for (lib, _) in LIBS {
+        let used = files.iter().any(|f| std::fs::read_to_string(f).unwrap().contains(&format!("//#include {lib} ")));
+        assert!(used, "shaders/lib/{lib}.wgsl is included by no shader");
+    }
 }
 
 #[test]

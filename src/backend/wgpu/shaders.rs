@@ -4,7 +4,9 @@
 //! * the read-write variant rewrites every `var<storage, read>` to `read_write`, used when one
 //!   dispatch binds the same buffer as input and output (WebGPU forbids read-only + writable usage
 //!   of one buffer within a dispatch);
-//! * `const NAME: u32 = …;` lines can be specialised (attention's head size and tile sizes).
+//! * `const NAME: u32 = …;` lines can be specialised (attention's head size and tile sizes);
+//! * `//#include <lib> <type>` pastes `shaders/lib/<lib>.wgsl` with its `ELEM` set to that type
+//!   (WGSL has neither includes nor generics; the workgroup reductions live there once).
 
 use crate::error::{Error, Result};
 
@@ -26,6 +28,33 @@ pub fn source(family: &str) -> Option<&'static str> {
         "reduce" => include_str!("../../../shaders/reduce.wgsl"),
         _ => return None,
     })
+}
+
+/// The shared pieces under `shaders/lib/`, by name.
+pub const LIBS: &[(&str, &str)] = &[("block_reduce", include_str!("../../../shaders/lib/block_reduce.wgsl"))];
+
+/// `src` with every `//#include <lib> <type>` line replaced by that library's text, `ELEM` → type.
+/// `file` names the source in errors.
+pub fn expand_includes(file: &str, src: &str) -> Result<String> {
+    let mut out = String::with_capacity(src.len());
+    for line in src.lines() {
+        if let Some(rest) = line.trim().strip_prefix("//#include ") {
+            let (lib, ty) = rest.trim().split_once(' ').unwrap_or((rest.trim(), ""));
+            let text = LIBS
+                .iter()
+                .find(|(n, _)| *n == lib)
+                .map(|(_, t)| *t)
+                .ok_or_else(|| Error::backend("wgpu", format!("{file}: no shaders/lib/{lib}.wgsl to include")))?;
+            if ty.trim().is_empty() {
+                return Err(Error::backend("wgpu", format!("{file}: `//#include {lib}` needs an element type")));
+            }
+            out += &text.replace("ELEM", ty.trim());
+        } else {
+            out += line;
+            out.push('\n');
+        }
+    }
+    Ok(out)
 }
 
 /// What distinguishes one compiled module of a family from another.
@@ -63,6 +92,7 @@ impl Variant {
 pub fn preprocess(variant: &Variant) -> Result<String> {
     let src = source(variant.family)
         .ok_or_else(|| Error::backend("wgpu", format!("no shader family '{}'", variant.family)))?;
+    let src = expand_includes(&format!("shaders/{}.wgsl", variant.family), src)?;
     let mut out = String::with_capacity(src.len());
     let mut skipping = false;
     let mut seen = vec![false; variant.consts.len()];

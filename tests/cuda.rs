@@ -618,7 +618,7 @@ fn device_tests_on_the_cuda_emulator() {
         skip_note(&format!("(on the emulator) {l}"));
     }
     assert!(stdout.contains("CUDA emulator"), "the child did not run on the emulator:\n{stdout}");
-    for must in ["tiny fixture on", "verify --backend cuda", "attention", "matmul", "norm/clip/adamw", "CUDA 11.4 driver + NVRTC 12", "host wait", "1 GiB GPU", "resume on cuda"] {
+    for must in ["tiny fixture on", "verify --backend cuda", "attention", "matmul", "norm/clip/adamw", "CUDA 11.4 driver + NVRTC 12", "host wait", "1 GiB GPU", "resume on cuda", "cuBLAS failing"] {
         assert!(stdout.contains(must), "`{must}` missing from the emulated run:\n{stdout}");
     }
     println!("{stdout}");
@@ -750,6 +750,29 @@ fn a_step_too_big_for_the_gpu_is_a_one_line_error() {
     let line = err.lines().find(|l| l.starts_with("error")).expect("an error line");
     assert!(line.contains("--batch") && line.contains("GiB"), "{line}");
     println!("d12 B=8 T=1024 on a 1 GiB GPU: {line}");
+}
+
+/// Emulator only (its cuBLAS can be made to fail): a cuBLAS that cannot start is a warning, and
+/// the run goes on with the built-in GEMM.
+#[test]
+#[ignore = "emulator only: device_tests_on_the_cuda_emulator runs it"]
+fn a_failing_cublas_falls_back_to_the_builtin_gemm() {
+    if !on_emulator() {
+        return;
+    }
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_wgpt"))
+        .args(["verify", "--model", "tests/data/tiny/model.bin", "--state", "tests/data/tiny/debug_state.bin"])
+        .args(["--backend", "cuda", "--steps", "2", "--json"])
+        .env("WGPT_CUDA_EMU_CUBLAS_FAIL", "1")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{out}\n{err}");
+    let warning = err.lines().find(|l| l.starts_with("warning: cuBLAS unusable")).unwrap_or_else(|| panic!("no warning:\n{err}"));
+    let r: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert!(r["backend"].as_str().unwrap().contains("built-in GEMM"), "{}", r["backend"]);
+    println!("cuBLAS failing: {warning}; verify passed on {}", r["backend"]);
 }
 
 /// Say why a test is skipped where the person running `cargo test` sees it: written straight to

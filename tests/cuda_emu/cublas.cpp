@@ -1,6 +1,7 @@
 // A stand-in for libcublas/libcublasLt, for testing only: handle management and a plain
 // column-major SGEMM (float64 accumulation) on host memory, with cuBLAS's argument checks.
 #include <cstdint>
+#include <cstdlib>
 extern "C" {
 int cublasLtCreate(void** h) {
     static int o;
@@ -10,6 +11,8 @@ int cublasLtCreate(void** h) {
 int cublasLtDestroy(void*) { return 0; }
 int cublasCreate_v2(void** h) {
     static int o;
+    const char* fail = getenv("WGPT_CUDA_EMU_CUBLAS_FAIL");
+    if (fail && *fail == '1') return 1;  // CUBLAS_STATUS_NOT_INITIALIZED, as with a too-old driver
     *h = &o;
     return 0;
 }

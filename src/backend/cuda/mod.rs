@@ -134,6 +134,14 @@ fn grid1(n: usize, block: u32) -> u32 {
     n.div_ceil(block as usize).clamp(1, 1 << 20) as u32
 }
 
+/// A cuBLAS handle on `stream` with TF32 tensor-op math if `tf32`, or why not.
+fn open_cublas(stream: &Arc<CudaStream>, tf32: bool) -> std::result::Result<CudaBlas, String> {
+    let b = CudaBlas::new(stream.clone()).map_err(|e| format!("cublasCreate: {e:?}"))?;
+    let mode = if tf32 { blas_sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH } else { blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH };
+    unsafe { blas_sys::cublasSetMathMode(*b.handle(), mode) }.result().map_err(|e| format!("cublasSetMathMode: {e:?}"))?;
+    Ok(b)
+}
+
 impl CudaBackend {
     /// Open device `device`, compile (or load from the cache) every kernel for its exact compute
     /// capability, and prepare cuBLAS. Errors are one line, e.g. "no CUDA driver found
@@ -234,16 +242,15 @@ impl CudaBackend {
         let blas = if opts.no_cublas || env_no_blas || dl::lib(dl::Which::Cublas).is_err() {
             None
         } else {
-            let b = CudaBlas::new(stream.clone()).map_err(|e| berr(format!("cublasCreate: {e:?}")))?;
-            let mode = if opts.tf32 && info.cc_major >= 8 {
-                blas_sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
-            } else {
-                blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH
-            };
-            unsafe { blas_sys::cublasSetMathMode(*b.handle(), mode) }
-                .result()
-                .map_err(|e| berr(format!("cublasSetMathMode: {e:?}")))?;
-            Some(b)
+            // a cuBLAS that cannot start here (e.g. a CUDA 12 cuBLAS on a CUDA 11 driver) costs
+            // speed, not the run: the built-in GEMM takes over
+            match open_cublas(&stream, opts.tf32 && info.cc_major >= 8) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    eprintln!("warning: cuBLAS unusable ({e}); matmuls use the built-in GEMM kernel");
+                    None
+                }
+            }
         };
         let smem_optin = ctx
             .attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)

@@ -224,3 +224,28 @@ fn prepare_then_train_on_your_own_text() {
     // a missing input names the file
     assert_clean_error(&wgpt(&["prepare", "no_such.txt", "--out", out.to_str().unwrap()]), "no_such.txt");
 }
+
+/// `--keep-checkpoints 2 --keep-every 3` with a checkpoint every step (llm.c's -nk 2 -nm 3):
+/// after step s the checkpoint of s−2 goes unless it is a multiple of 3; 6 steps leave 3, 5, 6,
+/// each complete (model, state and DONE) and nothing of the others.
+#[test]
+fn checkpoint_pruning_keeps_the_newest_and_the_major_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = wgpt(&[
+        "train", "--backend", "cpu", "--init", "tests/data/tiny/model.bin", "--train", "tests/data/tiny/train.bin",
+        "--batch", "2", "--seq-len", "16", "--steps", "6", "--val-every", "0", "--gen-tokens", "0",
+        "--out", out.to_str().unwrap(), "--checkpoint-every", "1", "--keep-checkpoints", "2", "--keep-every", "3",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut names: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    let mut want = vec!["main.log".to_string()];
+    for s in [3, 5, 6] {
+        want.push(format!("DONE_{s:08}"));
+        want.push(format!("model_{s:08}.bin"));
+        want.push(format!("state_{s:08}_00000.bin"));
+    }
+    want.sort();
+    assert_eq!(names, want);
+}

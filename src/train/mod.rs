@@ -110,6 +110,12 @@ pub struct TrainArgs {
     /// write a checkpoint every N steps and at the end (needs --out; 0 = only at the end)
     #[arg(long, default_value_t = 0)]
     pub checkpoint_every: usize,
+    /// keep only the newest K of the --checkpoint-every checkpoints, deleting older ones (0 = keep all; llm.c -nk)
+    #[arg(long, default_value_t = 0)]
+    pub keep_checkpoints: usize,
+    /// with --keep-checkpoints: never delete the checkpoints at multiples of M steps (0 = none; llm.c -nm)
+    #[arg(long, default_value_t = 0)]
+    pub keep_every: usize,
     /// checkpoint precision: f32 (llm.c version 3) or bf16 (version 5)
     #[arg(long, value_enum, default_value_t = CkptPrecision::F32)]
     pub checkpoint_precision: CkptPrecision,
@@ -271,6 +277,9 @@ pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
             if due && !(resume_step == Some(step)) {
                 save_checkpoint(&mut sess, dir, step, a, &train_loader, grad_accum)?;
                 logger.note(&format!("checkpoint written: {}", state::model_path(dir, step).display()));
+                if let Some(old) = state::checkpoint_to_prune(step, a.checkpoint_every, a.keep_checkpoints, a.keep_every) {
+                    state::remove_checkpoint(dir, old)?;
+                }
             }
         }
         if last {

@@ -46,6 +46,29 @@ pub fn done_path(dir: &Path, step: usize) -> PathBuf {
     dir.join(format!("DONE_{step:08}"))
 }
 
+/// Delete the checkpoint of `step` (DONE marker first, so a half-deleted checkpoint is never
+/// taken for a complete one). Files already gone are fine.
+pub fn remove_checkpoint(dir: &Path, step: usize) -> Result<()> {
+    for p in [done_path(dir, step), model_path(dir, step), state_path(dir, step)] {
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(crate::error::Error::io(&p, e)),
+        }
+    }
+    Ok(())
+}
+
+/// The checkpoint that falls out of the window after writing `step` (llm.c's -nk/-nm): the one
+/// `keep`·`every` steps back, unless it is a multiple of `major` (0 = none) or does not exist.
+pub fn checkpoint_to_prune(step: usize, every: usize, keep: usize, major: usize) -> Option<usize> {
+    if keep == 0 || every == 0 {
+        return None;
+    }
+    let old = step.checked_sub(keep * every).filter(|&s| s > 0)?;
+    (major == 0 || old % major != 0).then_some(old)
+}
+
 /// The newest step with a DONE marker in `dir`.
 pub fn latest_done(dir: &Path) -> Option<usize> {
     std::fs::read_dir(dir)

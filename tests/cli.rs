@@ -249,3 +249,40 @@ fn checkpoint_pruning_keeps_the_newest_and_the_major_ones() {
     want.sort();
     assert_eq!(names, want);
 }
+
+/// llm.c's outlier skipping (`--skip-loss-z`/`--skip-grad-z`, -sl/-sg): with a threshold no step
+/// reaches, the split update path gives the plain run's losses exactly; with a tiny one, updates
+/// are skipped, but only once the 128-step window is full.
+#[test]
+fn outlier_skipping() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |steps: &str, extra: &[&str], log: &str| {
+        let log = dir.path().join(log);
+        let mut args = vec![
+            "train", "--backend", "cpu", "--init", "tests/data/tiny/model.bin", "--train", "tests/data/tiny/train.bin",
+            "--batch", "2", "--seq-len", "16", "--steps", steps, "--val-every", "0", "--gen-tokens", "0",
+            "--log-json", log.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let o = wgpt(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let losses: Vec<f64> = std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["train_loss"].as_f64())
+            .collect();
+        (losses, format!("{}{}", String::from_utf8_lossy(&o.stdout), stderr(&o)))
+    };
+    let (plain, _) = run("8", &[], "plain.jsonl");
+    let (never, out) = run("8", &["--skip-loss-z", "1e9", "--skip-grad-z", "1e9"], "never.jsonl");
+    assert_eq!(plain, never);
+    assert!(!out.contains("skipped"), "{out}");
+    let (_, out) = run("140", &["--skip-grad-z", "1e-6"], "tiny.jsonl");
+    let skipped: Vec<usize> = out
+        .lines()
+        .filter(|l| l.contains("update skipped (grad norm z-score"))
+        .map(|l| l.split_whitespace().nth(1).unwrap().trim_end_matches(':').parse().unwrap())
+        .collect();
+    assert!(!skipped.is_empty(), "nothing skipped:\n{out}");
+    assert!(skipped.iter().all(|&s| s > 128), "skipped before the window was full: {skipped:?}");
+}

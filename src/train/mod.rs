@@ -3,6 +3,7 @@
 //! evaluate/sample/checkpoint where due, stop at N, otherwise do one optimiser step.
 
 pub mod log;
+pub mod outlier;
 pub mod sample;
 pub mod schedule;
 pub mod session;
@@ -116,6 +117,12 @@ pub struct TrainArgs {
     /// with --keep-checkpoints: never delete the checkpoints at multiples of M steps (0 = none; llm.c -nm)
     #[arg(long, default_value_t = 0)]
     pub keep_every: usize,
+    /// skip the update when the loss's z-score over the last 128 steps exceeds Z (0 = never; llm.c -sl)
+    #[arg(long, default_value_t = 0.0)]
+    pub skip_loss_z: f32,
+    /// skip the update when the gradient norm's z-score over the last 128 steps exceeds Z (0 = never; llm.c -sg)
+    #[arg(long, default_value_t = 0.0)]
+    pub skip_grad_z: f32,
     /// checkpoint precision: f32 (llm.c version 3) or bf16 (version 5)
     #[arg(long, value_enum, default_value_t = CkptPrecision::F32)]
     pub checkpoint_precision: CkptPrecision,
@@ -257,6 +264,8 @@ pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
     let mut summary = TrainSummary::default();
 
     let mut step = start;
+    // llm.c's outlier windows (not saved in checkpoints: a resumed run refills them)
+    let (mut loss_outliers, mut norm_outliers) = (outlier::OutlierDetector::default(), outlier::OutlierDetector::default());
     loop {
         let last = step == a.steps;
         if let Some(vl) = val_loader.as_mut() {
@@ -298,9 +307,25 @@ pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
             }
         }
         let lr = sched.lr_at(step);
-        let norm = sess.update(lr, adam, step + 1)?;
-        loss_sum += sess.mean_loss()? as f64;
-        let loss = (loss_sum / grad_accum as f64) as f32;
+        let (loss, norm);
+        if a.skip_loss_z == 0.0 && a.skip_grad_z == 0.0 {
+            norm = sess.update(lr, adam, step + 1)?;
+            loss_sum += sess.mean_loss()? as f64;
+            loss = (loss_sum / grad_accum as f64) as f32;
+        } else {
+            // outlier skipping needs the loss and the norm on the host before AdamW runs
+            loss_sum += sess.mean_loss()? as f64;
+            loss = (loss_sum / grad_accum as f64) as f32;
+            norm = sess.grad_norm(lr, adam, step + 1)?;
+            let (zl, zg) = (loss_outliers.update(loss as f64), norm_outliers.update(norm as f64));
+            if outlier::exceeds(zl, a.skip_loss_z) {
+                logger.note(&format!("step {}: update skipped (loss z-score {zl:.2} > {})", step + 1, a.skip_loss_z));
+            } else if outlier::exceeds(zg, a.skip_grad_z) {
+                logger.note(&format!("step {}: update skipped (grad norm z-score {zg:.2} > {})", step + 1, a.skip_grad_z));
+            } else {
+                sess.apply_update()?;
+            }
+        }
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         if !loss.is_finite() {
             return Err(Error::Data(format!("training diverged at step {}: loss is {loss}; try a lower --lr", step + 1)));

@@ -4,7 +4,7 @@
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::graph::{Graph, Hyper};
+use crate::graph::{BufId, Graph, Hyper, Kernel};
 use crate::model::{ParamLayout, NUM_PARAM_TENSORS};
 
 /// AdamW constants that do not change during a run.
@@ -113,6 +113,34 @@ impl Session {
     /// One AdamW update with learning rate `lr` at 1-based step `t`. Returns the gradient norm
     /// (before clipping).
     pub fn update(&mut self, lr: f32, adam: AdamConsts, t: usize) -> Result<f32> {
+        let hyper_id = self.upload_hyper(lr, adam, t)?;
+        self.backend.run(&self.graph.update)?;
+        let h = self.backend.download_f32(hyper_id)?;
+        Ok(h[Hyper::GRAD_NORM])
+    }
+
+    /// The first half of `update`: the gradient norm and clip scale only (waits for the device),
+    /// so the caller can decide whether to `apply_update` (llm.c's outlier skipping).
+    pub fn grad_norm(&mut self, lr: f32, adam: AdamConsts, t: usize) -> Result<f32> {
+        let hyper_id = self.upload_hyper(lr, adam, t)?;
+        let split = self.update_split();
+        self.backend.run(&self.graph.update[..split])?;
+        let h = self.backend.download_f32(hyper_id)?;
+        Ok(h[Hyper::GRAD_NORM])
+    }
+
+    /// The second half of `update`, after `grad_norm`: AdamW with the clip scale it left.
+    pub fn apply_update(&mut self) -> Result<()> {
+        let split = self.update_split();
+        self.backend.run(&self.graph.update[split..])
+    }
+
+    /// Index of the first AdamW launch in the update phase.
+    fn update_split(&self) -> usize {
+        self.graph.update.iter().position(|l| matches!(l.kernel, Kernel::AdamW { .. })).unwrap_or(self.graph.update.len())
+    }
+
+    fn upload_hyper(&mut self, lr: f32, adam: AdamConsts, t: usize) -> Result<BufId> {
         let hyper_id = self.graph.io.hyper.ok_or_else(|| not_train("the optimiser"))?;
         let mut h = [0f32; Hyper::LEN];
         h[Hyper::LR] = lr;
@@ -123,9 +151,7 @@ impl Session {
         h[Hyper::BC2] = (1.0 - (adam.beta2 as f64).powi(t as i32)) as f32;
         h[Hyper::GRAD_SCALE] = 1.0;
         self.backend.upload_f32(hyper_id, &h)?;
-        self.backend.run(&self.graph.update)?;
-        let h = self.backend.download_f32(hyper_id)?;
-        Ok(h[Hyper::GRAD_NORM])
+        Ok(hyper_id)
     }
 
     /// Forward only; returns the mean loss over the batch (the logits stay in `io.logits`).

@@ -26,6 +26,8 @@ enum Cmd {
     Verify(VerifyArgs),
     /// Encode text files with the GPT-2 BPE into llm.c token shards
     Prepare(PrepareArgs),
+    /// Multiple-choice accuracy of a checkpoint on an llm.c eval file (HellaSwag)
+    Eval(EvalArgs),
     /// Time training steps or a kernel
     Bench(BenchArgs),
     /// List the backends and devices available here, and why an absent one is absent
@@ -60,6 +62,27 @@ struct SampleArgs {
     /// tokenizer file (default: the built-in GPT-2 BPE)
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    #[command(flatten)]
+    backend: BackendArgs,
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// llm.c model checkpoint
+    #[arg(long)]
+    model: PathBuf,
+    /// llm.c eval file, e.g. hellaswag_val.bin made by llm.c's dev/data/hellaswag.py
+    #[arg(long)]
+    data: PathBuf,
+    /// rows per forward pass (4 per example, so B/4 examples at a time)
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// positions per row (default: the longest example)
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// also print the result as one JSON line
+    #[arg(long)]
+    json: bool,
     #[command(flatten)]
     backend: BackendArgs,
 }
@@ -112,6 +135,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Sample(a) => sample(&a),
+        Cmd::Eval(a) => eval(&a),
         Cmd::Verify(mut a) => {
             if a.expected.is_none() {
                 let beside = a.state.with_file_name("expected.json");
@@ -181,6 +205,36 @@ impl ParseDefaults for TrainArgs {
         }
         W::parse_from(["wgpt"]).a
     }
+}
+
+fn eval(a: &EvalArgs) -> Result<ExitCode> {
+    use wgpt::train::{hellaswag, session::Session};
+    let (cfg, params) = wgpt::model::checkpoint::read_checkpoint(&a.model)?;
+    let examples = wgpt::data::evalset::read_eval_file(&a.data)?;
+    let longest = examples.iter().map(|e| e.longest_row()).max().unwrap_or(1);
+    let t = a.seq_len.unwrap_or(longest);
+    if t == 0 || t > cfg.max_t {
+        return Err(Error::flag("--seq-len", format!("{t} is outside 1..={} (the model's context)", cfg.max_t)));
+    }
+    hellaswag::check_examples(&examples, &a.data, a.batch, t, cfg.v)?;
+    let backend = a.backend.create()?;
+    let mut sess = Session::new(backend, wgpt::graph::build_forward(&cfg, a.batch, t))?;
+    sess.upload_params(&params)?;
+    let t0 = std::time::Instant::now();
+    let score = hellaswag::evaluate(&mut sess, &examples, a.batch, t)?;
+    println!(
+        "{}: {}/{} correct, accuracy {:.4} ({:.1} s on {})",
+        a.data.display(),
+        score.correct,
+        score.total,
+        score.accuracy(),
+        t0.elapsed().as_secs_f64(),
+        sess.backend.name()
+    );
+    if a.json {
+        println!("{}", serde_json::json!({ "correct": score.correct, "total": score.total, "accuracy": score.accuracy() }));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn sample(a: &SampleArgs) -> Result<ExitCode> {

@@ -286,3 +286,73 @@ fn outlier_skipping() {
     assert!(!skipped.is_empty(), "nothing skipped:\n{out}");
     assert!(skipped.iter().all(|&s| s > 128), "skipped before the window was full: {skipped:?}");
 }
+
+/// `wgpt eval` (llm.c's HellaSwag scoring) on a synthetic eval file for the tiny model. Each
+/// completion's mean loss is first computed here one row at a time (B=1), independently of the
+/// eval's batching; labels are set so that exactly the even-numbered examples are right. Five
+/// examples at --batch 8 (two per batch) also exercise a partial last batch.
+#[test]
+fn eval_scores_multiple_choice_like_llmc() {
+    use wgpt::data::evalset::{read_eval_file, write_eval_file, EvalExample};
+    use wgpt::train::session::Session;
+    let (cfg, params) = wgpt::model::checkpoint::read_checkpoint(std::path::Path::new("tests/data/tiny/model.bin")).unwrap();
+    let mut seed = 12345u64;
+    let mut tok = |n: usize| -> Vec<u16> {
+        (0..n)
+            .map(|_| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((seed >> 33) % cfg.v as u64) as u16
+            })
+            .collect()
+    };
+    let mut examples: Vec<EvalExample> = (0..5)
+        .map(|i| EvalExample {
+            index: i,
+            label: 0,
+            context: tok(3 + i as usize),
+            completions: (0..4).map(|c| tok(1 + (c + i as usize) % 4)).collect(),
+        })
+        .collect();
+    let t = examples.iter().map(|e| e.longest_row()).max().unwrap();
+    let backend: Box<dyn wgpt::backend::Backend> = Box::new(wgpt::backend::cpu::CpuBackend::new(Some(2)).unwrap());
+    let mut sess = Session::new(backend, wgpt::graph::build_forward(&cfg, 1, t)).unwrap();
+    sess.upload_params(&params).unwrap();
+    for (i, e) in examples.iter_mut().enumerate() {
+        let means: Vec<f64> = e
+            .completions
+            .iter()
+            .map(|c| {
+                let row: Vec<i32> = e.context.iter().chain(c).map(|&v| v as i32).collect();
+                let mut x = vec![0i32; t];
+                let mut y = vec![0i32; t];
+                x[..row.len()].copy_from_slice(&row);
+                y[..row.len() - 1].copy_from_slice(&row[1..]);
+                let l = sess.eval_losses(&x, &y).unwrap();
+                let p0 = e.context.len() - 1;
+                l[p0..p0 + c.len()].iter().map(|&v| v as f64).sum::<f64>() / c.len() as f64
+            })
+            .collect();
+        let best = (0..4).min_by(|&a, &b| means[a].partial_cmp(&means[b]).unwrap()).unwrap();
+        e.label = if i % 2 == 0 { best as u16 } else { ((best + 1) % 4) as u16 };
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mc.bin");
+    write_eval_file(&file, &examples).unwrap();
+    assert_eq!(read_eval_file(&file).unwrap(), examples);
+    let o = wgpt(&[
+        "eval", "--model", "tests/data/tiny/model.bin", "--data", file.to_str().unwrap(), "--batch", "8", "--backend", "cpu", "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let r: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!((r["correct"].as_u64(), r["total"].as_u64()), (Some(3), Some(5)), "{out}");
+    // too few rows for one example, and a row longer than --seq-len: one-line errors naming the flag
+    for (flag, args) in [("--batch", vec!["--batch", "2"]), ("--seq-len", vec!["--seq-len", "4"])] {
+        let mut a = vec!["eval", "--model", "tests/data/tiny/model.bin", "--data", file.to_str().unwrap(), "--backend", "cpu"];
+        a.extend(args);
+        let o = wgpt(&a);
+        assert!(!o.status.success());
+        let err = stderr(&o);
+        assert!(err.lines().any(|l| l.starts_with("error") && l.contains(flag)), "{err}");
+    }
+}

@@ -510,3 +510,35 @@ fn regenerate_bundled_data() {
     let s = prepare(&[d.join("shakespeare.txt")], &d, 32768).unwrap();
     eprintln!("{s:?}");
 }
+
+/// llm.c eval files (HellaSwag): a round trip, and every damaged form an error naming the file.
+#[test]
+fn eval_files_round_trip_and_bad_ones_are_errors() {
+    use wgpt::data::evalset::{read_eval_file, write_eval_file, EvalExample};
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("hs.bin");
+    let ex = vec![
+        EvalExample { index: 0, label: 2, context: vec![1, 2, 3], completions: vec![vec![4], vec![5, 6], vec![7], vec![8, 9, 10]] },
+        EvalExample { index: 1, label: 0, context: vec![11], completions: vec![vec![12], vec![13], vec![14], vec![15]] },
+    ];
+    write_eval_file(&p, &ex).unwrap();
+    assert_eq!(read_eval_file(&p).unwrap(), ex);
+    let good = std::fs::read(&p).unwrap();
+    let check = |bytes: &[u8], want: &str| {
+        let q = dir.path().join("bad.bin");
+        std::fs::write(&q, bytes).unwrap();
+        let e = read_eval_file(&q).unwrap_err().to_string();
+        assert!(e.contains("bad.bin") && e.contains(want) && !e.contains('\n'), "{e}");
+    };
+    let mut magic = good.clone();
+    magic[0] ^= 1;
+    check(&magic, "magic");
+    check(&good[..good.len() - 2], "example 1");
+    check(&good[..500], "header");
+    let mut label = good.clone();
+    label[1024 + 6] = 9; // example 0's label
+    check(&label, "label 9");
+    let mut extra = good.clone();
+    extra.extend_from_slice(&[0, 0]);
+    check(&extra, "after the last");
+}

@@ -1,6 +1,7 @@
-//! Data: llm.c token shards (`shards`), the GPT-2 tokenizer (`tokenizer`) and `wgpt prepare`
-//! (`prepare`).
+//! Data: llm.c token shards (`shards`), the GPT-2 tokenizer (`tokenizer`), `wgpt prepare`
+//! (`prepare`) and llm.c's multiple-choice eval files (`evalset`, HellaSwag).
 
+pub mod evalset;
 pub mod prepare;
 pub mod shards;
 pub mod tokenizer;

@@ -2,6 +2,7 @@
 //! sampling, checkpoints, logging. The loop mirrors llm.c's train_gpt2.cu: for step = start..=N,
 //! evaluate/sample/checkpoint where due, stop at N, otherwise do one optimiser step.
 
+pub mod hellaswag;
 pub mod log;
 pub mod outlier;
 pub mod sample;

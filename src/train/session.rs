@@ -154,6 +154,13 @@ impl Session {
         Ok(hyper_id)
     }
 
+    /// Forward only; returns the loss at every position (B·T, row-major).
+    pub fn eval_losses(&mut self, x: &[i32], y: &[i32]) -> Result<Vec<f32>> {
+        self.upload_batch(x, y)?;
+        self.backend.run(&self.graph.eval)?;
+        self.backend.download_f32(self.graph.io.losses)
+    }
+
     /// Forward only; returns the mean loss over the batch (the logits stay in `io.logits`).
     pub fn eval(&mut self, x: &[i32], y: &[i32]) -> Result<f32> {
         self.upload_batch(x, y)?;

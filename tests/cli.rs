@@ -346,6 +346,27 @@ fn eval_scores_multiple_choice_like_llmc() {
     let out = String::from_utf8_lossy(&o.stdout);
     let r: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert_eq!((r["correct"].as_u64(), r["total"].as_u64()), (Some(3), Some(5)), "{out}");
+    // during training (llm.c -h 1): scored after steps 1 and 2 (not at step 0), logged to JSON and main.log
+    let log = dir.path().join("train.jsonl");
+    let out_dir = dir.path().join("run");
+    let o = wgpt(&[
+        "train", "--backend", "cpu", "--init", "tests/data/tiny/model.bin", "--train", "tests/data/tiny/train.bin",
+        "--val", "tests/data/tiny/train.bin", "--batch", "8", "--seq-len", "16", "--steps", "2", "--val-every", "1",
+        "--val-batches", "1", "--gen-tokens", "0", "--hellaswag", file.to_str().unwrap(), "--log-json", log.to_str().unwrap(),
+        "--out", out_dir.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let evals: Vec<(u64, u64)> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            Some((v["step"].as_u64()?, v["eval_total"].as_u64()?))
+        })
+        .collect();
+    assert_eq!(evals, vec![(1, 5), (2, 5)]);
+    let main_log = std::fs::read_to_string(out_dir.join("main.log")).unwrap();
+    assert!(main_log.lines().any(|l| l.starts_with("s:2 eval:")), "{main_log}");
     // too few rows for one example, and a row longer than --seq-len: one-line errors naming the flag
     for (flag, args) in [("--batch", vec!["--batch", "2"]), ("--seq-len", vec!["--seq-len", "4"])] {
         let mut a = vec!["eval", "--model", "tests/data/tiny/model.bin", "--data", file.to_str().unwrap(), "--backend", "cpu"];

@@ -104,6 +104,14 @@ impl Logger {
         self.write_json(serde_json::json!({ "step": step, "val_loss": loss }))
     }
 
+    /// A multiple-choice eval result (llm.c's HellaSwag line `s:%d eval:%.4f` in main.log).
+    pub fn eval(&mut self, step: usize, score: crate::train::hellaswag::EvalScore) -> Result<()> {
+        let acc = score.accuracy();
+        self.line(&format!("step {step:5}/{} | eval accuracy {acc:.4} ({}/{})", self.total_steps, score.correct, score.total));
+        self.write_log(&format!("s:{step} eval:{acc:.4}"))?;
+        self.write_json(serde_json::json!({ "step": step, "eval_accuracy": acc, "eval_correct": score.correct, "eval_total": score.total }))
+    }
+
     pub fn sample(&self, step: usize, text: &str) {
         self.line(&format!("--- sample at step {step} ---\n{text}\n---"));
     }

@@ -124,6 +124,10 @@ pub struct TrainArgs {
     /// skip the update when the gradient norm's z-score over the last 128 steps exceeds Z (0 = never; llm.c -sg)
     #[arg(long, default_value_t = 0.0)]
     pub skip_grad_z: f32,
+    /// multiple-choice eval file (llm.c format, e.g. hellaswag_val.bin) scored at the --val-every
+    /// cadence after step 0 and at the end (llm.c -h 1; needs --batch ≥ 4 and a --seq-len that fits)
+    #[arg(long)]
+    pub hellaswag: Option<PathBuf>,
     /// checkpoint precision: f32 (llm.c version 3) or bf16 (version 5)
     #[arg(long, value_enum, default_value_t = CkptPrecision::F32)]
     pub checkpoint_precision: CkptPrecision,
@@ -227,6 +231,14 @@ pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
         None
     };
     let tokenizer = load_tokenizer(a.tokenizer.as_deref(), &a.train);
+    let eval_set = match &a.hellaswag {
+        Some(p) => {
+            let ex = crate::data::evalset::read_eval_file(p)?;
+            hellaswag::check_examples(&ex, p, a.batch, a.seq_len, cfg.v)?;
+            Some(ex)
+        }
+        None => None,
+    };
 
     let backend = a.backend.create()?;
     let graph = build_train_step(
@@ -274,6 +286,12 @@ pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
                 let loss = evaluate(&mut sess, vl, a.val_batches)?;
                 summary.val_losses.push((step, loss));
                 logger.val(step, loss)?;
+            }
+        }
+        if let Some(ex) = &eval_set {
+            if step > 0 && ((a.val_every > 0 && step % a.val_every == 0) || last) {
+                let score = hellaswag::evaluate(&mut sess, ex, a.batch, a.seq_len)?;
+                logger.eval(step, score)?;
             }
         }
         let want_sample = a.gen_tokens > 0 && ((a.sample_every > 0 && step > 0 && step % a.sample_every == 0) || last);

@@ -30,10 +30,19 @@ fn open_append(path: &PathBuf, truncate: bool) -> Result<File> {
 }
 
 impl Logger {
-    pub fn new(a: &TrainArgs, cfg: &Config, num_params: usize, backend: String, start: usize, tokens_per_step: usize) -> Result<Logger> {
+    /// `mem_bytes`: the device memory the step's buffers take (printed in the header line).
+    pub fn new(
+        a: &TrainArgs,
+        cfg: &Config,
+        num_params: usize,
+        backend: String,
+        start: usize,
+        tokens_per_step: usize,
+        mem_bytes: usize,
+    ) -> Result<Logger> {
         let resuming = start > 0;
         eprintln!(
-            "wgpt: model L={} NH={} C={} V={} ({:.1}M parameters) | backend {backend} | B={} T={} tokens/step={} | {} steps{}",
+            "wgpt: model L={} NH={} C={} V={} ({:.1}M parameters) | backend {backend} | B={} T={} tokens/step={} | {:.2} GiB of buffers | {} steps{}",
             cfg.l,
             cfg.nh,
             cfg.c,
@@ -42,6 +51,7 @@ impl Logger {
             a.batch,
             a.seq_len,
             tokens_per_step,
+            mem_bytes as f64 / (1u64 << 30) as f64,
             a.steps,
             if resuming { format!(" (resuming at step {start})") } else { String::new() }
         );

@@ -273,7 +273,8 @@ pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
     let sched = Schedule::new(a.schedule, a.lr, a.warmup, a.steps, a.final_lr_frac)?;
     let adam = AdamConsts { beta1: a.beta1, beta2: a.beta2, eps: 1e-8 };
     let tokens_per_step = a.batch * a.seq_len * grad_accum;
-    let mut logger = log::Logger::new(a, &cfg, num_params, sess.backend.name(), start, tokens_per_step)?;
+    let mem = sess.graph.buffers.total_bytes();
+    let mut logger = log::Logger::new(a, &cfg, num_params, sess.backend.name(), start, tokens_per_step, mem)?;
     let mut summary = TrainSummary::default();
 
     let mut step = start;

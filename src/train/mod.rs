@@ -303,7 +303,7 @@ pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
         }
         if let Some(dir) = &a.out {
             let due = (a.checkpoint_every > 0 && step > 0 && step % a.checkpoint_every == 0) || last;
-            if due && !(resume_step == Some(step)) {
+            if due && resume_step != Some(step) {
                 save_checkpoint(&mut sess, dir, step, a, &train_loader, grad_accum)?;
                 logger.note(&format!("checkpoint written: {}", state::model_path(dir, step).display()));
                 if let Some(old) = state::checkpoint_to_prune(step, a.checkpoint_every, a.keep_checkpoints, a.keep_every) {

@@ -16,11 +16,12 @@ __device__ __forceinline__ void ms_merge(float& m, float& s, float m2, float s2)
     m = mm;
 }
 
-// losses[r] = logsumexp(logits[r,:V]) − logits[r,target];  if write_grad: logits[r,i] =
+// loss_r = logsumexp(logits[r,:V]) − logits[r,target], written to losses[r] or, if accumulate, added
+// to it;  if write_grad: logits[r,i] =
 // (softmax(logits[r,:V])_i − [i == target])·dloss for i < V, 0 for V ≤ i < Vp.  Bad target → NaN loss.
 extern "C" __global__ void crossentropy_forward_backward(float* logits, float* __restrict__ losses,
                                                          const int* __restrict__ targets, int N, int V, int Vp,
-                                                         float dloss, int write_grad) {
+                                                         float dloss, int write_grad, int accumulate) {
     __shared__ float sm[32], ss[32];
     __shared__ float s_lse, s_xt;
     int row = blockIdx.x;
@@ -62,7 +63,8 @@ extern "C" __global__ void crossentropy_forward_backward(float* logits, float* _
         if (lane == 0) {
             float lse = m + logf(s);
             s_lse = lse;
-            losses[row] = valid ? lse - s_xt : __int_as_float(0x7fc00000);
+            float l = valid ? lse - s_xt : __int_as_float(0x7fc00000);
+            losses[row] = accumulate ? losses[row] + l : l;
         }
     }
     __syncthreads();

@@ -1,6 +1,7 @@
 // classifier.wgsl — fused softmax cross-entropy over the first v of vp logits per row; one workgroup per row.
-// crossentropy: losses[r] = ln Σ_{i<v} exp(x[r,i]) − x[r,target[r]]   (max-shifted);
-//               if write_grad: x[r,i] = (softmax(x[r,:v])_i − [i = target])·dloss for i < v, 0 for v ≤ i < vp
+// crossentropy: loss_r = ln Σ_{i<v} exp(x[r,i]) − x[r,target[r]]   (max-shifted), written to losses[r],
+//               or added to it if flags & 2 (accumulate);
+//               if flags & 1 (write_grad): x[r,i] = (softmax(x[r,:v])_i − [i = target])·dloss for i < v, 0 for v ≤ i < vp
 
 struct P {
     n: u32,
@@ -9,7 +10,7 @@ struct P {
     o_logits: u32,
     o_losses: u32,
     o_targets: u32,
-    write_grad: u32,
+    flags: u32, // 1 = write_grad, 2 = accumulate the loss
     dloss: f32,
 }
 
@@ -50,9 +51,14 @@ fn crossentropy(
     }
     let z = block_sum(s, lid);
     if (lid == 0u) {
-        losses[p.o_losses + row] = log(z) + mx - xt;
+        let l = log(z) + mx - xt;
+        if ((p.flags & 2u) != 0u) {
+            losses[p.o_losses + row] += l;
+        } else {
+            losses[p.o_losses + row] = l;
+        }
     }
-    if (p.write_grad != 0u) {
+    if ((p.flags & 1u) != 0u) {
         let k = p.dloss / z;
         for (var i = lid; i < p.vp; i += WG) {
             var g = 0.0;

@@ -100,7 +100,7 @@ pub fn run_step(a: &BenchArgs) -> Result<BenchReport> {
         sess.zero_grad()?;
         sess.train_micro_async(&x, &y)?;
         sess.update(1e-4, AdamConsts::default(), s + 1)?;
-        sess.mean_loss()?;
+        sess.step_loss()?;
         sess.backend.sync()?;
         if s >= a.warmup {
             times.push(t0.elapsed().as_secs_f64() * 1e3);

@@ -513,15 +513,23 @@ fn cross_entropy_losses_and_gradient() {
     // write_grad = false: losses only, logits bit-identical
     let mut l2 = logits.clone();
     let mut losses = vec![f32::NAN; n];
-    k::cross_entropy(&mut l2, &mut losses, &targets, n, V, VP, dloss, false);
+    k::cross_entropy(&mut l2, &mut losses, &targets, n, V, VP, dloss, false, false);
     assert!(l2.iter().zip(&logits).all(|(a, b)| a.to_bits() == b.to_bits()), "logits changed without write_grad");
     assert_close("ce losses", &losses, &want, 1e-5, 1e-6);
 
     // write_grad = true: losses again, and dlogits in place
     let mut dl = logits.clone();
     let mut losses2 = vec![f32::NAN; n];
-    k::cross_entropy(&mut dl, &mut losses2, &targets, n, V, VP, dloss, true);
+    k::cross_entropy(&mut dl, &mut losses2, &targets, n, V, VP, dloss, true, false);
     assert_close("ce losses (write_grad)", &losses2, &want, 1e-5, 1e-6);
+    // accumulate = true: the losses are added to what the buffer holds, with and without the gradient
+    for write_grad in [false, true] {
+        let mut acc: Vec<f32> = (0..n).map(|r| r as f32 * 0.25).collect();
+        let mut lg = logits.clone();
+        k::cross_entropy(&mut lg, &mut acc, &targets, n, V, VP, dloss, write_grad, true);
+        let want_acc: Vec<f64> = want.iter().enumerate().map(|(r, &w)| w + r as f64 * 0.25).collect();
+        assert_close(&format!("ce accumulated losses (write_grad={write_grad})"), &acc, &want_acc, 1e-5, 1e-6);
+    }
     for r in 0..n {
         assert!(dl[r * VP + V..(r + 1) * VP].iter().all(|&x| x == 0.0), "row {r}: padded gradient not zero");
         // softmax − onehot sums to zero over a row
@@ -531,7 +539,7 @@ fn cross_entropy_losses_and_gradient() {
     // FD of dloss·Σ losses over sampled logits (targets included)
     let loss_of = |lp: &[f32]| {
         let mut ls = vec![0.0; n];
-        k::cross_entropy_loss(lp, &mut ls, &targets, n, V, VP);
+        k::cross_entropy_loss(lp, &mut ls, &targets, n, V, VP, false);
         ls.iter().map(|&x| x as f64 * dloss as f64).sum::<f64>()
     };
     let mut idx: Vec<usize> = (0..n).map(|r| r * VP + targets[r] as usize).collect();
@@ -894,9 +902,9 @@ fn simd_levels_agree_bitwise() {
         k::gelu_backward(&mut gb, &big, &big);
         let mut losses = vec![0.0; 7];
         let mut dl = logits.clone();
-        k::cross_entropy(&mut dl, &mut losses, &targets, 7, V, VP, 0.5, true);
+        k::cross_entropy(&mut dl, &mut losses, &targets, 7, V, VP, 0.5, true, false);
         let mut losses2 = vec![0.0; 7];
-        k::cross_entropy_loss(&logits, &mut losses2, &targets, 7, V, VP);
+        k::cross_entropy_loss(&logits, &mut losses2, &targets, 7, V, VP, false);
         let (mut p, mut m, mut v) = (big.clone(), big.clone(), vec![1.0; big.len()]);
         k::adamw(&mut p, &big, &mut m, &mut v, &hyper(3, 1e-3, 0.5), 0.1);
         let (mut db, mut dw, mut di) = (vec![0.0; 77], vec![0.0; 77 * C], vec![0.0; N * C]);
@@ -1048,7 +1056,7 @@ fn bench_d12_step() {
         }
         timed!("layernorm", k::layernorm_forward(&mut lnf, &mut lnfm, &mut lnfr, &res[2 * l], &p[14], &p[15], n, c));
         timed!("classifier matmul", k::matmul_forward(&mut logits, &lnf, &p[0], None, n, c, vp));
-        timed!("cross_entropy", k::cross_entropy(&mut logits, &mut losses, &targets, n, v, vp, 1.0 / n as f32, true));
+        timed!("cross_entropy", k::cross_entropy(&mut logits, &mut losses, &targets, n, v, vp, 1.0 / n as f32, true, false));
         // backward
         timed!("zero grads", gr.iter_mut().for_each(|x| k::zero(x)));
         timed!("classifier matmul", k::matmul_backward(&mut d_a, &mut gr[0], None, &logits, &lnf, &p[0], n, c, vp));
@@ -1140,7 +1148,7 @@ fn bench_kernels_d12_simd_levels() {
         let mut lg = logits.clone();
         let ce = time(5, || {
             lg.copy_from_slice(&logits);
-            k::cross_entropy(&mut lg, &mut losses, &targets, n, v, vp, 1.0 / n as f32, true)
+            k::cross_entropy(&mut lg, &mut losses, &targets, n, v, vp, 1.0 / n as f32, true, false)
         });
         let cp = time(5, || lg.copy_from_slice(&logits));
         let ad = time(5, || k::adamw(&mut p, &params, &mut m, &mut vv, &hyper(1, 1e-4, 1.0), 0.1));

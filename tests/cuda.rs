@@ -408,15 +408,18 @@ fn gelu_and_residual_match_cpu() {
 
 #[test]
 fn cross_entropy_matches_cpu() {
-    for (n, v, vp, write_grad) in [(5, 37, 40, true), (5, 37, 40, false), (3, 5000, 5008, true), (2, 1, 1, true)] {
+    let cases = [(5, 37, 40, true, false), (5, 37, 40, false, true), (3, 5000, 5008, true, true), (2, 1, 1, true, false)];
+    for (n, v, vp, write_grad, accumulate) in cases {
         let mut r = Rng(9 + v as u64);
         let mut k = Case::default();
         let logits = k.f("logits", r.vec(n * vp, 3.0));
-        let losses = k.f("losses", vec![0.0; n]);
+        // non-zero to start with: accumulate adds to it, otherwise it is overwritten
+        let losses = k.f("losses", r.vec(n, 2.0));
         let targets = k.i("targets", r.ints(n, v));
         let (vl, vls, vt) = (k.v(logits), k.v(losses), k.v(targets));
-        k.k("ce", Kernel::CrossEntropy { logits: vl, losses: vls, targets: vt, n, v, vp, dloss: 1.0 / n as f32, write_grad });
-        check(&format!("cross-entropy n={n} v={v} vp={vp} grad={write_grad}"), &k, &[(losses, "losses"), (logits, "logits")], 1e-5, 1e-4, dflt());
+        k.k("ce", Kernel::CrossEntropy { logits: vl, losses: vls, targets: vt, n, v, vp, dloss: 1.0 / n as f32, write_grad, accumulate });
+        let name = format!("cross-entropy n={n} v={v} vp={vp} grad={write_grad} acc={accumulate}");
+        check(&name, &k, &[(losses, "losses"), (logits, "logits")], 1e-5, 1e-4, dflt());
     }
 }
 
@@ -713,14 +716,18 @@ fn a_training_step_waits_on_the_host_once() {
     sess.mean_loss().unwrap();
     let c0 = read();
     sess.zero_grad().unwrap();
+    // two micro-steps (gradient accumulation): their losses add up on the device, no wait between
+    sess.train_micro_async(&st.x, &st.y).unwrap();
     sess.train_micro_async(&st.x, &st.y).unwrap();
     let c1 = read();
     let norm = sess.update(1e-4, adam, 2).unwrap();
     let c2 = read();
-    let loss = sess.mean_loss().unwrap();
+    let loss = sess.step_loss().unwrap();
+    let c3 = read();
+    assert_eq!(c3[1] - c2[1], 1, "reading the step's loss: one wait (with nothing left to run)");
     let launches = c2[0] - c0[0];
     println!(
-        "one step (grad clip on): {launches} launches for {n_launches} graph launches; host waits: {} before the update, {} at its end; loss {loss}, norm {norm}",
+        "one step (grad clip on, 2 micro-steps): {launches} launches for {n_launches} graph launches; host waits: {} before the update, {} at its end; loss {loss}, norm {norm}",
         c1[1] - c0[1],
         c2[1] - c1[1]
     );

@@ -390,8 +390,9 @@ fn cross_entropy_loss_and_grad() {
     let mut c = Case::new("crossentropy");
     let logits = c.f32("logits", r.vec(N * VP + 1, -8.0, 8.0));
     let logits2 = c.f32("logits_eval", r.vec(N * VP, -8.0, 8.0));
-    let losses = c.f32("losses", vec![0.0; N + 1]);
-    let losses2 = c.f32("losses_eval", vec![0.0; N]);
+    // the first launch adds its losses to these, the second overwrites its own
+    let losses = c.f32("losses", r.vec(N + 1, 0.0, 3.0));
+    let losses2 = c.f32("losses_eval", r.vec(N, 5.0, 9.0));
     let mut tg = r.ints(N, V);
     tg[0] = (V - 1) as i32;
     tg[1] = 0;
@@ -405,6 +406,7 @@ fn cross_entropy_loss_and_grad() {
         vp: VP,
         dloss: 1.0 / N as f32,
         write_grad: true,
+        accumulate: true,
     });
     c.launch(Kernel::CrossEntropy {
         logits: v(logits2, 0, N * VP),
@@ -415,6 +417,7 @@ fn cross_entropy_loss_and_grad() {
         vp: VP,
         dloss: 1.0,
         write_grad: false,
+        accumulate: false,
     });
     c.check(losses, 2e-5, 1e-5);
     c.check(losses2, 2e-5, 1e-5);
@@ -531,7 +534,7 @@ fn split_bindings_match() {
         accumulate: false,
     });
     c.launch(Kernel::EncoderBackward { dwte: v(dwte, 0, VP * C), dwpe: v(dwpe, 0, T * C), dout: v(dx, 0, N * C), tokens: v(tok, 0, N), b: B, t: T, c: C });
-    c.launch(Kernel::CrossEntropy { logits: v(logits, 0, N * VP), losses: v(losses, 0, N), targets: v(tok, 0, N), n: N, v: V, vp: VP, dloss: 0.5, write_grad: true });
+    c.launch(Kernel::CrossEntropy { logits: v(logits, 0, N * VP), losses: v(losses, 0, N), targets: v(tok, 0, N), n: N, v: V, vp: VP, dloss: 0.5, write_grad: true, accumulate: false });
     c.launch(Kernel::SumSquares { out: v(norm, 0, 1), inp: v(wte, 0, VP * C), slot: 0 });
     c.check(x, 0.0, 0.0);
     c.check(y, 1e-5, 1e-5);

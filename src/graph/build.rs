@@ -229,6 +229,7 @@ fn build(cfg: &Config, b: usize, t: usize, train: Option<&TrainOptions>) -> Grap
         });
         launch(&mut eval, format!("xent[{r0}].fwd"), Kernel::CrossEntropy {
             logits: lg, losses: loss_v.slice(r0, rows), targets: tgt_v.slice(r0, rows), n: rows, v, vp, dloss: 0.0, write_grad: false,
+            accumulate: false,
         });
     }
 
@@ -255,6 +256,7 @@ fn build(cfg: &Config, b: usize, t: usize, train: Option<&TrainOptions>) -> Grap
             });
             launch(&mut train_l, format!("xent[{r0}]"), Kernel::CrossEntropy {
                 logits: lg, losses: loss_v.slice(r0, rows), targets: tgt_v.slice(r0, rows), n: rows, v, vp, dloss, write_grad: true,
+                accumulate: true,
             });
             launch(&mut train_l, format!("classifier[{r0}].bwd"), Kernel::MatmulBackward {
                 dinp: dtmp.slice(r0 * c, rows * c), dweight: pv(tbl, &grads, idx::WTE), dbias: None, dout: lg,
@@ -304,6 +306,8 @@ fn build(cfg: &Config, b: usize, t: usize, train: Option<&TrainOptions>) -> Grap
         for i in 0..NUM_PARAM_TENSORS {
             launch(&mut zero_grad, format!("zero.d{}", PARAM_NAMES[i]), Kernel::Zero { out: pv(tbl, &grads, i) });
         }
+        // the train phase adds each micro-step's per-position losses here
+        launch(&mut zero_grad, "zero.losses", Kernel::Zero { out: loss_v });
         for i in 0..NUM_PARAM_TENSORS {
             launch(&mut update, format!("norm.d{}", PARAM_NAMES[i]), Kernel::SumSquares { out: parts, inp: pv(tbl, &grads, i), slot: i });
         }

@@ -93,11 +93,23 @@ pub enum Kernel {
     /// out = a + b (elementwise, n elements)
     ResidualForward { out: View, a: View, b: View, n: usize },
 
-    /// Per row r < n: logits row (vp wide, only the first v are real). Writes losses[r] =
-    /// logsumexp(logits[r,:v]) − logits[r,targets[r]].  If `write_grad`, overwrites the logits row
+    /// Per row r < n: logits row (vp wide, only the first v are real). loss_r =
+    /// logsumexp(logits[r,:v]) − logits[r,targets[r]] is written to losses[r], or added to it if
+    /// `accumulate` (the train phase sums the micro-steps of one step; zero_grad zeroes it).
+    /// If `write_grad`, overwrites the logits row
     /// in place with dlogits = (softmax(logits[r,:v]) − onehot(target))·dloss and 0 in [v, vp);
     /// otherwise leaves the logits untouched. targets: i32 (n).
-    CrossEntropy { logits: View, losses: View, targets: View, n: usize, v: usize, vp: usize, dloss: f32, write_grad: bool },
+    CrossEntropy {
+        logits: View,
+        losses: View,
+        targets: View,
+        n: usize,
+        v: usize,
+        vp: usize,
+        dloss: f32,
+        write_grad: bool,
+        accumulate: bool,
+    },
 
     /// out = 0
     Zero { out: View },

@@ -317,25 +317,19 @@ pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
 
         let t0 = Instant::now();
         sess.zero_grad()?;
-        let mut loss_sum = 0.0f64;
-        for k in 0..grad_accum {
+        for _ in 0..grad_accum {
             let (x, y) = train_loader.next_batch()?;
+            // the micro-steps' losses add up on the device: no host wait until the step's end
             sess.train_micro_async(&x, &y)?;
-            // the last micro-step's losses are read after the update is queued: one host wait per step
-            if k + 1 < grad_accum {
-                loss_sum += sess.mean_loss()? as f64;
-            }
         }
         let lr = sched.lr_at(step);
         let (loss, norm);
         if a.skip_loss_z == 0.0 && a.skip_grad_z == 0.0 {
             norm = sess.update(lr, adam, step + 1)?;
-            loss_sum += sess.mean_loss()? as f64;
-            loss = (loss_sum / grad_accum as f64) as f32;
+            loss = sess.step_loss()?;
         } else {
             // outlier skipping needs the loss and the norm on the host before AdamW runs
-            loss_sum += sess.mean_loss()? as f64;
-            loss = (loss_sum / grad_accum as f64) as f32;
+            loss = sess.step_loss()?;
             norm = sess.grad_norm(lr, adam, step + 1)?;
             let (zl, zg) = (loss_outliers.update(loss as f64), norm_outliers.update(norm as f64));
             if outlier::exceeds(zl, a.skip_loss_z) {

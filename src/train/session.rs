@@ -25,6 +25,8 @@ pub struct Session {
     pub backend: Box<dyn Backend>,
     pub graph: Graph,
     pub layout: ParamLayout,
+    /// micro-steps run since the last `zero_grad` (their losses add up in `io.losses`)
+    micro: usize,
 }
 
 impl Session {
@@ -34,7 +36,7 @@ impl Session {
         backend.check_fits(&graph.buffers, &phases)?;
         backend.alloc(&graph.buffers)?;
         let layout = ParamLayout::new(&graph.cfg);
-        Ok(Session { backend, graph, layout })
+        Ok(Session { backend, graph, layout, micro: 0 })
     }
 
     fn upload_flat(&mut self, ids: [crate::graph::BufId; NUM_PARAM_TENSORS], flat: &[f32]) -> Result<()> {
@@ -86,28 +88,39 @@ impl Session {
         self.backend.upload_i32(self.graph.io.targets, y)
     }
 
-    /// Mean of the per-position losses left by the last `train`/`eval` run (waits for the device).
+    /// Mean of the per-position losses left by the last `eval` (waits for the device).
     pub fn mean_loss(&mut self) -> Result<f32> {
         let losses = self.backend.download_f32(self.graph.io.losses)?;
         let sum: f64 = losses.iter().map(|&l| l as f64).sum();
         Ok((sum / losses.len() as f64) as f32)
     }
 
+    /// Zero the gradients and the summed losses: the start of an optimiser step.
     pub fn zero_grad(&mut self) -> Result<()> {
+        self.micro = 0;
         self.backend.run(&self.graph.zero_grad)
     }
 
-    /// One micro-step (forward, loss, backward; gradients accumulate). Returns the batch's mean loss.
+    /// One micro-step (forward, loss, backward; gradients and losses accumulate). Returns the mean
+    /// loss over the micro-steps since `zero_grad` (this batch's loss when it is the first).
     pub fn train_micro(&mut self, x: &[i32], y: &[i32]) -> Result<f32> {
         self.train_micro_async(x, y)?;
-        self.mean_loss()
+        self.step_loss()
     }
 
-    /// One micro-step without reading the loss back: on a GPU the step's launches queue up without a
-    /// host wait; read the loss later with `mean_loss` (before the next micro-step overwrites it).
+    /// One micro-step without reading anything back: on a GPU all the micro-steps and the update
+    /// queue up without a host wait; read the step's loss once with `step_loss`.
     pub fn train_micro_async(&mut self, x: &[i32], y: &[i32]) -> Result<()> {
         self.upload_batch(x, y)?;
-        self.backend.run(&self.graph.train)
+        self.backend.run(&self.graph.train)?;
+        self.micro += 1;
+        Ok(())
+    }
+
+    /// Mean loss over every position of the micro-steps since `zero_grad` (waits for the device).
+    /// An `eval` in between overwrites the sums, so read this first.
+    pub fn step_loss(&mut self) -> Result<f32> {
+        Ok(self.mean_loss()? / self.micro.max(1) as f32)
     }
 
     /// One AdamW update with learning rate `lr` at 1-based step `t`. Returns the gradient norm

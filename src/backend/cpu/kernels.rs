@@ -475,14 +475,16 @@ pub fn residual_forward(out: &mut [f32], a: &[f32], b: &[f32]) {
 // classifier
 
 /// losses[r] = logsumexp(logits[r,:v]) − logits[r,targets[r]] (writes losses only)
-pub fn cross_entropy_loss(logits: &[f32], losses: &mut [f32], targets: &[i32], n: usize, v: usize, vp: usize) {
+/// losses[r] (+)= logsumexp(logits[r,:v]) − logits[r,target]  (added if `accumulate`)
+pub fn cross_entropy_loss(logits: &[f32], losses: &mut [f32], targets: &[i32], n: usize, v: usize, vp: usize, accumulate: bool) {
     if n == 0 {
         return;
     }
     assert!(v > 0 && v <= vp && logits.len() >= n * vp && targets.len() >= n, "cross_entropy: bad sizes");
     losses[..n].par_iter_mut().enumerate().with_min_len(rows_per_task(vp)).for_each(|(r, loss)| {
         let row = &logits[r * vp..r * vp + v];
-        *loss = cross_entropy_row_loss(row, targets[r] as usize);
+        let l = cross_entropy_row_loss(row, targets[r] as usize);
+        *loss = if accumulate { *loss + l } else { l };
     });
 }
 
@@ -503,15 +505,16 @@ multiversion! {
     }
 }
 
-/// losses[r] = logsumexp(logits[r,:v]) − logits[r,target]; if `write_grad`, the logits row becomes
-/// (softmax(logits[r,:v]) − onehot(target))·dloss with 0 in [v, vp), else it is left untouched
+/// losses[r] (+)= logsumexp(logits[r,:v]) − logits[r,target] (added if `accumulate`); if
+/// `write_grad`, the logits row becomes (softmax(logits[r,:v]) − onehot(target))·dloss with 0 in
+/// [v, vp), else it is left untouched
 #[allow(clippy::too_many_arguments)]
 pub fn cross_entropy(
     logits: &mut [f32], losses: &mut [f32], targets: &[i32], n: usize, v: usize, vp: usize, dloss: f32,
-    write_grad: bool,
+    write_grad: bool, accumulate: bool,
 ) {
     if !write_grad {
-        return cross_entropy_loss(logits, losses, targets, n, v, vp);
+        return cross_entropy_loss(logits, losses, targets, n, v, vp, accumulate);
     }
     if n == 0 {
         return;
@@ -523,7 +526,8 @@ pub fn cross_entropy(
         .enumerate()
         .with_min_len(rows_per_task(vp))
         .for_each(|(r, (row, loss))| {
-            *loss = cross_entropy_row_grad(row, targets[r] as usize, v, dloss);
+            let l = cross_entropy_row_grad(row, targets[r] as usize, v, dloss);
+            *loss = if accumulate { *loss + l } else { l };
         });
 }
 

@@ -433,11 +433,13 @@ fn dispatch(k: &Kernel, o: &mut [&mut [f32]], i: &[In]) {
         Kernel::GeluForward { n, .. } => kn::gelu_forward(&mut o[0][..*n], &i[0].f32()[..*n]),
         Kernel::GeluBackward { n, .. } => kn::gelu_backward(&mut o[0][..*n], &i[0].f32()[..*n], &i[1].f32()[..*n]),
         Kernel::ResidualForward { n, .. } => kn::residual_forward(&mut o[0][..*n], &i[0].f32()[..*n], &i[1].f32()[..*n]),
-        Kernel::CrossEntropy { n, v, vp, dloss, write_grad: true, .. } => {
+        Kernel::CrossEntropy { n, v, vp, dloss, write_grad: true, accumulate, .. } => {
             let [logits, losses] = o else { unreachable!() };
-            kn::cross_entropy(logits, losses, i[0].i32(), *n, *v, *vp, *dloss, true)
+            kn::cross_entropy(logits, losses, i[0].i32(), *n, *v, *vp, *dloss, true, *accumulate)
         }
-        Kernel::CrossEntropy { n, v, vp, .. } => kn::cross_entropy_loss(i[0].f32(), o[0], i[1].i32(), *n, *v, *vp),
+        Kernel::CrossEntropy { n, v, vp, accumulate, .. } => {
+            kn::cross_entropy_loss(i[0].f32(), o[0], i[1].i32(), *n, *v, *vp, *accumulate)
+        }
         Kernel::Zero { .. } => kn::zero(o[0]),
         Kernel::SumSquares { slot, .. } => o[0][*slot] = kn::sum_squares(i[0].f32()),
         Kernel::ClipScale { max_norm, .. } => kn::clip_scale(o[0], i[0].f32(), *max_norm),

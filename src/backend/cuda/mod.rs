@@ -690,7 +690,7 @@ impl CudaBackend {
                 ];
                 self.launch1(&self.f.residual_forward, n, &args, label)
             }
-            CrossEntropy { logits, losses, targets, n, v, vp, dloss, write_grad } => {
+            CrossEntropy { logits, losses, targets, n, v, vp, dloss, write_grad, accumulate } => {
                 let (n, v, vp) = (*n, *v, *vp);
                 if v == 0 || v > vp {
                     return Err(berr(format!("{label}: cross-entropy needs 0 < v ≤ vp (v={v}, vp={vp})")));
@@ -707,6 +707,7 @@ impl CudaBackend {
                     A::I(i32_(vp)),
                     A::F(*dloss),
                     A::I(*write_grad as i32),
+                    A::I(*accumulate as i32),
                 ];
                 let threads = if v >= 4096 { 1024 } else { 256 };
                 self.launch(&self.f.crossentropy, (n as u32, 1, 1), (threads, 1, 1), 0, &args, label)

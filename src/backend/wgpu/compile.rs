@@ -441,8 +441,9 @@ impl Compiler<'_> {
                 &[(1, out, true), (2, a, false), (3, b, false)],
                 &[],
             ),
-            CrossEntropy { logits, losses, targets, n, v, vp, dloss, write_grad } => {
-                self.cross_entropy(logits, losses, targets, *n as u64, *v as u64, *vp as u64, *dloss, *write_grad)
+            CrossEntropy { logits, losses, targets, n, v, vp, dloss, write_grad, accumulate } => {
+                let flags = *write_grad as u32 | (*accumulate as u32) << 1;
+                self.cross_entropy(logits, losses, targets, *n as u64, *v as u64, *vp as u64, *dloss, flags)
             }
             Zero { out } => self.zero_view(out, out.len as u64),
             SumSquares { out, inp, slot } => self.sum_squares(out, inp, *slot as u64),
@@ -965,7 +966,7 @@ impl Compiler<'_> {
 
     #[allow(clippy::too_many_arguments)]
     fn cross_entropy(
-        &mut self, logits: &View, losses: &View, targets: &View, n: u64, v: u64, vp: u64, dloss: f32, write_grad: bool,
+        &mut self, logits: &View, losses: &View, targets: &View, n: u64, v: u64, vp: u64, dloss: f32, flags: u32,
     ) -> Result<()> {
         if n == 0 {
             return Ok(());
@@ -984,7 +985,7 @@ impl Compiler<'_> {
             let o_l = self.bind_view(&mut call, 1, logits, r0 * vp, rs * vp, true)?;
             let o_loss = self.bind_view(&mut call, 2, losses, r0, rs, true)?;
             let o_t = self.bind_view(&mut call, 3, targets, r0, rs, false)?;
-            call.params(&[rs as u32, v as u32, vp as u32, o_l, o_loss, o_t, write_grad as u32, f(dloss)]);
+            call.params(&[rs as u32, v as u32, vp as u32, o_l, o_loss, o_t, flags, f(dloss)]);
             call.groups = self.row_groups(rs);
             self.push(call);
             r0 += rs;

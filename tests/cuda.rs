@@ -13,7 +13,7 @@
 
 mod common;
 mod cuda_emu;
-use common::{assert_follows_cpu, verify_tiny_fixture, wgpt};
+use common::{assert_follows_cpu, verify_tiny_fixture, wgpt, wgpt_env, Rng};
 
 use wgpt::backend::cpu::CpuBackend;
 use wgpt::backend::cuda::{self, compile, CudaBackend, CudaOptions};
@@ -69,11 +69,7 @@ fn every_kernel_compiles_with_nvrtc11_too() {
         return;
     };
     let lib = std::path::Path::new(&dir).join("libnvrtc.so.11.2");
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_wgpt"))
-        .args(["kernels", "--cuda", "--arch", "sm_70,sm_80,sm_90"])
-        .env("WGPT_NVRTC", &lib)
-        .output()
-        .unwrap();
+    let o = wgpt_env(&["kernels", "--cuda", "--arch", "sm_70,sm_80,sm_90"], &[("WGPT_NVRTC", &lib)]);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
     let mut lines = out.lines();
@@ -184,26 +180,6 @@ fn gpu(opts: CudaOptions) -> Option<CudaBackend> {
     Some(CudaBackend::with_options(0, opts).unwrap_or_else(|e| panic!("a CUDA device is present but: {e}")))
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    /// uniform in [-scale, scale)
-    fn f(&mut self, scale: f32) -> f32 {
-        ((self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.f(scale)).collect()
-    }
-    fn ints(&mut self, n: usize, hi: usize) -> Vec<i32> {
-        (0..n).map(|_| (self.next() % hi as u64) as i32).collect()
-    }
-}
-
 /// Buffers, their initial contents and launches; run on both backends and compared.
 #[derive(Default)]
 struct Case {
@@ -290,12 +266,12 @@ fn encoder_matches_cpu() {
     let (b, t, c, vocab, tmax) = (3, 7, 13, 11, 9);
     let mut k = Case::default();
     let tokens = k.i("tokens", r.ints(b * t, vocab));
-    let wte = k.f("wte", r.vec(vocab * c, 1.0));
-    let wpe = k.f("wpe", r.vec(tmax * c, 1.0));
+    let wte = k.f("wte", r.sym_vec(vocab * c, 1.0));
+    let wpe = k.f("wpe", r.sym_vec(tmax * c, 1.0));
     let out = k.f("out", vec![0.0; b * t * c]);
-    let dout = k.f("dout", r.vec(b * t * c, 1.0));
-    let dwte = k.f("dwte", r.vec(vocab * c, 0.5)); // accumulated into
-    let dwpe = k.f("dwpe", r.vec(tmax * c, 0.5));
+    let dout = k.f("dout", r.sym_vec(b * t * c, 1.0));
+    let dwte = k.f("dwte", r.sym_vec(vocab * c, 0.5)); // accumulated into
+    let dwpe = k.f("dwpe", r.sym_vec(tmax * c, 0.5));
     let (vo, vt, vw, vp, vd, vdw, vdp) = (k.v(out), k.v(tokens), k.v(wte), k.v(wpe), k.v(dout), k.v(dwte), k.v(dwpe));
     k.k("enc.fwd", Kernel::EncoderForward { out: vo, tokens: vt, wte: vw, wpe: vp, b, t, c });
     k.k("enc.bwd", Kernel::EncoderBackward { dwte: vdw, dwpe: vdp, dout: vd, tokens: vt, b, t, c });
@@ -305,16 +281,16 @@ fn encoder_matches_cpu() {
 fn layernorm_case(n: usize, c: usize, accumulate: bool, seed: u64) -> (Case, Vec<(BufId, &'static str)>) {
     let mut r = Rng(seed);
     let mut k = Case::default();
-    let inp = k.f("inp", r.vec(n * c, 2.0).iter().map(|x| x + 0.5).collect());
-    let w = k.f("w", r.vec(c, 1.0));
-    let bias = k.f("b", r.vec(c, 1.0));
+    let inp = k.f("inp", r.sym_vec(n * c, 2.0).iter().map(|x| x + 0.5).collect());
+    let w = k.f("w", r.sym_vec(c, 1.0));
+    let bias = k.f("b", r.sym_vec(c, 1.0));
     let out = k.f("out", vec![0.0; n * c]);
     let mean = k.f("mean", vec![0.0; n]);
     let rstd = k.f("rstd", vec![0.0; n]);
-    let dout = k.f("dout", r.vec(n * c, 1.0));
-    let dinp = k.f("dinp", r.vec(n * c, 1.0));
-    let dw = k.f("dw", r.vec(c, 1.0));
-    let db = k.f("db", r.vec(c, 1.0));
+    let dout = k.f("dout", r.sym_vec(n * c, 1.0));
+    let dinp = k.f("dinp", r.sym_vec(n * c, 1.0));
+    let dw = k.f("dw", r.sym_vec(c, 1.0));
+    let db = k.f("db", r.sym_vec(c, 1.0));
     let v = |id| k.table.view(id);
     let fwd = Kernel::LayerNormForward { out: v(out), mean: v(mean), rstd: v(rstd), inp: v(inp), weight: v(w), bias: v(bias), n, c };
     let bwd = Kernel::LayerNormBackward {
@@ -338,14 +314,14 @@ fn matmul_case(n: usize, c: usize, oc: usize, bias: bool, seed: u64) -> (Case, V
     let mut r = Rng(seed);
     let mut k = Case::default();
     // inputs live at an offset inside a larger buffer, to check view offsets
-    let inp_buf = k.f("inp", r.vec(n * c + 5, 1.0));
-    let w = k.f("w", r.vec(oc * c, 1.0));
-    let b = k.f("b", r.vec(oc, 1.0));
-    let out = k.f("out", r.vec(n * oc, 1.0)); // overwritten
-    let dout = k.f("dout", r.vec(n * oc, 1.0));
-    let dinp = k.f("dinp", r.vec(n * c, 1.0)); // overwritten
-    let dw = k.f("dw", r.vec(oc * c, 1.0)); // accumulated
-    let db = k.f("db", r.vec(oc, 1.0)); // accumulated
+    let inp_buf = k.f("inp", r.sym_vec(n * c + 5, 1.0));
+    let w = k.f("w", r.sym_vec(oc * c, 1.0));
+    let b = k.f("b", r.sym_vec(oc, 1.0));
+    let out = k.f("out", r.sym_vec(n * oc, 1.0)); // overwritten
+    let dout = k.f("dout", r.sym_vec(n * oc, 1.0));
+    let dinp = k.f("dinp", r.sym_vec(n * c, 1.0)); // overwritten
+    let dw = k.f("dw", r.sym_vec(oc * c, 1.0)); // accumulated
+    let db = k.f("db", r.sym_vec(oc, 1.0)); // accumulated
     let inp = k.table.view(inp_buf).slice(5, n * c);
     let v = |id| k.table.view(id);
     let (vb, vdb) = if bias { (Some(v(b)), Some(v(db))) } else { (None, None) };
@@ -373,11 +349,11 @@ fn attention_matches_cpu() {
     for (b, t, c, nh) in [(2, 37, 24, 3), (1, 70, 128, 2), (2, 33, 192, 2), (1, 65, 256, 2), (1, 1, 16, 1)] {
         let mut r = Rng(100 + t as u64);
         let mut k = Case::default();
-        let qkv = k.f("qkv", r.vec(b * t * 3 * c, 1.5));
+        let qkv = k.f("qkv", r.sym_vec(b * t * 3 * c, 1.5));
         let out = k.f("out", vec![0.0; b * t * c]);
         let lse = k.f("lse", vec![0.0; b * nh * t]);
-        let dout = k.f("dout", r.vec(b * t * c, 1.0));
-        let dqkv = k.f("dqkv", r.vec(b * t * 3 * c, 1.0)); // overwritten
+        let dout = k.f("dout", r.sym_vec(b * t * c, 1.0));
+        let dqkv = k.f("dqkv", r.sym_vec(b * t * 3 * c, 1.0)); // overwritten
         let v = |id| k.table.view(id);
         let fwd = Kernel::AttentionForward { out: v(out), lse: v(lse), qkv: v(qkv), b, t, c, nh };
         let bwd = Kernel::AttentionBackward { dqkv: v(dqkv), dout: v(dout), out: v(out), lse: v(lse), qkv: v(qkv), b, t, c, nh };
@@ -392,11 +368,11 @@ fn gelu_and_residual_match_cpu() {
     let mut r = Rng(5);
     let n = 1003;
     let mut k = Case::default();
-    let x = k.f("x", r.vec(n, 4.0));
-    let y = k.f("y", r.vec(n + 2, 1.0));
+    let x = k.f("x", r.sym_vec(n, 4.0));
+    let y = k.f("y", r.sym_vec(n + 2, 1.0));
     let out = k.f("out", vec![0.0; n]);
-    let dout = k.f("dout", r.vec(n, 1.0));
-    let dinp = k.f("dinp", r.vec(n, 1.0));
+    let dout = k.f("dout", r.sym_vec(n, 1.0));
+    let dinp = k.f("dinp", r.sym_vec(n, 1.0));
     let sum = k.f("sum", vec![0.0; n]);
     let v = |id| k.table.view(id);
     let (vx, vy, vout, vdout, vdinp, vsum) = (v(x), v(y).slice(2, n), v(out), v(dout), v(dinp), v(sum));
@@ -412,9 +388,9 @@ fn cross_entropy_matches_cpu() {
     for (n, v, vp, write_grad, accumulate) in cases {
         let mut r = Rng(9 + v as u64);
         let mut k = Case::default();
-        let logits = k.f("logits", r.vec(n * vp, 3.0));
+        let logits = k.f("logits", r.sym_vec(n * vp, 3.0));
         // non-zero to start with: accumulate adds to it, otherwise it is overwritten
-        let losses = k.f("losses", r.vec(n, 2.0));
+        let losses = k.f("losses", r.sym_vec(n, 2.0));
         let targets = k.i("targets", r.ints(n, v));
         let (vl, vls, vt) = (k.v(logits), k.v(losses), k.v(targets));
         k.k("ce", Kernel::CrossEntropy { logits: vl, losses: vls, targets: vt, n, v, vp, dloss: 1.0 / n as f32, write_grad, accumulate });
@@ -429,8 +405,8 @@ fn zero_norm_clip_and_adamw_match_cpu() {
         let mut r = Rng(21);
         let mut k = Case::default();
         let n = 100_003;
-        let g1 = k.f("g1", r.vec(n, 0.1));
-        let g2 = k.f("g2", r.vec(77, 1.0));
+        let g1 = k.f("g1", r.sym_vec(n, 0.1));
+        let g2 = k.f("g2", r.sym_vec(77, 1.0));
         let parts = k.f("parts", vec![9.0; 4]);
         let bc = |beta: f32| 1.0 - beta.powi(3);
         let mut hyper = vec![0.0; Hyper::LEN];
@@ -441,10 +417,10 @@ fn zero_norm_clip_and_adamw_match_cpu() {
         hyper[Hyper::BC1] = bc(0.9);
         hyper[Hyper::BC2] = bc(0.95);
         let hy = k.f("hyper", hyper);
-        let p = k.f("param", r.vec(n, 1.0));
-        let m = k.f("m", r.vec(n, 0.01));
-        let vv = k.f("v", r.vec(n, 1e-4).iter().map(|x| x.abs()).collect());
-        let junk = k.f("junk", r.vec(50, 1.0));
+        let p = k.f("param", r.sym_vec(n, 1.0));
+        let m = k.f("m", r.sym_vec(n, 0.01));
+        let vv = k.f("v", r.sym_vec(n, 1e-4).iter().map(|x| x.abs()).collect());
+        let junk = k.f("junk", r.sym_vec(50, 1.0));
         let v = |id| k.table.view(id);
         let (vg1, vg2, vparts, vhy, vp, vm, vvv, vjunk) = (v(g1), v(g2), v(parts), v(hy), v(p), v(m), v(vv), v(junk));
         k.k("zero.parts", Kernel::Zero { out: vparts });
@@ -641,12 +617,9 @@ fn a_cuda11_driver_gets_nvrtc11() {
     let nvrtc = wgpt::backend::cuda::dl::lib(wgpt::backend::cuda::dl::Which::Nvrtc).unwrap().path.clone();
     let verify = ["verify", "--model", "tests/data/tiny/model.bin", "--state", "tests/data/tiny/debug_state.bin", "--backend", "cuda", "--steps", "2"];
     let run = |envs: &[(&str, &str)]| {
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_wgpt"));
-        c.args(verify).env("WGPT_CUDA_EMU_DRIVER", "11040");
-        for (k, v) in envs {
-            c.env(k, v);
-        }
-        c.output().unwrap()
+        let mut all = vec![("WGPT_CUDA_EMU_DRIVER", "11040")];
+        all.extend_from_slice(envs);
+        wgpt_env(&verify, &all)
     };
     // (a) NVRTC 12 with a CUDA 11.4 driver
     let o = run(&[("WGPT_NVRTC", nvrtc.as_str())]);
@@ -665,16 +638,11 @@ fn a_cuda11_driver_gets_nvrtc11() {
     let mut lp: Vec<std::path::PathBuf> = std::env::split_paths(&std::env::var_os("LD_LIBRARY_PATH").unwrap_or_default()).collect();
     lp.push(std::path::PathBuf::from(&dir));
     let lp = std::env::join_paths(lp).unwrap();
-    let o = run(&[("LD_LIBRARY_PATH", lp.to_str().unwrap()), ("WGPT_NVRTC", "")]);
+    let env = [("LD_LIBRARY_PATH", lp.to_str().unwrap()), ("WGPT_NVRTC", "")];
+    let o = run(&env);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "verify with NVRTC 11 failed:\n{out}\n{}", String::from_utf8_lossy(&o.stderr));
-    let info = std::process::Command::new(env!("CARGO_BIN_EXE_wgpt"))
-        .arg("info")
-        .env("WGPT_CUDA_EMU_DRIVER", "11040")
-        .env("LD_LIBRARY_PATH", &lp)
-        .env("WGPT_NVRTC", "")
-        .output()
-        .unwrap();
+    let info = wgpt_env(&["info"], &[("WGPT_CUDA_EMU_DRIVER", "11040"), env[0], env[1]]);
     let info = String::from_utf8_lossy(&info.stdout);
     let line = info.lines().find(|l| l.starts_with("nvrtc: 11.")).unwrap_or_else(|| panic!("NVRTC 11 not chosen:\n{info}"));
     assert!(!info.contains("warning"), "{info}");
@@ -746,11 +714,10 @@ fn a_step_too_big_for_the_gpu_is_a_one_line_error() {
     if !on_emulator() {
         return;
     }
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_wgpt"))
-        .args(["bench", "--backend", "cuda", "--model", "d12", "--batch", "8", "--seq-len", "1024", "--steps", "1"])
-        .env("WGPT_CUDA_EMU_MEM_MIB", "1024")
-        .output()
-        .unwrap();
+    let o = wgpt_env(
+        &["bench", "--backend", "cuda", "--model", "d12", "--batch", "8", "--seq-len", "1024", "--steps", "1"],
+        &[("WGPT_CUDA_EMU_MEM_MIB", "1024")],
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(!err.contains("panicked"), "{err}");
@@ -767,12 +734,10 @@ fn a_failing_cublas_falls_back_to_the_builtin_gemm() {
     if !on_emulator() {
         return;
     }
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_wgpt"))
-        .args(["verify", "--model", "tests/data/tiny/model.bin", "--state", "tests/data/tiny/debug_state.bin"])
-        .args(["--backend", "cuda", "--steps", "2", "--json"])
-        .env("WGPT_CUDA_EMU_CUBLAS_FAIL", "1")
-        .output()
-        .unwrap();
+    let o = wgpt_env(
+        &["verify", "--model", "tests/data/tiny/model.bin", "--state", "tests/data/tiny/debug_state.bin", "--backend", "cuda", "--steps", "2", "--json"],
+        &[("WGPT_CUDA_EMU_CUBLAS_FAIL", "1")],
+    );
     let out = String::from_utf8_lossy(&o.stdout);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{out}\n{err}");

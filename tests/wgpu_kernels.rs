@@ -7,6 +7,8 @@
 //! Without any wgpu adapter the tests print "skipped: no wgpu adapter" and pass, unless
 //! WGPT_REQUIRE_ADAPTER=1 (CI), where that is a failure. Here lavapipe (Vulkan on the CPU) runs them.
 
+mod common;
+use common::Rng;
 use std::io::Write;
 use wgpt::backend::cpu::CpuBackend;
 use wgpt::backend::wgpu::{MatmulMode, WgpuBackend};
@@ -29,26 +31,6 @@ fn gpu() -> Option<WgpuBackend> {
             None
         }
         Err(e) => panic!("wgpu backend failed to start: {e}"),
-    }
-}
-
-/// xorshift-based uniform values in [lo, hi)
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
-        lo + (hi - lo) * ((self.next() >> 40) as f32 / (1u64 << 24) as f32)
-    }
-    fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-        (0..n).map(|_| self.uniform(lo, hi)).collect()
-    }
-    fn ints(&mut self, n: usize, below: usize) -> Vec<i32> {
-        (0..n).map(|_| (self.next() % below as u64) as i32).collect()
     }
 }
 

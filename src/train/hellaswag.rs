@@ -73,13 +73,12 @@ pub fn evaluate(sess: &mut Session, examples: &[EvalExample], b: usize, t: usize
         }
         let losses = sess.eval_losses(&x, &y)?;
         for (k, e) in chunk.iter().enumerate() {
-            let mean = |c: usize| {
-                let (row, p0, n) = spans[4 * k + c];
-                let s: f64 = losses[row * t + p0..row * t + p0 + n].iter().map(|&l| l as f64).sum();
-                s / n as f64
-            };
+            let means: Vec<f64> = spans[4 * k..4 * k + 4]
+                .iter()
+                .map(|&(row, p0, n)| losses[row * t + p0..row * t + p0 + n].iter().map(|&l| l as f64).sum::<f64>() / n as f64)
+                .collect();
             // the lowest mean loss wins; ties go to the first
-            let pred = (1..4).fold(0, |best, c| if mean(c) < mean(best) { c } else { best });
+            let pred = (1..4).fold(0, |best, c| if means[c] < means[best] { c } else { best });
             score.correct += (pred == e.label as usize) as usize;
             score.total += 1;
         }

@@ -1,11 +1,48 @@
-//! Helpers shared by the test files that drive the `wgpt` binary on a GPU backend.
+//! Helpers shared by the GPU-backend test files: running the `wgpt` binary, the fixture checks,
+//! and the generator of test data. (Not every file uses every helper.)
+#![allow(dead_code)]
 
 use std::process::{Command, Output};
+
+/// xorshift64: deterministic test data.
+pub struct Rng(pub u64);
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    /// uniform in [lo, hi)
+    pub fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        lo + (hi - lo) * ((self.next() >> 40) as f32 / (1u64 << 24) as f32)
+    }
+    pub fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform(lo, hi)).collect()
+    }
+    /// n values uniform in [-scale, scale)
+    pub fn sym_vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| ((self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale).collect()
+    }
+    pub fn ints(&mut self, n: usize, below: usize) -> Vec<i32> {
+        (0..n).map(|_| (self.next() % below as u64) as i32).collect()
+    }
+}
 
 pub const TINY: &str = "tests/data/tiny";
 
 pub fn wgpt(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_wgpt")).args(args).output().expect("running wgpt")
+    wgpt_env::<&str, &str>(args, &[])
+}
+
+/// `wgpt args…` with extra environment variables.
+pub fn wgpt_env<K: AsRef<std::ffi::OsStr>, V: AsRef<std::ffi::OsStr>>(args: &[&str], env: &[(K, V)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_wgpt"));
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("running wgpt")
 }
 
 /// `wgpt verify --backend <backend> --json` on the tiny fixture, checked against expected.json:

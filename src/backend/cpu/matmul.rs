@@ -39,23 +39,33 @@ fn fits(o: &Operand, rows: usize, cols: usize) -> bool {
     rows == 0 || cols == 0 || (rows - 1) * o.rs + (cols - 1) * o.cs < o.data.len()
 }
 
-/// dst (m×n, row-major with row stride `dst_rs`) = lhs (m×k) · rhs (k×n), or += when
-/// `accumulate`; one single-threaded gemm call (for use inside a rayon task).
+/// The checks both gemm entry points share; true when nothing is left to compute (an empty
+/// product: with k = 0 the destination is zeroed unless `accumulate`).
 #[allow(clippy::too_many_arguments)]
-pub(super) fn gemm_serial(
-    dst: &mut [f32], dst_rs: usize, m: usize, n: usize, k: usize, accumulate: bool, lhs: Operand, rhs: Operand,
-) {
+fn gemm_trivial(dst: &mut [f32], dst_rs: usize, m: usize, n: usize, k: usize, accumulate: bool, lhs: &Operand, rhs: &Operand) -> bool {
     if m == 0 || n == 0 {
-        return;
+        return true;
     }
     assert!((m - 1) * dst_rs + n <= dst.len() && n <= dst_rs, "gemm: destination out of range");
-    assert!(fits(&lhs, m, k) && fits(&rhs, k, n), "gemm: operand out of range");
+    assert!(fits(lhs, m, k) && fits(rhs, k, n), "gemm: operand out of range");
     if k == 0 {
         if !accumulate {
             for r in 0..m {
                 dst[r * dst_rs..r * dst_rs + n].fill(0.0);
             }
         }
+        return true;
+    }
+    false
+}
+
+/// dst (m×n, row-major with row stride `dst_rs`) = lhs (m×k) · rhs (k×n), or += when
+/// `accumulate`; one single-threaded gemm call (for use inside a rayon task).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gemm_serial(
+    dst: &mut [f32], dst_rs: usize, m: usize, n: usize, k: usize, accumulate: bool, lhs: Operand, rhs: Operand,
+) {
+    if gemm_trivial(dst, dst_rs, m, n, k, accumulate, &lhs, &rhs) {
         return;
     }
     // SAFETY: the asserts bound every element of dst, lhs and rhs inside their slices; dst (a
@@ -76,17 +86,7 @@ pub(super) fn gemm_serial(
 /// larger), one single-threaded gemm call per rayon task.
 #[allow(clippy::too_many_arguments)]
 fn gemm_blocked(dst: &mut [f32], dst_rs: usize, m: usize, n: usize, k: usize, accumulate: bool, lhs: Operand, rhs: Operand) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!((m - 1) * dst_rs + n <= dst.len() && n <= dst_rs, "gemm: destination out of range");
-    assert!(fits(&lhs, m, k) && fits(&rhs, k, n), "gemm: operand out of range");
-    if k == 0 {
-        if !accumulate {
-            for r in 0..m {
-                dst[r * dst_rs..r * dst_rs + n].fill(0.0);
-            }
-        }
+    if gemm_trivial(dst, dst_rs, m, n, k, accumulate, &lhs, &rhs) {
         return;
     }
     let by_cols = n >= m;

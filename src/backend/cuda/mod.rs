@@ -371,6 +371,16 @@ impl CudaBackend {
         self.launch(f, (grid1(n, 256), 1, 1), (256, 1, 1), 0, args, label)
     }
 
+    /// An elementwise kernel `f(views…, long long n)` over n f32s of each view.
+    fn elementwise(&self, f: &CudaFunction, views: &[(&View, &str)], n: usize, label: &str) -> Result<()> {
+        let mut args = Vec::with_capacity(views.len() + 1);
+        for (v, what) in views {
+            args.push(A::P(self.pf(v, n, what, label)?));
+        }
+        args.push(A::L(n as i64));
+        self.launch1(f, n, &args, label)
+    }
+
     /// Allow `bytes` of dynamic shared memory for attention kernel `which` (0 fwd, 1 dq, 2 dkv).
     fn attn_smem(&mut self, which: usize, bytes: usize, label: &str) -> Result<()> {
         if bytes > self.smem_optin {
@@ -666,29 +676,13 @@ impl CudaBackend {
                 self.launch(&self.f.attention_backward_dkv, grid, (ATTN_THREADS, 1, 1), smem as u32, &a2, label)
             }
             GeluForward { out, inp, n } => {
-                let n = *n;
-                let args = [A::P(self.pf(out, n, "out", label)?), A::P(self.pf(inp, n, "inp", label)?), A::L(n as i64)];
-                self.launch1(&self.f.gelu_forward, n, &args, label)
+                self.elementwise(&self.f.gelu_forward, &[(out, "out"), (inp, "inp")], *n, label)
             }
             GeluBackward { dinp, inp, dout, n } => {
-                let n = *n;
-                let args = [
-                    A::P(self.pf(dinp, n, "dinp", label)?),
-                    A::P(self.pf(inp, n, "inp", label)?),
-                    A::P(self.pf(dout, n, "dout", label)?),
-                    A::L(n as i64),
-                ];
-                self.launch1(&self.f.gelu_backward, n, &args, label)
+                self.elementwise(&self.f.gelu_backward, &[(dinp, "dinp"), (inp, "inp"), (dout, "dout")], *n, label)
             }
             ResidualForward { out, a, b, n } => {
-                let n = *n;
-                let args = [
-                    A::P(self.pf(out, n, "out", label)?),
-                    A::P(self.pf(a, n, "a", label)?),
-                    A::P(self.pf(b, n, "b", label)?),
-                    A::L(n as i64),
-                ];
-                self.launch1(&self.f.residual_forward, n, &args, label)
+                self.elementwise(&self.f.residual_forward, &[(out, "out"), (a, "a"), (b, "b")], *n, label)
             }
             CrossEntropy { logits, losses, targets, n, v, vp, dloss, write_grad, accumulate } => {
                 let (n, v, vp) = (*n, *v, *vp);

@@ -18,10 +18,12 @@ __device__ __forceinline__ void ms_merge(float& m, float& s, float m2, float s2)
 
 // loss_r = logsumexp(logits[r,:V]) − logits[r,target], written to losses[r] or, if accumulate, added
 // to it;  if write_grad: logits[r,i] =
-// (softmax(logits[r,:V])_i − [i == target])·dloss for i < V, 0 for V ≤ i < Vp.  Bad target → NaN loss.
+// (softmax(logits[r,:V])_i − [i == target])·dloss for i < V, 0 for V ≤ i < Vp, with dloss = *seed (the
+// loss-gradient seed slot of the device scalars, read only if write_grad). Targets are valid (checked at upload).
 extern "C" __global__ void crossentropy_forward_backward(float* logits, float* __restrict__ losses,
-                                                         const int* __restrict__ targets, int N, int V, int Vp,
-                                                         float dloss, int write_grad, int accumulate) {
+                                                         const int* __restrict__ targets,
+                                                         const float* __restrict__ seed, int N, int V, int Vp,
+                                                         int write_grad, int accumulate) {
     __shared__ float sm[32], ss[32];
     __shared__ float s_lse, s_xt;
     int row = blockIdx.x;
@@ -70,6 +72,7 @@ extern "C" __global__ void crossentropy_forward_backward(float* logits, float* _
     __syncthreads();
     if (!write_grad) return;
     float lse = s_lse;
+    float dloss = *seed;
     for (int i = threadIdx.x; i < Vp; i += blockDim.x) {
         float g = 0.0f;
         if (i < V) g = (expf(x[i] - lse) - (i == tgt ? 1.0f : 0.0f)) * dloss;

@@ -1,7 +1,8 @@
 // classifier.wgsl — fused softmax cross-entropy over the first v of vp logits per row; one workgroup per row.
 // crossentropy: loss_r = ln Σ_{i<v} exp(x[r,i]) − x[r,target[r]]   (max-shifted), written to losses[r],
 //               or added to it if flags & 2 (accumulate);
-//               if flags & 1 (write_grad): x[r,i] = (softmax(x[r,:v])_i − [i = target])·dloss for i < v, 0 for v ≤ i < vp
+//               if flags & 1 (write_grad): x[r,i] = (softmax(x[r,:v])_i − [i = target])·dloss for i < v, 0 for v ≤ i < vp,
+//               dloss = seed[o_dloss] (the loss-gradient seed slot of the device scalars)
 
 struct P {
     n: u32,
@@ -11,13 +12,14 @@ struct P {
     o_losses: u32,
     o_targets: u32,
     flags: u32, // 1 = write_grad, 2 = accumulate the loss
-    dloss: f32,
+    o_dloss: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read_write> logits: array<f32>;
 @group(0) @binding(2) var<storage, read_write> losses: array<f32>;
 @group(0) @binding(3) var<storage, read> targets: array<i32>;
+@group(0) @binding(4) var<storage, read> seed: array<f32>;
 
 const WG: u32 = 256u;
 //#include block_reduce f32
@@ -59,13 +61,14 @@ fn crossentropy(
         }
     }
     if ((p.flags & 1u) != 0u) {
-        let k = p.dloss / z;
+        let dloss = seed[p.o_dloss];
+        let k = dloss / z;
         for (var i = lid; i < p.vp; i += WG) {
             var g = 0.0;
             if (i < p.v) {
                 g = exp(logits[base + i] - mx) * k;
                 if (i == tgt) {
-                    g -= p.dloss;
+                    g -= dloss;
                 }
             }
             logits[base + i] = g;

@@ -34,9 +34,37 @@ pub enum Error {
     /// A backend failed at run time (shader compile error, driver error...).
     #[error("{backend}: {msg}")]
     Backend { backend: String, msg: String },
+
+    /// The backend cannot run what the graph asks for (a dtype it has no kernels for...).
+    #[error("{backend}: {msg}")]
+    Unsupported { backend: String, msg: String },
+
+    /// A broken invariant inside wgpt (a graph whose launches break the kernel contract...):
+    /// a bug, never the user's input.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Who can fix an error: what a CLI prints the same way but a server answers differently
+/// (400 for `User`, 500/503 for the others).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// bad input: a file, a flag, a request, data
+    User,
+    /// the machine: a missing driver or device, out of memory, a device failure
+    Device,
+    /// a bug in wgpt
+    Internal,
 }
 
 impl Error {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Io { .. } | Error::Format { .. } | Error::Flag { .. } | Error::Data(_) => ErrorKind::User,
+            Error::Unavailable(_) | Error::OutOfMemory(_) | Error::Backend { .. } | Error::Unsupported { .. } => ErrorKind::Device,
+            Error::Internal(_) => ErrorKind::Internal,
+        }
+    }
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
     }

@@ -111,6 +111,8 @@ struct KernelsArgs {
 }
 
 fn main() -> ExitCode {
+    // environment settings for the drivers, before any thread exists (never changed later)
+    wgpt::backend::wgpu::init_process_env();
     std::panic::set_hook(Box::new(|info| {
         eprintln!("wgpt: internal error: {info}");
     }));

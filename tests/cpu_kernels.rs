@@ -9,7 +9,7 @@
 use wgpt::backend::cpu::kernels as k;
 use wgpt::backend::cpu::CpuBackend;
 use wgpt::backend::Backend;
-use wgpt::graph::{BufferTable, DType, Hyper, Kernel, Launch, Role, View};
+use wgpt::graph::{BufferTable, DType, Scalars, Kernel, Launch, Role, View};
 
 const B: usize = 3;
 const T: usize = 37;
@@ -583,30 +583,30 @@ fn sum_squares_in_f64() {
 #[test]
 fn clip_scale_clips_only_above_max() {
     let parts = [9.0f32, 16.0, 0.0]; // norm 5
-    let mut h = vec![0.0f32; Hyper::LEN];
+    let mut h = vec![0.0f32; Scalars::LEN];
     k::clip_scale(&mut h, &parts, 1.0);
-    assert_eq!(h[Hyper::GRAD_NORM], 5.0);
-    assert!((h[Hyper::GRAD_SCALE] - 0.2).abs() < 1e-7, "{}", h[Hyper::GRAD_SCALE]);
+    assert_eq!(h[Scalars::GRAD_NORM], 5.0);
+    assert!((h[Scalars::GRAD_SCALE] - 0.2).abs() < 1e-7, "{}", h[Scalars::GRAD_SCALE]);
     k::clip_scale(&mut h, &parts, 5.0); // norm == max: no clipping
-    assert_eq!(h[Hyper::GRAD_SCALE], 1.0);
+    assert_eq!(h[Scalars::GRAD_SCALE], 1.0);
     k::clip_scale(&mut h, &parts, 7.0);
-    assert_eq!(h[Hyper::GRAD_SCALE], 1.0);
+    assert_eq!(h[Scalars::GRAD_SCALE], 1.0);
     k::clip_scale(&mut h, &parts, 0.0); // disabled
-    assert_eq!((h[Hyper::GRAD_SCALE], h[Hyper::GRAD_NORM]), (1.0, 5.0));
+    assert_eq!((h[Scalars::GRAD_SCALE], h[Scalars::GRAD_NORM]), (1.0, 5.0));
     // other slots untouched
-    assert!(h[..Hyper::GRAD_SCALE].iter().all(|&x| x == 0.0));
+    assert!(h[..Scalars::GRAD_SCALE].iter().all(|&x| x == 0.0));
 }
 
 fn hyper(step: i32, lr: f32, scale: f32) -> Vec<f32> {
     let (b1, b2) = (0.9f32, 0.999f32);
-    let mut h = vec![0.0f32; Hyper::LEN];
-    h[Hyper::LR] = lr;
-    h[Hyper::BETA1] = b1;
-    h[Hyper::BETA2] = b2;
-    h[Hyper::EPS] = 1e-8;
-    h[Hyper::BC1] = 1.0 - b1.powi(step);
-    h[Hyper::BC2] = 1.0 - b2.powi(step);
-    h[Hyper::GRAD_SCALE] = scale;
+    let mut h = vec![0.0f32; Scalars::LEN];
+    h[Scalars::LR] = lr;
+    h[Scalars::BETA1] = b1;
+    h[Scalars::BETA2] = b2;
+    h[Scalars::EPS] = 1e-8;
+    h[Scalars::BC1] = 1.0 - b1.powi(step);
+    h[Scalars::BC2] = 1.0 - b2.powi(step);
+    h[Scalars::GRAD_SCALE] = scale;
     h
 }
 
@@ -800,7 +800,7 @@ fn backend_optimizer_chain_and_thread_independence() {
         let m = tab.add("m", n, DType::F32, Role::OptM(0));
         let v = tab.add("v", n, DType::F32, Role::OptV(0));
         let parts = tab.add("parts", 3, DType::F32, Role::Scratch);
-        let h = tab.add("hyper", Hyper::LEN, DType::F32, Role::Hyper);
+        let h = tab.add("hyper", Scalars::LEN, DType::F32, Role::Scalars);
         let mut be = CpuBackend::new(Some(threads)).unwrap();
         be.alloc(&tab).unwrap();
         be.upload_f32(p, &p0).unwrap();
@@ -823,8 +823,8 @@ fn backend_optimizer_chain_and_thread_independence() {
     };
     let (h1, p1, m1) = run(1);
     let norm = gr.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
-    assert!((h1[Hyper::GRAD_NORM] as f64 - norm).abs() < 1e-6 * norm, "{} vs {norm}", h1[Hyper::GRAD_NORM]);
-    assert!((h1[Hyper::GRAD_SCALE] as f64 - 1.0 / norm).abs() < 1e-6 / norm);
+    assert!((h1[Scalars::GRAD_NORM] as f64 - norm).abs() < 1e-6 * norm, "{} vs {norm}", h1[Scalars::GRAD_NORM]);
+    assert!((h1[Scalars::GRAD_SCALE] as f64 - 1.0 / norm).abs() < 1e-6 / norm);
     // m after one step = (1−β1)·g·scale
     let want: Vec<f64> = gr.iter().map(|&x| 0.1 * x as f64 / norm).collect();
     assert_close("chain m", &m1, &want, 1e-10, 1e-5);

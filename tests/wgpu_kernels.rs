@@ -14,7 +14,7 @@ use wgpt::backend::cpu::CpuBackend;
 use wgpt::backend::wgpu::{MatmulMode, WgpuBackend};
 use wgpt::backend::Backend;
 use wgpt::error::Error;
-use wgpt::graph::{BufId, BufferTable, DType, Hyper, Kernel, Launch, Role, View};
+use wgpt::graph::{BufId, BufferTable, DType, Kernel, Launch, Phase, Role, Scalars, View};
 
 /// The adapter under test: the backend's default choice, or WGPT_TEST_ADAPTER=<index> (see
 /// `wgpt info`), e.g. to run the suite on the GL adapter too.
@@ -379,14 +379,16 @@ fn cross_entropy_loss_and_grad() {
     tg[0] = (V - 1) as i32;
     tg[1] = 0;
     let targets = c.i32("targets", tg);
+    // the seed sits at an unaligned offset of a scalars-like buffer, as in a graph
+    let seeds = c.f32("seeds", vec![0.25, 1.0 / N as f32, 1.0]);
     c.launch(Kernel::CrossEntropy {
         logits: v(logits, 1, N * VP),
         losses: v(losses, 1, N),
         targets: v(targets, 0, N),
+        dloss: v(seeds, 1, 1),
         n: N,
         v: V,
         vp: VP,
-        dloss: 1.0 / N as f32,
         write_grad: true,
         accumulate: true,
     });
@@ -394,10 +396,10 @@ fn cross_entropy_loss_and_grad() {
         logits: v(logits2, 0, N * VP),
         losses: v(losses2, 0, N),
         targets: v(targets, 0, N),
+        dloss: v(seeds, 2, 1),
         n: N,
         v: V,
         vp: VP,
-        dloss: 1.0,
         write_grad: false,
         accumulate: false,
     });
@@ -429,20 +431,20 @@ fn zero_norm_clip_adamw() {
         let junk = c.f32("junk", r.vec(1000, -1.0, 1.0));
         let parts = c.f32("parts", vec![5.0; sizes.len() + 1]);
         let (b1, b2, step) = (0.9f32, 0.999f32, 3);
-        let mut h = vec![0f32; Hyper::LEN];
-        h[Hyper::LR] = 1e-3;
-        h[Hyper::BETA1] = b1;
-        h[Hyper::BETA2] = b2;
-        h[Hyper::EPS] = 1e-8;
-        h[Hyper::BC1] = 1.0 - b1.powi(step);
-        h[Hyper::BC2] = 1.0 - b2.powi(step);
-        h[Hyper::GRAD_SCALE] = 123.0; // overwritten by ClipScale
+        let mut h = vec![0f32; Scalars::LEN];
+        h[Scalars::LR] = 1e-3;
+        h[Scalars::BETA1] = b1;
+        h[Scalars::BETA2] = b2;
+        h[Scalars::EPS] = 1e-8;
+        h[Scalars::BC1] = 1.0 - b1.powi(step);
+        h[Scalars::BC2] = 1.0 - b2.powi(step);
+        h[Scalars::GRAD_SCALE] = 123.0; // overwritten by ClipScale
         let hyper = c.f32("hyper", h);
         c.launch(Kernel::Zero { out: v(junk, 3, 900) });
         for (i, &s) in sizes.iter().enumerate() {
             c.launch(Kernel::SumSquares { out: v(parts, 1, sizes.len()), inp: v(grads[i], 0, s), slot: i });
         }
-        c.launch(Kernel::ClipScale { hyper: v(hyper, 0, Hyper::LEN), parts: v(parts, 1, sizes.len()), max_norm });
+        c.launch(Kernel::ClipScale { hyper: v(hyper, 0, Scalars::LEN), parts: v(parts, 1, sizes.len()), max_norm });
         for i in 0..sizes.len() {
             let s = sizes[i];
             c.launch(Kernel::AdamW {
@@ -450,7 +452,7 @@ fn zero_norm_clip_adamw() {
                 grad: v(grads[i], 0, s),
                 m: v(ms[i], 0, s),
                 v: v(vs[i], 0, s),
-                hyper: v(hyper, 0, Hyper::LEN),
+                hyper: v(hyper, 0, Scalars::LEN),
                 weight_decay: if i == 0 { 0.1 } else { 0.0 },
             });
         }
@@ -516,7 +518,8 @@ fn split_bindings_match() {
         accumulate: false,
     });
     c.launch(Kernel::EncoderBackward { dwte: v(dwte, 0, VP * C), dwpe: v(dwpe, 0, T * C), dout: v(dx, 0, N * C), tokens: v(tok, 0, N), b: B, t: T, c: C });
-    c.launch(Kernel::CrossEntropy { logits: v(logits, 0, N * VP), losses: v(losses, 0, N), targets: v(tok, 0, N), n: N, v: V, vp: VP, dloss: 0.5, write_grad: true, accumulate: false });
+    let seed = c.f32("seed", vec![0.5]);
+    c.launch(Kernel::CrossEntropy { logits: v(logits, 0, N * VP), losses: v(losses, 0, N), targets: v(tok, 0, N), dloss: v(seed, 0, 1), n: N, v: V, vp: VP, write_grad: true, accumulate: false });
     c.launch(Kernel::SumSquares { out: v(norm, 0, 1), inp: v(wte, 0, VP * C), slot: 0 });
     c.check(x, 0.0, 0.0);
     c.check(y, 1e-5, 1e-5);
@@ -589,7 +592,7 @@ fn tiny_fixture_trains_like_the_reference() {
     assert_eq!(want.len(), 10);
     let opts = TrainOptions { b: st.b, t: st.t, grad_accum: 1, weight_decay: 0.01, decay_all: true, grad_clip: 0.0 };
     let graph = build_train_step(&cfg, &opts);
-    let plan = g.plan(&graph.buffers, &[&graph.zero_grad, &graph.train, &graph.update]).unwrap();
+    let plan = g.plan(&graph.buffers, &[graph.phase(Phase::ZeroGrad), graph.phase(Phase::Train), graph.phase(Phase::GradNorm), graph.phase(Phase::Update)]).unwrap();
     println!("tiny: {} dispatches, {} bytes on {}", plan.dispatches, plan.total_bytes, g.name());
     let mut s = Session::new(Box::new(g), graph).unwrap();
     s.upload_params(&params).unwrap();
@@ -658,7 +661,7 @@ fn gpt2_124m_plans_within_webgpu_default_limits() {
     let caps = DeviceCaps::from_limits(&wgpu::Limits::default(), wgpt::backend::wgpu::MatmulMode::Tiled);
     let opts = TrainOptions { b: 4, t: 1024, grad_accum: 1, weight_decay: 0.1, decay_all: false, grad_clip: 1.0 };
     let g = build_train_step(&gpt2_124m(), &opts);
-    let plan = plan_memory(&g.buffers, &[&g.zero_grad, &g.train, &g.eval, &g.update], &caps).unwrap();
+    let plan = plan_memory(&g.buffers, &[g.phase(Phase::ZeroGrad), g.phase(Phase::Train), g.phase(Phase::Eval), g.phase(Phase::GradNorm), g.phase(Phase::Update)], &caps).unwrap();
     println!(
         "GPT-2 124M B=4 T=1024: {:.2} GiB ({} dispatches; largest buffer {} {:.1} MiB)",
         plan.total_bytes as f64 / (1u64 << 30) as f64,
@@ -667,13 +670,11 @@ fn gpt2_124m_plans_within_webgpu_default_limits() {
         plan.largest_buffer.1 as f64 / (1 << 20) as f64
     );
     assert!(plan.total_bytes > g.total_bytes() as u64);
-    let t0 = std::time::Instant::now();
-    let key_len = format!("{:?}", g.train).len();
-    println!("train phase: {} launches, Debug key {key_len} bytes in {:?}", g.train.len(), t0.elapsed());
+    println!("train phase: {} launches", g.phase(Phase::Train).len());
     assert!(plan.check_budget(1 << 30).is_err(), "1 GiB is not enough for GPT-2 124M training");
     let big = TrainOptions { b: 64, ..opts };
     let g = build_train_step(&gpt2_124m(), &big);
-    match plan_memory(&g.buffers, &[&g.zero_grad, &g.train, &g.update], &caps) {
+    match plan_memory(&g.buffers, &[g.phase(Phase::ZeroGrad), g.phase(Phase::Train), g.phase(Phase::GradNorm), g.phase(Phase::Update)], &caps) {
         Err(Error::OutOfMemory(msg)) => {
             println!("B=64: {msg}");
             assert!(msg.contains("--batch") && msg.contains("--seq-len"), "{msg}");
@@ -780,23 +781,25 @@ fn step_profile() {
     let x = r.ints(b * t, cfg.v);
     g.upload_i32(graph.io.tokens, &x).unwrap();
     g.upload_i32(graph.io.targets, &x).unwrap();
-    let mut h = vec![0f32; Hyper::LEN];
-    h[Hyper::LR] = 1e-4;
-    h[Hyper::BETA1] = 0.9;
-    h[Hyper::BETA2] = 0.95;
-    h[Hyper::EPS] = 1e-8;
-    h[Hyper::BC1] = 0.1;
-    h[Hyper::BC2] = 0.05;
-    h[Hyper::GRAD_SCALE] = 1.0;
-    g.upload_f32(graph.io.hyper.unwrap(), &h).unwrap();
-    let phases = [&graph.zero_grad, &graph.train, &graph.update];
-    for ph in phases {
-        g.run(ph).unwrap(); // compile
+    let mut h = vec![0f32; Scalars::LEN];
+    h[Scalars::LR] = 1e-4;
+    h[Scalars::BETA1] = 0.9;
+    h[Scalars::BETA2] = 0.95;
+    h[Scalars::EPS] = 1e-8;
+    h[Scalars::BC1] = 0.1;
+    h[Scalars::BC2] = 0.05;
+    h[Scalars::GRAD_SCALE] = 1.0;
+    h[Scalars::LOSS_SEED] = 1.0 / (b * t) as f32;
+    g.upload_f32(graph.io.scalars, &h).unwrap();
+    let names = [Phase::ZeroGrad, Phase::Train, Phase::GradNorm, Phase::Update];
+    let prepared: Vec<_> = names.iter().map(|&p| g.prepare(graph.phase(p)).unwrap()).collect();
+    for &p in &prepared {
+        g.run_prepared(p).unwrap(); // compile
     }
     g.sync().unwrap();
     let t0 = std::time::Instant::now();
-    for ph in phases {
-        g.run(ph).unwrap();
+    for &p in &prepared {
+        g.run_prepared(p).unwrap();
     }
     g.download_f32(graph.io.losses).unwrap();
     println!("{model} B={b} T={t}: step {:.1} ms (one submit)", t0.elapsed().as_secs_f64() * 1e3);
@@ -804,7 +807,7 @@ fn step_profile() {
     let be = &mut g;
     let mut fam: std::collections::BTreeMap<&str, f64> = Default::default();
     let mut all = Vec::new();
-    for phase in [&graph.zero_grad, &graph.train, &graph.update] {
+    for phase in names.map(|p| graph.phase(p)) {
         let times = be.profile(phase).unwrap();
         for (l, (_, ms)) in phase.iter().zip(times) {
             all.push((ms, l.label.clone()));

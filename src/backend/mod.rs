@@ -8,38 +8,158 @@ pub mod cpu;
 pub mod cuda;
 pub mod wgpu;
 
-use crate::error::Result;
-use crate::graph::{BufId, BufferTable, Launch};
+use crate::error::{Error, Result};
+use crate::graph::{validate, BufId, BufferTable, DType, Launch, View};
+
+/// A phase prepared on a backend by [`Backend::prepare`]: replay it with [`Backend::run_prepared`].
+/// Valid until the next `alloc` (which drops every prepared phase).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Prepared(pub usize);
+
+/// How a collective (a gradient all-reduce) reaches one buffer of a backend. The narrow door
+/// through which NCCL, MPI or an in-process reduction touch device memory; nothing else does.
+pub enum RawBuffer<'a> {
+    /// cpu: the buffer's bytes in host memory
+    Host(&'a mut [u8]),
+    /// cuda: the device pointer and byte size, and the `CUstream` (as an integer) on which the
+    /// backend queues all its work; a collective enqueued there is ordered with the kernels
+    Cuda { ptr: u64, bytes: usize, stream: usize },
+    /// wgpu: no pointer is shared; copy through the host with `download` and `upload`
+    Staged,
+}
 
 /// What every backend implements. A typical life: `alloc` once with the graph's buffer table,
-/// `upload` parameters, then per step `upload` tokens/targets/hyper, `run` the phases, and
-/// `download` the losses. `run` may return before the device finishes; `download` and `sync` wait.
-pub trait Backend {
+/// `prepare` each phase once, `upload` parameters, then per step `upload` tokens/targets/scalars,
+/// `run_prepared` the phases and `download` the losses. Running may return before the device
+/// finishes; `download` and `sync` wait.
+///
+/// Launches are validated against the kernel contract (`graph::validate`) in `prepare`, so
+/// implementations of `prepare_valid` and the typed transfers never re-check sizes or dtypes.
+pub trait Backend: Send {
     /// Short name and device, e.g. "cpu (2 threads)" or "wgpu: NVIDIA H100 (Vulkan)".
     fn name(&self) -> String;
+    /// Whether this backend has kernels and storage for `dtype`.
+    fn supports(&self, dtype: DType) -> bool;
     /// Check, before anything is allocated, that the buffers and launches fit this device (sizes,
     /// binding limits); the error says what to lower. Backends without limits accept everything.
     fn check_fits(&self, _table: &BufferTable, _phases: &[&[Launch]]) -> Result<()> {
         Ok(())
     }
-    /// Allocate every buffer of the table (zero-filled). Called once; buffer ids index the table.
+    /// Allocate every buffer of the table (zero-filled), after [`Backend::check_dtypes`]. Called
+    /// once; buffer ids index the table. Drops every prepared phase.
     fn alloc(&mut self, table: &BufferTable) -> Result<()>;
-    /// Copy host f32 data into a whole f32 buffer (`data.len()` must equal its length).
-    fn upload_f32(&mut self, id: BufId, data: &[f32]) -> Result<()>;
-    /// Copy host i32 data into a whole i32 buffer.
-    fn upload_i32(&mut self, id: BufId, data: &[i32]) -> Result<()>;
-    /// Read a whole f32 buffer back (waits for pending work).
-    fn download_f32(&mut self, id: BufId) -> Result<Vec<f32>>;
-    /// Read part of an f32 buffer back (waits for pending work). Backends may override this to
-    /// copy only the range.
-    fn download_view(&mut self, view: crate::graph::View) -> Result<Vec<f32>> {
-        let all = self.download_f32(view.buf)?;
-        Ok(all[view.offset..view.offset + view.len].to_vec())
-    }
-    /// Execute launches in order.
-    fn run(&mut self, launches: &[Launch]) -> Result<()>;
+    /// The table given to `alloc` (empty before).
+    fn table(&self) -> &BufferTable;
+    /// Copy `bytes` into the whole buffer `id` (already checked: the id exists and the byte count
+    /// is the buffer's).
+    fn upload_bytes(&mut self, id: BufId, bytes: &[u8]) -> Result<()>;
+    /// Read the elements of `view` back as bytes (already checked to lie in its buffer; waits for
+    /// pending work).
+    fn download_bytes(&mut self, view: View) -> Result<Vec<u8>>;
+    /// Prepare launches already checked by `graph::validate`.
+    fn prepare_valid(&mut self, launches: &[Launch]) -> Result<Prepared>;
+    /// Queue a prepared phase.
+    fn run_prepared(&mut self, phase: Prepared) -> Result<()>;
+    /// Forget a prepared phase (its handle becomes invalid).
+    fn release(&mut self, _phase: Prepared) {}
     /// Wait until all submitted work has finished.
     fn sync(&mut self) -> Result<()>;
+    /// The door for collectives, see [`RawBuffer`]. Pending work is flushed first.
+    fn raw_buffer(&mut self, id: BufId) -> Result<RawBuffer<'_>>;
+
+    // ---- provided: everything below is written once for every backend ----
+
+    /// Refuses a table with a dtype this backend lacks, naming the buffer.
+    fn check_dtypes(&self, table: &BufferTable) -> Result<()> {
+        match table.iter().find(|(_, d)| !self.supports(d.dtype)) {
+            None => Ok(()),
+            Some((_, d)) => Err(Error::Unsupported {
+                backend: self.name(),
+                msg: format!("no {} storage or kernels (buffer '{}'); use an f32 graph or another backend", d.dtype, d.name),
+            }),
+        }
+    }
+    /// Validate `launches` against the kernel contract and prepare them for replay.
+    fn prepare(&mut self, launches: &[Launch]) -> Result<Prepared> {
+        validate(self.table(), launches)?;
+        self.prepare_valid(launches)
+    }
+    /// Execute launches once (prepare, run, release): for tests and one-off work. Steps replay
+    /// prepared phases instead.
+    fn run(&mut self, launches: &[Launch]) -> Result<()> {
+        if launches.is_empty() {
+            return Ok(());
+        }
+        let p = self.prepare(launches)?;
+        let r = self.run_prepared(p);
+        self.release(p);
+        r
+    }
+    /// Copy host bytes into a whole buffer; the byte count must be the buffer's.
+    fn upload(&mut self, id: BufId, bytes: &[u8]) -> Result<()> {
+        let d = buffer_desc(self.table(), id, "upload")?;
+        if bytes.len() != d.bytes() {
+            return Err(Error::Internal(format!(
+                "upload to '{}': {} bytes for {} {} elements ({} bytes)",
+                d.name,
+                bytes.len(),
+                d.len,
+                d.dtype,
+                d.bytes()
+            )));
+        }
+        self.upload_bytes(id, bytes)
+    }
+    /// Read a view back as bytes (waits for pending work).
+    fn download(&mut self, view: View) -> Result<Vec<u8>> {
+        let d = buffer_desc(self.table(), view.buf, "download")?;
+        if view.offset.checked_add(view.len).is_none_or(|e| e > d.len) {
+            return Err(Error::Internal(format!(
+                "download of [{}, +{}) from '{}' of {} elements",
+                view.offset, view.len, d.name, d.len
+            )));
+        }
+        self.download_bytes(view)
+    }
+    /// Copy host f32 data into a whole f32 buffer (`data.len()` must equal its length).
+    fn upload_f32(&mut self, id: BufId, data: &[f32]) -> Result<()> {
+        expect_dtype(self.table(), id, DType::F32, "upload_f32")?;
+        self.upload(id, bytemuck::cast_slice(data))
+    }
+    /// Copy host i32 data into a whole i32 buffer.
+    fn upload_i32(&mut self, id: BufId, data: &[i32]) -> Result<()> {
+        expect_dtype(self.table(), id, DType::I32, "upload_i32")?;
+        self.upload(id, bytemuck::cast_slice(data))
+    }
+    /// Read a whole f32 buffer back (waits for pending work).
+    fn download_f32(&mut self, id: BufId) -> Result<Vec<f32>> {
+        expect_dtype(self.table(), id, DType::F32, "download_f32")?;
+        let view = self.table().view(id);
+        Ok(bytemuck::pod_collect_to_vec(&self.download(view)?))
+    }
+    /// Read part of an f32 buffer back (waits for pending work).
+    fn download_view(&mut self, view: View) -> Result<Vec<f32>> {
+        expect_dtype(self.table(), view.buf, DType::F32, "download_view")?;
+        Ok(bytemuck::pod_collect_to_vec(&self.download(view)?))
+    }
+    /// Read a whole i32 buffer back (waits for pending work).
+    fn download_i32(&mut self, id: BufId) -> Result<Vec<i32>> {
+        expect_dtype(self.table(), id, DType::I32, "download_i32")?;
+        let view = self.table().view(id);
+        Ok(bytemuck::pod_collect_to_vec(&self.download(view)?))
+    }
+}
+
+fn buffer_desc<'a>(table: &'a BufferTable, id: BufId, what: &str) -> Result<&'a crate::graph::BufferDesc> {
+    table.try_get(id).ok_or_else(|| Error::Internal(format!("{what}: unknown buffer id {} (alloc not called?)", id.0)))
+}
+
+fn expect_dtype(table: &BufferTable, id: BufId, dtype: DType, what: &str) -> Result<()> {
+    let d = buffer_desc(table, id, what)?;
+    if d.dtype != dtype {
+        return Err(Error::Internal(format!("{what}: buffer '{}' is {}, not {dtype}", d.name, d.dtype)));
+    }
+    Ok(())
 }
 
 /// The device-choice flags every command that runs a graph shares (flattened into its clap args).

@@ -9,7 +9,10 @@
 //! * "writes" means the output is overwritten; "adds" means the kernel accumulates (+=) into it.
 //!   Parameter gradients are always accumulated (so micro-batches add up); activation gradients are
 //!   written, except where `accumulate` says otherwise.
-//! * `hyper` is a small f32 buffer of per-step optimiser scalars, see [`Hyper`].
+//! * `hyper`/`dloss` views read the per-step device scalars, see [`Scalars`]; no per-step value is
+//!   baked into a launch.
+//! * What each kernel reads and writes, with dtypes and lengths, is declared once in
+//!   `signature.rs`; `graph::validate` checks it when a phase is prepared.
 
 /// Identifies one buffer in a [`crate::graph::BufferTable`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -31,10 +34,13 @@ impl View {
     }
 }
 
-/// Slots of the `hyper` buffer (f32). The host writes LR..BC2 before each update; `ClipScale`
-/// writes GRAD_SCALE and GRAD_NORM on the device, so no host round trip sits inside a step.
-pub struct Hyper;
-impl Hyper {
+/// Slots of the per-step device scalars buffer (f32, `Scalars::LEN` slots; named `scalars` in a
+/// graph). Everything that changes from step to step lives here, so a prepared phase replays
+/// unchanged: the host writes the optimiser slots before `Update` and the loss seed when the
+/// batch shape or world changes; `ClipScale` writes GRAD_SCALE and GRAD_NORM on the device.
+/// Integer slots (POS, KV_LEN) hold the u32's bits (`f32::from_bits`).
+pub struct Scalars;
+impl Scalars {
     pub const LR: usize = 0;
     pub const BETA1: usize = 1;
     pub const BETA2: usize = 2;
@@ -47,7 +53,18 @@ impl Hyper {
     pub const GRAD_SCALE: usize = 6;
     /// the global L2 norm of the gradients before clipping
     pub const GRAD_NORM: usize = 7;
-    pub const LEN: usize = 8;
+    /// dL/dloss_r for every position: 1/N with N the tokens of the whole optimiser step
+    /// (B·T·grad_accum on one device; across every rank and micro-step when data-parallel)
+    pub const LOSS_SEED: usize = 8;
+    /// fp16 loss scale (mixed precision; 1 in f32)
+    pub const LOSS_SCALE: usize = 9;
+    /// set non-zero on the device when a gradient is inf/NaN (mixed precision)
+    pub const FOUND_INF: usize = 10;
+    /// decoding: the position of the token being decoded (u32 bits)
+    pub const POS: usize = 11;
+    /// decoding: the number of valid rows in the KV cache (u32 bits)
+    pub const KV_LEN: usize = 12;
+    pub const LEN: usize = 16;
 }
 
 /// One operation. Sizes are element counts; `n` = rows (B·T), `c` = channels.
@@ -98,15 +115,16 @@ pub enum Kernel {
     /// `accumulate` (the train phase sums the micro-steps of one step; zero_grad zeroes it).
     /// If `write_grad`, overwrites the logits row
     /// in place with dlogits = (softmax(logits[r,:v]) − onehot(target))·dloss and 0 in [v, vp);
-    /// otherwise leaves the logits untouched. targets: i32 (n).
+    /// otherwise leaves the logits untouched. targets: i32 (n); dloss: 1 f32 (the
+    /// `Scalars::LOSS_SEED` slot, read only when `write_grad`).
     CrossEntropy {
         logits: View,
         losses: View,
         targets: View,
+        dloss: View,
         n: usize,
         v: usize,
         vp: usize,
-        dloss: f32,
         write_grad: bool,
         accumulate: bool,
     },
@@ -139,64 +157,6 @@ impl Kernel {
             CrossEntropy { .. } => "classifier",
             AdamW { .. } => "adamw",
             Zero { .. } | SumSquares { .. } | ClipScale { .. } => "reduce",
-        }
-    }
-
-    /// Views the kernel writes or accumulates into (for hazard tracking and the cpu executor).
-    pub fn outputs(&self) -> Vec<View> {
-        use Kernel::*;
-        match self {
-            EncoderForward { out, .. } => vec![*out],
-            EncoderBackward { dwte, dwpe, .. } => vec![*dwte, *dwpe],
-            LayerNormForward { out, mean, rstd, .. } => vec![*out, *mean, *rstd],
-            LayerNormBackward { dinp, dweight, dbias, .. } => vec![*dinp, *dweight, *dbias],
-            MatmulForward { out, .. } => vec![*out],
-            MatmulBackward { dinp, dweight, dbias, .. } => {
-                let mut v = vec![*dinp, *dweight];
-                v.extend(dbias.iter().copied());
-                v
-            }
-            AttentionForward { out, lse, .. } => vec![*out, *lse],
-            AttentionBackward { dqkv, .. } => vec![*dqkv],
-            GeluForward { out, .. } => vec![*out],
-            GeluBackward { dinp, .. } => vec![*dinp],
-            ResidualForward { out, .. } => vec![*out],
-            CrossEntropy { logits, losses, write_grad, .. } => {
-                if *write_grad { vec![*logits, *losses] } else { vec![*losses] }
-            }
-            Zero { out } => vec![*out],
-            SumSquares { out, .. } => vec![*out],
-            ClipScale { hyper, .. } => vec![*hyper],
-            AdamW { param, m, v, .. } => vec![*param, *m, *v],
-        }
-    }
-
-    /// Views the kernel only reads.
-    pub fn inputs(&self) -> Vec<View> {
-        use Kernel::*;
-        match self {
-            EncoderForward { tokens, wte, wpe, .. } => vec![*tokens, *wte, *wpe],
-            EncoderBackward { dout, tokens, .. } => vec![*dout, *tokens],
-            LayerNormForward { inp, weight, bias, .. } => vec![*inp, *weight, *bias],
-            LayerNormBackward { dout, inp, weight, mean, rstd, .. } => vec![*dout, *inp, *weight, *mean, *rstd],
-            MatmulForward { inp, weight, bias, .. } => {
-                let mut v = vec![*inp, *weight];
-                v.extend(bias.iter().copied());
-                v
-            }
-            MatmulBackward { dout, inp, weight, .. } => vec![*dout, *inp, *weight],
-            AttentionForward { qkv, .. } => vec![*qkv],
-            AttentionBackward { dout, out, lse, qkv, .. } => vec![*dout, *out, *lse, *qkv],
-            GeluForward { inp, .. } => vec![*inp],
-            GeluBackward { inp, dout, .. } => vec![*inp, *dout],
-            ResidualForward { a, b, .. } => vec![*a, *b],
-            CrossEntropy { logits, targets, write_grad, .. } => {
-                if *write_grad { vec![*targets] } else { vec![*logits, *targets] }
-            }
-            Zero { .. } => vec![],
-            SumSquares { inp, .. } => vec![*inp],
-            ClipScale { parts, .. } => vec![*parts],
-            AdamW { grad, hyper, .. } => vec![*grad, *hyper],
         }
     }
 }

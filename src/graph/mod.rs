@@ -1,23 +1,57 @@
-//! The kernel graph: an ordered list of kernel launches over a table of named buffers.
-//! `build.rs` is the only place that knows GPT-2; backends execute `Launch`es over `BufferTable`s.
+//! The kernel graph: phases of kernel launches over one table of named, typed buffers.
+//!
+//! * `kernels.rs`  — the kernel vocabulary ([`Kernel`]) and its per-step device [`Scalars`];
+//! * `signature.rs` — what every kernel reads and writes, with dtypes and lengths: the contract
+//!   that [`validate`] checks once per phase, so backends never re-check it;
+//! * `build/`      — the only code that knows GPT-2: the training and forward graphs.
 
 pub mod build;
 pub mod kernels;
+pub mod signature;
 
-pub use build::{build_forward, build_train_step, Graph, GraphIo, TrainOptions};
-pub use kernels::{BufId, Hyper, Kernel, Launch, View};
+pub use build::{build_forward, build_train_step, GraphIo, TrainOptions};
+pub use kernels::{BufId, Kernel, Launch, Scalars, View};
+pub use signature::{check_token_ids, validate, Access, Arg};
 
-/// Element type of a buffer. Everything is f32 today except token ids; the enum is where
-/// mixed precision (bf16/f16 storage with f32 master weights) will slot in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+use crate::model::Config;
+use std::collections::BTreeMap;
+
+/// Element type of a buffer, with its true size. Only f32 and i32 kernels exist today; a graph
+/// that asks a backend for a dtype it lacks is refused when it is allocated
+/// ([`crate::backend::Backend::supports`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DType {
     F32,
+    F16,
+    BF16,
     I32,
 }
 
 impl DType {
+    /// Bytes per element.
     pub fn size(self) -> usize {
-        4
+        match self {
+            DType::F32 | DType::I32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+    /// Floating-point (a "float" view of a signature accepts any of these the kernel supports).
+    pub fn is_float(self) -> bool {
+        !matches!(self, DType::I32)
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::I32 => "i32",
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -42,10 +76,17 @@ pub enum Role {
     Targets,
     /// per-position losses read back by the host
     Losses,
-    /// optimiser scalars (see `Hyper`)
-    Hyper,
+    /// the per-step device scalars (see [`Scalars`])
+    Scalars,
     /// small reduction scratch (norm parts)
     Scratch,
+}
+
+impl Role {
+    /// A parameter gradient: what a gradient all-reduce (the `ReduceGrads` phase) sums.
+    pub fn is_grad(self) -> bool {
+        matches!(self, Role::Grad(_))
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -78,6 +119,10 @@ impl BufferTable {
     pub fn get(&self, id: BufId) -> &BufferDesc {
         &self.bufs[id.0 as usize]
     }
+    /// The buffer, or `None` for an id outside the table.
+    pub fn try_get(&self, id: BufId) -> Option<&BufferDesc> {
+        self.bufs.get(id.0 as usize)
+    }
     /// The whole buffer as a view.
     pub fn view(&self, id: BufId) -> View {
         View { buf: id, offset: 0, len: self.get(id).len }
@@ -93,5 +138,69 @@ impl BufferTable {
     }
     pub fn iter(&self) -> impl Iterator<Item = (BufId, &BufferDesc)> {
         self.bufs.iter().enumerate().map(|(i, b)| (BufId(i as u32), b))
+    }
+    /// Every dtype the table uses, once each.
+    pub fn dtypes(&self) -> Vec<DType> {
+        let mut d: Vec<DType> = self.bufs.iter().map(|b| b.dtype).collect();
+        d.sort();
+        d.dedup();
+        d
+    }
+}
+
+/// A named list of launches. A backend prepares each phase once ([`crate::backend::Backend::prepare`])
+/// and replays it every step; per-step values reach the kernels through the [`Scalars`] buffer,
+/// never through the launch list, so a prepared phase never needs rebuilding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Phase {
+    /// zero the parameter gradients and the summed losses (once per optimiser step)
+    ZeroGrad,
+    /// one micro-step: forward, loss, classifier gradient, backward (gradients accumulate)
+    Train,
+    /// sum the gradients across devices (empty with one device; filled by a collective)
+    ReduceGrads,
+    /// the global gradient norm and the clip scale (written to the scalars on the device)
+    GradNorm,
+    /// AdamW over every parameter, with the clip scale `GradNorm` left
+    Update,
+    /// forward and loss only (logits kept, losses written)
+    Eval,
+    /// inference: process a prompt and fill the KV cache (reserved)
+    Prefill,
+    /// inference: one token per sequence at the position held in the scalars (reserved)
+    Decode,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 8] =
+        [Phase::ZeroGrad, Phase::Train, Phase::ReduceGrads, Phase::GradNorm, Phase::Update, Phase::Eval, Phase::Prefill, Phase::Decode];
+}
+
+/// A built graph: its buffers and its launches in named phases.
+#[derive(Clone, Debug)]
+pub struct Graph {
+    pub cfg: Config,
+    pub b: usize,
+    pub t: usize,
+    /// micro-steps per optimiser step the graph was built for (the default loss-gradient seed is
+    /// 1/(B·T·grad_accum); a data-parallel run seeds 1/N_global instead)
+    pub grad_accum: usize,
+    pub buffers: BufferTable,
+    pub io: GraphIo,
+    pub phases: BTreeMap<Phase, Vec<Launch>>,
+}
+
+impl Graph {
+    /// Bytes of every buffer of the graph (what a backend allocates).
+    pub fn total_bytes(&self) -> usize {
+        self.buffers.total_bytes()
+    }
+    /// The launches of `phase` (empty when the graph has none).
+    pub fn phase(&self, phase: Phase) -> &[Launch] {
+        self.phases.get(&phase).map(Vec::as_slice).unwrap_or(&[])
+    }
+    /// Every non-empty phase with its launches, in `Phase` order.
+    pub fn iter_phases(&self) -> impl Iterator<Item = (Phase, &[Launch])> {
+        self.phases.iter().filter(|(_, l)| !l.is_empty()).map(|(p, l)| (*p, l.as_slice()))
     }
 }

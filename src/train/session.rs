@@ -1,11 +1,13 @@
 //! A graph allocated on a backend, with the host-side operations that training, evaluation,
 //! verification and benchmarking share: parameter/optimiser-state transfer, one micro-step, one
-//! optimiser update, one evaluation.
+//! optimiser update, one evaluation. Every phase of the graph is validated and prepared once, in
+//! `new`, and replayed by name; per-step values go through the device scalars buffer.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Prepared};
 use crate::error::{Error, Result};
-use crate::graph::{BufId, Graph, Hyper, Kernel};
+use crate::graph::{check_token_ids, BufId, Graph, Phase, Scalars};
 use crate::model::{ParamLayout, NUM_PARAM_TENSORS};
+use std::collections::BTreeMap;
 
 /// AdamW constants that do not change during a run.
 #[derive(Clone, Copy, Debug)]
@@ -27,16 +29,50 @@ pub struct Session {
     pub layout: ParamLayout,
     /// micro-steps run since the last `zero_grad` (their losses add up in `io.losses`)
     micro: usize,
+    /// every non-empty phase of the graph, prepared on the backend
+    prepared: BTreeMap<Phase, Prepared>,
+    /// the host's copy of the device scalars (uploaded whole when a host-written slot changes)
+    scalars: [f32; Scalars::LEN],
 }
 
 impl Session {
-    /// Allocate every buffer of `graph` on `backend`.
+    /// Allocate every buffer of `graph` on `backend` and prepare each of its phases.
     pub fn new(mut backend: Box<dyn Backend>, graph: Graph) -> Result<Session> {
-        let phases = [&graph.zero_grad[..], &graph.train[..], &graph.eval[..], &graph.update[..]];
+        let phases: Vec<&[crate::graph::Launch]> = graph.iter_phases().map(|(_, l)| l).collect();
         backend.check_fits(&graph.buffers, &phases)?;
         backend.alloc(&graph.buffers)?;
+        let mut prepared = BTreeMap::new();
+        for (phase, launches) in graph.iter_phases() {
+            prepared.insert(phase, backend.prepare(launches)?);
+        }
         let layout = ParamLayout::new(&graph.cfg);
-        Ok(Session { backend, graph, layout, micro: 0 })
+        let mut scalars = [0f32; Scalars::LEN];
+        scalars[Scalars::GRAD_SCALE] = 1.0;
+        scalars[Scalars::LOSS_SCALE] = 1.0;
+        scalars[Scalars::LOSS_SEED] = 1.0 / (graph.b * graph.t * graph.grad_accum.max(1)) as f32;
+        let mut s = Session { backend, graph, layout, micro: 0, prepared, scalars };
+        s.upload_scalars()?;
+        Ok(s)
+    }
+
+    /// Run a phase of the graph (nothing when the graph has none).
+    pub fn run_phase(&mut self, phase: Phase) -> Result<()> {
+        match self.prepared.get(&phase) {
+            Some(&p) => self.backend.run_prepared(p),
+            None => Ok(()),
+        }
+    }
+
+    /// Set the loss-gradient seed: dL/dloss for every position, 1/N with N the tokens of the
+    /// whole optimiser step (all micro-steps, all ranks). `new` seeds 1/(B·T·grad_accum).
+    pub fn set_loss_seed(&mut self, seed: f32) -> Result<()> {
+        self.scalars[Scalars::LOSS_SEED] = seed;
+        self.upload_scalars()
+    }
+
+    fn upload_scalars(&mut self) -> Result<()> {
+        let id = self.graph.io.scalars;
+        self.backend.upload_f32(id, &self.scalars)
     }
 
     fn upload_flat(&mut self, ids: [crate::graph::BufId; NUM_PARAM_TENSORS], flat: &[f32]) -> Result<()> {
@@ -84,6 +120,14 @@ impl Session {
         if x.len() != n || y.len() != n {
             return Err(Error::Data(format!("batch has {} tokens, the graph expects B·T = {n}", x.len())));
         }
+        // kernels assume valid ids (graph::signature); the data loader has already named the
+        // shard of a bad token, this catches every other source of batches
+        let v = self.graph.cfg.v;
+        for (ids, what) in [(x, "input"), (y, "target")] {
+            if let Err((i, bad)) = check_token_ids(ids, v) {
+                return Err(Error::Data(format!("{what} token {bad} at batch position {i} is outside the vocabulary [0, {v})")));
+            }
+        }
         self.backend.upload_i32(self.graph.io.tokens, x)?;
         self.backend.upload_i32(self.graph.io.targets, y)
     }
@@ -98,7 +142,7 @@ impl Session {
     /// Zero the gradients and the summed losses: the start of an optimiser step.
     pub fn zero_grad(&mut self) -> Result<()> {
         self.micro = 0;
-        self.backend.run(&self.graph.zero_grad)
+        self.run_phase(Phase::ZeroGrad)
     }
 
     /// One micro-step (forward, loss, backward; gradients and losses accumulate). Returns the mean
@@ -112,7 +156,7 @@ impl Session {
     /// queue up without a host wait; read the step's loss once with `step_loss`.
     pub fn train_micro_async(&mut self, x: &[i32], y: &[i32]) -> Result<()> {
         self.upload_batch(x, y)?;
-        self.backend.run(&self.graph.train)?;
+        self.run_phase(Phase::Train)?;
         self.micro += 1;
         Ok(())
     }
@@ -126,58 +170,59 @@ impl Session {
     /// One AdamW update with learning rate `lr` at 1-based step `t`. Returns the gradient norm
     /// (before clipping).
     pub fn update(&mut self, lr: f32, adam: AdamConsts, t: usize) -> Result<f32> {
-        let hyper_id = self.upload_hyper(lr, adam, t)?;
-        self.backend.run(&self.graph.update)?;
-        let h = self.backend.download_f32(hyper_id)?;
-        Ok(h[Hyper::GRAD_NORM])
+        let norm = self.queue_grad_norm(lr, adam, t)?;
+        self.apply_update()?;
+        self.read_grad_norm(norm)
     }
 
     /// The first half of `update`: the gradient norm and clip scale only (waits for the device),
     /// so the caller can decide whether to `apply_update` (llm.c's outlier skipping).
     pub fn grad_norm(&mut self, lr: f32, adam: AdamConsts, t: usize) -> Result<f32> {
-        let hyper_id = self.upload_hyper(lr, adam, t)?;
-        let split = self.update_split();
-        self.backend.run(&self.graph.update[..split])?;
-        let h = self.backend.download_f32(hyper_id)?;
-        Ok(h[Hyper::GRAD_NORM])
+        let id = self.queue_grad_norm(lr, adam, t)?;
+        self.read_grad_norm(id)
     }
 
     /// The second half of `update`, after `grad_norm`: AdamW with the clip scale it left.
     pub fn apply_update(&mut self) -> Result<()> {
-        let split = self.update_split();
-        self.backend.run(&self.graph.update[split..])
+        self.run_phase(Phase::Update)
     }
 
-    /// Index of the first AdamW launch in the update phase.
-    fn update_split(&self) -> usize {
-        self.graph.update.iter().position(|l| matches!(l.kernel, Kernel::AdamW { .. })).unwrap_or(self.graph.update.len())
+    /// Writes the optimiser scalars, then queues the gradient reduction (with several devices)
+    /// and the `GradNorm` phase.
+    fn queue_grad_norm(&mut self, lr: f32, adam: AdamConsts, t: usize) -> Result<BufId> {
+        if !self.prepared.contains_key(&Phase::Update) {
+            return Err(not_train("the optimiser"));
+        }
+        let h = &mut self.scalars;
+        h[Scalars::LR] = lr;
+        h[Scalars::BETA1] = adam.beta1;
+        h[Scalars::BETA2] = adam.beta2;
+        h[Scalars::EPS] = adam.eps;
+        h[Scalars::BC1] = (1.0 - (adam.beta1 as f64).powi(t as i32)) as f32;
+        h[Scalars::BC2] = (1.0 - (adam.beta2 as f64).powi(t as i32)) as f32;
+        h[Scalars::GRAD_SCALE] = 1.0;
+        self.upload_scalars()?;
+        self.run_phase(Phase::ReduceGrads)?;
+        self.run_phase(Phase::GradNorm)?;
+        Ok(self.graph.io.scalars)
     }
 
-    fn upload_hyper(&mut self, lr: f32, adam: AdamConsts, t: usize) -> Result<BufId> {
-        let hyper_id = self.graph.io.hyper.ok_or_else(|| not_train("the optimiser"))?;
-        let mut h = [0f32; Hyper::LEN];
-        h[Hyper::LR] = lr;
-        h[Hyper::BETA1] = adam.beta1;
-        h[Hyper::BETA2] = adam.beta2;
-        h[Hyper::EPS] = adam.eps;
-        h[Hyper::BC1] = (1.0 - (adam.beta1 as f64).powi(t as i32)) as f32;
-        h[Hyper::BC2] = (1.0 - (adam.beta2 as f64).powi(t as i32)) as f32;
-        h[Hyper::GRAD_SCALE] = 1.0;
-        self.backend.upload_f32(hyper_id, &h)?;
-        Ok(hyper_id)
+    fn read_grad_norm(&mut self, id: BufId) -> Result<f32> {
+        let h = self.backend.download_f32(id)?;
+        Ok(h[Scalars::GRAD_NORM])
     }
 
     /// Forward only; returns the loss at every position (B·T, row-major).
     pub fn eval_losses(&mut self, x: &[i32], y: &[i32]) -> Result<Vec<f32>> {
         self.upload_batch(x, y)?;
-        self.backend.run(&self.graph.eval)?;
+        self.run_phase(Phase::Eval)?;
         self.backend.download_f32(self.graph.io.losses)
     }
 
     /// Forward only; returns the mean loss over the batch (the logits stay in `io.logits`).
     pub fn eval(&mut self, x: &[i32], y: &[i32]) -> Result<f32> {
         self.upload_batch(x, y)?;
-        self.backend.run(&self.graph.eval)?;
+        self.run_phase(Phase::Eval)?;
         self.mean_loss()
     }
 
@@ -193,5 +238,5 @@ impl Session {
 }
 
 fn not_train(what: &str) -> Error {
-    Error::backend("graph", format!("{what} requested from an inference-only graph"))
+    Error::Internal(format!("{what} requested from an inference-only graph"))
 }

@@ -13,7 +13,7 @@
 //! range: the backend (`super::CpuBackend`) checks both before calling and returns an error.
 
 use super::simd::{self, multiversion};
-use crate::graph::Hyper;
+use crate::graph::Scalars;
 use rayon::prelude::*;
 
 use super::matmul::{gemm_serial, Operand};
@@ -587,14 +587,14 @@ multiversion! {
 /// 0 < max_norm < norm, else 1
 pub fn clip_scale(hyper: &mut [f32], parts: &[f32], max_norm: f32) {
     let norm = parts.iter().map(|&p| p as f64).sum::<f64>().sqrt() as f32;
-    hyper[Hyper::GRAD_NORM] = norm;
-    hyper[Hyper::GRAD_SCALE] = if max_norm > 0.0 && norm > max_norm { max_norm / norm } else { 1.0 };
+    hyper[Scalars::GRAD_NORM] = norm;
+    hyper[Scalars::GRAD_SCALE] = if max_norm > 0.0 && norm > max_norm { max_norm / norm } else { 1.0 };
 }
 
 /// g = grad·scale; m = β1·m + (1−β1)·g; v = β2·v + (1−β2)·g²;
 /// param −= lr·((m/bc1) / (√(v/bc2) + eps) + weight_decay·param)
 pub fn adamw(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], hyper: &[f32], weight_decay: f32) {
-    let h = &hyper[..Hyper::LEN];
+    let h = &hyper[..Scalars::LEN];
     let n = param.len();
     assert!(grad.len() >= n && m.len() >= n && v.len() >= n, "adamw: short input");
     param
@@ -608,9 +608,9 @@ pub fn adamw(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], hype
 multiversion! {
     /// The AdamW update of one chunk.
     fn adamw_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: &[f32], weight_decay: f32) {
-        let lr = h[Hyper::LR];
-        let (b1, b2, eps) = (h[Hyper::BETA1], h[Hyper::BETA2], h[Hyper::EPS]);
-        let (bc1, bc2, gs) = (h[Hyper::BC1], h[Hyper::BC2], h[Hyper::GRAD_SCALE]);
+        let lr = h[Scalars::LR];
+        let (b1, b2, eps) = (h[Scalars::BETA1], h[Scalars::BETA2], h[Scalars::EPS]);
+        let (bc1, bc2, gs) = (h[Scalars::BC1], h[Scalars::BC2], h[Scalars::GRAD_SCALE]);
         let n = p.len();
         let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
         for i in 0..n {

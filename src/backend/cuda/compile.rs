@@ -1,6 +1,7 @@
 //! NVRTC: compiling `cuda/*.cu` (embedded in the binary) to CUBIN, parsing ptxas' resource
 //! report, and the on-disk CUBIN cache.
 
+use crate::backend::cuda::dl::CudaError;
 use std::path::PathBuf;
 
 use super::dl::{self, Which};
@@ -85,23 +86,23 @@ impl Target {
 }
 
 /// NVRTC's (major, minor), or why NVRTC is unusable.
-pub fn nvrtc_version() -> std::result::Result<(i32, i32), String> {
+pub fn nvrtc_version() -> std::result::Result<(i32, i32), CudaError> {
     nvrtc::version()
 }
 
 /// NVRTC's version and where it was loaded from, e.g. "12.9 (/usr/local/cuda/lib64/libnvrtc.so.12)".
-pub fn nvrtc_description() -> std::result::Result<String, String> {
+pub fn nvrtc_description() -> std::result::Result<String, CudaError> {
     let lib = dl::lib(Which::Nvrtc)?;
     let (major, minor) = nvrtc_version()?;
     Ok(format!("{major}.{minor} ({})", lib.path))
 }
 
 /// The architectures this NVRTC can generate SASS for (e.g. 70, 75, 80, ...).
-pub fn supported_archs() -> std::result::Result<Vec<u32>, String> {
+pub fn supported_archs() -> std::result::Result<Vec<u32>, CudaError> {
     nvrtc::supported_archs()
 }
 
-fn unavailable(e: String) -> Error {
+fn unavailable(e: CudaError) -> Error {
     Error::Unavailable(format!("NVRTC unavailable: {e}"))
 }
 
@@ -123,7 +124,7 @@ fn base_options() -> Vec<String> {
 }
 
 /// Compile one source with NVRTC. Ok((image, log)); Err(log or reason).
-pub fn compile_source(file: &str, src: &str, target: Target) -> std::result::Result<(Vec<u8>, String), String> {
+pub fn compile_source(file: &str, src: &str, target: Target) -> std::result::Result<(Vec<u8>, String), CudaError> {
     let mut opts = base_options();
     opts.push(format!("--gpu-architecture={}", target.arch_flag()));
     nvrtc::compile(file, src, &opts, matches!(target, Target::Ptx(_)))
@@ -212,7 +213,7 @@ pub fn compile_all(archs: &[String]) -> Result<Vec<CompileReport>> {
         for (family, src) in SOURCES {
             let file = format!("cuda/{family}.cu");
             match compile_source(&file, src, Target::Cubin(cc)) {
-                Err(log) => failures.push(format!("{file} (sm_{cc}): {}", summarize(&log))),
+                Err(log) => failures.push(format!("{file} (sm_{cc}): {}", summarize(&log.msg))),
                 Ok((_, log)) => {
                     let functions = parse_ptxas_log(&log);
                     let spilling: Vec<String> = functions
@@ -294,7 +295,7 @@ pub fn compile_cached(family: &str, src: &str, target: Target) -> Result<(Vec<u8
     }
     let file = format!("cuda/{family}.cu");
     let (image, _log) = compile_source(&file, src, target)
-        .map_err(|log| Error::backend("cuda", format!("{file} ({}): {}", target.arch_flag(), summarize(&log))))?;
+        .map_err(|log| Error::backend("cuda", format!("{file} ({}): {}", target.arch_flag(), summarize(&log.msg))))?;
     if let Some(p) = &path {
         // a cache that cannot be written only costs a recompile next time
         if let Some(d) = p.parent() {

@@ -12,6 +12,41 @@
 //! where several are installed the newest one the driver can run code from is chosen (a CUDA 11
 //! driver cannot load CUBINs from NVRTC 12).
 
+/// Why a CUDA library call failed: a library (driver, NVRTC, cuBLAS, the headers) that cannot be
+/// loaded or probed (dlopen's or our own one-line reason), or NVRTC's compile log. The backend
+/// turns it into `Error::Unavailable` (with what to install) or `Error::Backend`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{msg}")]
+pub struct CudaError {
+    pub msg: String,
+    /// the library is absent (as opposed to present but unusable)
+    pub not_found: bool,
+}
+
+impl CudaError {
+    pub fn not_found(msg: impl Into<String>) -> Self {
+        CudaError { msg: msg.into(), not_found: true }
+    }
+}
+
+impl From<String> for CudaError {
+    fn from(msg: String) -> Self {
+        CudaError { msg, not_found: false }
+    }
+}
+
+impl From<&str> for CudaError {
+    fn from(s: &str) -> Self {
+        s.to_string().into()
+    }
+}
+
+impl From<CudaError> for crate::error::Error {
+    fn from(e: CudaError) -> Self {
+        crate::error::Error::Unavailable(e.msg)
+    }
+}
+
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -47,17 +82,17 @@ mod sys {
 #[cfg(target_os = "linux")]
 impl Lib {
     /// `dlopen(name_or_path, RTLD_NOW | RTLD_GLOBAL)`; the error is dlerror()'s text.
-    pub fn open(name: &str) -> Result<Lib, String> {
+    pub fn open(name: &str) -> Result<Lib, CudaError> {
         Self::open_with(name, sys::RTLD_NOW | sys::RTLD_GLOBAL)
     }
 
     /// `dlopen(path, RTLD_NOW | RTLD_LOCAL)`: for NVRTC, whose symbols are looked up here only
     /// (two NVRTC versions may be opened while choosing, and must not interpose on each other).
-    pub fn open_local(name: &str) -> Result<Lib, String> {
+    pub fn open_local(name: &str) -> Result<Lib, CudaError> {
         Self::open_with(name, sys::RTLD_NOW)
     }
 
-    fn open_with(name: &str, flags: std::ffi::c_int) -> Result<Lib, String> {
+    fn open_with(name: &str, flags: std::ffi::c_int) -> Result<Lib, CudaError> {
         use std::ffi::{CStr, CString};
         let c = CString::new(name).map_err(|_| format!("{name}: bad library name"))?;
         unsafe {
@@ -65,7 +100,7 @@ impl Lib {
             if h.is_null() {
                 let e = sys::dlerror();
                 let msg = if e.is_null() { "dlopen failed".to_string() } else { CStr::from_ptr(e).to_string_lossy().into_owned() };
-                return Err(msg);
+                return Err(msg.into());
             }
             Ok(Lib { path: name.to_string(), handle: h as usize })
         }
@@ -104,10 +139,10 @@ impl Lib {
 #[cfg(not(target_os = "linux"))]
 impl Lib {
     /// Off Linux, libraries are only looked up the way cudarc does (by name, on the loader path).
-    pub fn open(name: &str) -> Result<Lib, String> {
-        Err(format!("{name}: explicit loading is only implemented on Linux"))
+    pub fn open(name: &str) -> Result<Lib, CudaError> {
+        Err(format!("{name}: explicit loading is only implemented on Linux").into())
     }
-    pub fn open_local(name: &str) -> Result<Lib, String> {
+    pub fn open_local(name: &str) -> Result<Lib, CudaError> {
         Self::open(name)
     }
     pub fn has(&self, _sym: &str) -> bool {
@@ -179,11 +214,11 @@ impl Which {
 }
 
 /// The loaded library, found once per process.
-pub fn lib(which: Which) -> Result<&'static Lib, String> {
-    static DRIVER: OnceLock<Result<Lib, String>> = OnceLock::new();
-    static NVRTC: OnceLock<Result<Lib, String>> = OnceLock::new();
-    static CUBLASLT: OnceLock<Result<Lib, String>> = OnceLock::new();
-    static CUBLAS: OnceLock<Result<Lib, String>> = OnceLock::new();
+pub fn lib(which: Which) -> Result<&'static Lib, CudaError> {
+    static DRIVER: OnceLock<Result<Lib, CudaError>> = OnceLock::new();
+    static NVRTC: OnceLock<Result<Lib, CudaError>> = OnceLock::new();
+    static CUBLASLT: OnceLock<Result<Lib, CudaError>> = OnceLock::new();
+    static CUBLAS: OnceLock<Result<Lib, CudaError>> = OnceLock::new();
     let cell = match which {
         Which::Driver => &DRIVER,
         Which::Nvrtc => &NVRTC,
@@ -204,14 +239,14 @@ fn by_name(which: Which) -> Option<Lib> {
 }
 
 #[cfg(target_os = "linux")]
-fn find(which: Which) -> Result<Lib, String> {
-    let check = |l: Lib| -> Result<Lib, String> {
+fn find(which: Which) -> Result<Lib, CudaError> {
+    let check = |l: Lib| -> Result<Lib, CudaError> {
         let l = l.resolve_path(which.symbols()[0]);
         let missing: Vec<&str> = which.symbols().iter().copied().filter(|s| !l.has(s)).collect();
         if missing.is_empty() {
             Ok(l)
         } else {
-            Err(format!("{} lacks {} (too old?)", l.path, missing.join(", ")))
+            Err(format!("{} lacks {} (too old?)", l.path, missing.join(", ")).into())
         }
     };
     if which == Which::Nvrtc {
@@ -240,7 +275,7 @@ fn find(which: Which) -> Result<Lib, String> {
                     }
                     last_err = Some(format!("{} loads but its SONAME is not one cudarc looks for", p.display()));
                 }
-                Err(e) => last_err = Some(e),
+                Err(e) => last_err = Some(e.msg),
             }
         }
     }
@@ -248,7 +283,8 @@ fn find(which: Which) -> Result<Lib, String> {
         Which::Driver => "no CUDA driver found (libcuda.so)".to_string(),
         _ => format!("lib{}.so not found", which.base()),
     };
-    Err(match last_err {
+    let not_found = last_err.is_none();
+    let msg = match last_err {
         Some(e) => format!("{what}: {e}"),
         None if which == Which::Driver => what,
         None => format!(
@@ -258,11 +294,12 @@ fn find(which: Which) -> Result<Lib, String> {
                 _ => "; pip install nvidia-cublas-cu12",
             }
         ),
-    })
+    };
+    Err(CudaError { msg, not_found })
 }
 
 #[cfg(not(target_os = "linux"))]
-fn find(which: Which) -> Result<Lib, String> {
+fn find(which: Which) -> Result<Lib, CudaError> {
     let present = unsafe {
         match which {
             Which::Driver => cudarc::driver::sys::is_culib_present(),
@@ -274,9 +311,9 @@ fn find(which: Which) -> Result<Lib, String> {
     if present {
         Ok(Lib { path: which.base().to_string(), handle: 0 })
     } else if which == Which::Driver {
-        Err("no CUDA driver found (nvcuda)".to_string())
+        Err(CudaError::not_found("no CUDA driver found (nvcuda)"))
     } else {
-        Err(format!("{} not found on the library path", which.base()))
+        Err(CudaError::not_found(format!("{} not found on the library path", which.base())))
     }
 }
 
@@ -291,11 +328,11 @@ fn nvrtc_file_major(p: &Path) -> Option<i32> {
 /// roots and in Python's `nvidia/cuda_nvrtc`, preferring (in that order) the first whose CUDA
 /// major version the driver can run, when the driver is present.
 #[cfg(target_os = "linux")]
-fn find_nvrtc(check: &dyn Fn(Lib) -> Result<Lib, String>) -> Result<Lib, String> {
+fn find_nvrtc(check: &dyn Fn(Lib) -> Result<Lib, CudaError>) -> Result<Lib, CudaError> {
     if let Some(p) = std::env::var_os("WGPT_NVRTC").filter(|p| !p.is_empty()) {
         let p = PathBuf::from(p).display().to_string();
         let l = Lib::open_local(&p).map_err(|e| format!("$WGPT_NVRTC: {e}"))?;
-        return check(l).map_err(|e| format!("$WGPT_NVRTC: {e}"));
+        return check(l).map_err(|e| format!("$WGPT_NVRTC: {e}").into());
     }
     let mut cands: Vec<PathBuf> = Vec::new();
     // the loader path first: $LD_LIBRARY_PATH (environment modules), then ld.so's cache
@@ -342,20 +379,19 @@ fn find_nvrtc(check: &dyn Fn(Lib) -> Result<Lib, String>) -> Result<Lib, String>
     for p in &cands {
         match Lib::open_local(&p.display().to_string()).and_then(check) {
             Ok(l) => return Ok(l),
-            Err(e) => errs.push(e),
+            Err(e) => errs.push(e.msg),
         }
     }
-    Err(if errs.is_empty() {
-        "libnvrtc.so not found (searched $LD_LIBRARY_PATH, the loader's cache, $CUDA_HOME, $CUDA_PATH, /usr/local/cuda* and Python site-packages; pip install nvidia-cuda-nvrtc-cu12, or -cu11 for a CUDA 11 driver, or set $WGPT_NVRTC)".to_string()
-    } else {
-        format!("no usable NVRTC (11.2 or newer): {}", errs.join("; "))
-    })
+    if errs.is_empty() {
+        return Err(CudaError::not_found("libnvrtc.so not found (searched $LD_LIBRARY_PATH, the loader's cache, $CUDA_HOME, $CUDA_PATH, /usr/local/cuda* and Python site-packages; pip install nvidia-cuda-nvrtc-cu12, or -cu11 for a CUDA 11 driver, or set $WGPT_NVRTC)"));
+    }
+    Err(format!("no usable NVRTC (11.2 or newer): {}", errs.join("; ")).into())
 }
 
 #[cfg(not(target_os = "linux"))]
 #[allow(dead_code)]
-fn find_nvrtc(_check: &dyn Fn(Lib) -> Result<Lib, String>) -> Result<Lib, String> {
-    Err("NVRTC discovery is only implemented on Linux".to_string())
+fn find_nvrtc(_check: &dyn Fn(Lib) -> Result<Lib, CudaError>) -> Result<Lib, CudaError> {
+    Err("NVRTC discovery is only implemented on Linux".into())
 }
 
 /// Toolkit roots from the environment, then the usual places.
@@ -458,13 +494,13 @@ pub fn site_packages() -> &'static [PathBuf] {
 
 /// Directory holding NVIDIA's CUDA headers (`cuda_fp16.h`): `$WGPT_CUDA_INCLUDE`, the toolkit
 /// roots, pip's `nvidia-cuda-runtime-cu12`, or next to the NVRTC found.
-pub fn include_dir() -> Result<PathBuf, String> {
-    static INC: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+pub fn include_dir() -> Result<PathBuf, CudaError> {
+    static INC: OnceLock<Result<PathBuf, CudaError>> = OnceLock::new();
     INC.get_or_init(|| {
         let has = |d: &Path| d.join("cuda_fp16.h").is_file();
         if let Some(p) = std::env::var_os("WGPT_CUDA_INCLUDE").filter(|p| !p.is_empty()) {
             let p = PathBuf::from(p);
-            return if has(&p) { Ok(p) } else { Err(format!("$WGPT_CUDA_INCLUDE: no cuda_fp16.h in {}", p.display())) };
+            return if has(&p) { Ok(p) } else { Err(format!("$WGPT_CUDA_INCLUDE: no cuda_fp16.h in {}", p.display()).into()) };
         }
         let mut cands = Vec::new();
         for root in toolkit_roots() {
@@ -485,7 +521,7 @@ pub fn include_dir() -> Result<PathBuf, String> {
                 return Ok(std::fs::canonicalize(&c).unwrap_or(c));
             }
         }
-        Err("CUDA headers (cuda_fp16.h) not found; set $WGPT_CUDA_INCLUDE or pip install nvidia-cuda-runtime-cu12".to_string())
+        Err("CUDA headers (cuda_fp16.h) not found; set $WGPT_CUDA_INCLUDE or pip install nvidia-cuda-runtime-cu12".into())
     })
     .clone()
 }

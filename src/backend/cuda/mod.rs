@@ -9,13 +9,14 @@ pub mod dl;
 pub mod nvrtc;
 pub mod probe;
 
+use crate::backend::cuda::dl::CudaError;
 use std::ffi::c_void;
 use std::sync::Arc;
 
 use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
 use cudarc::driver::{result as drv, sys as drv_sys, CudaContext, CudaFunction, CudaStream};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Prepared, RawBuffer};
 use crate::error::{Error, Result};
 use crate::graph::{BufId, BufferTable, DType, Kernel, Launch, View};
 
@@ -115,6 +116,9 @@ enum A {
 /// The CUDA backend. Create with [`CudaBackend::new`].
 pub struct CudaBackend {
     bufs: Vec<Buf>,
+    table: BufferTable,
+    /// prepared phases (validated launches)
+    phases: Vec<Option<Vec<Launch>>>,
     scratch: Option<DevMem>,
     /// scratch buffers replaced while work may still use them; freed at the next sync
     retired: Vec<DevMem>,
@@ -135,7 +139,7 @@ fn grid1(n: usize, block: u32) -> u32 {
 }
 
 /// A cuBLAS handle on `stream` with TF32 tensor-op math if `tf32`, or why not.
-fn open_cublas(stream: &Arc<CudaStream>, tf32: bool) -> std::result::Result<CudaBlas, String> {
+fn open_cublas(stream: &Arc<CudaStream>, tf32: bool) -> std::result::Result<CudaBlas, CudaError> {
     let b = CudaBlas::new(stream.clone()).map_err(|e| format!("cublasCreate: {e:?}"))?;
     let mode = if tf32 { blas_sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH } else { blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH };
     unsafe { blas_sys::cublasSetMathMode(*b.handle(), mode) }.result().map_err(|e| format!("cublasSetMathMode: {e:?}"))?;
@@ -152,7 +156,7 @@ impl CudaBackend {
 
     pub fn with_options(device: usize, opts: CudaOptions) -> Result<CudaBackend> {
         let driver = probe::init_driver().map_err(|e| {
-            if e.starts_with("no CUDA driver") {
+            if e.not_found {
                 Error::Unavailable(format!("{e}; use --backend wgpu or cpu"))
             } else {
                 Error::Unavailable(format!("CUDA driver unusable: {e}; use --backend wgpu or cpu"))
@@ -259,6 +263,8 @@ impl CudaBackend {
         Ok(CudaBackend {
             bufs: Vec::new(),
             scratch: None,
+            table: BufferTable::default(),
+            phases: Vec::new(),
             retired: Vec::new(),
             tf32: opts.tf32 && blas.is_some() && info.cc_major >= 8,
             blas,
@@ -283,73 +289,37 @@ impl CudaBackend {
     }
 
     /// Read a whole i32 buffer back (waits for pending work).
-    pub fn download_i32(&mut self, id: BufId) -> Result<Vec<i32>> {
-        let (ptr, len) = self.whole(id, DType::I32, "download_i32")?;
-        let mut v = vec![0i32; len];
-        self.copy_out(&mut v, ptr)?;
-        Ok(v)
-    }
-
-    fn whole(&self, id: BufId, dtype: DType, what: &str) -> Result<(u64, usize)> {
-        let b = self.bufs.get(id.0 as usize).ok_or_else(|| berr(format!("{what}: buffer {} was not allocated", id.0)))?;
-        if b.dtype != dtype {
-            return Err(berr(format!("{what}: buffer {} holds {:?}, not {:?}", id.0, b.dtype, dtype)));
-        }
-        Ok((b.mem.ptr, b.len))
-    }
-
-    fn copy_in<T>(&mut self, id: BufId, dtype: DType, data: &[T], what: &str) -> Result<()> {
-        let (ptr, len) = self.whole(id, dtype, what)?;
-        if data.len() != len {
-            return Err(berr(format!("{what}: buffer {} has {len} elements, got {}", id.0, data.len())));
-        }
-        self.bind()?;
-        // from pageable memory: returns once `data` has been staged, so it may be dropped after
-        unsafe { drv::memcpy_htod_async(ptr, data, self.stream.cu_stream()) }.map_err(|e| drv_err(what, e))
-    }
-
-    fn copy_out<T>(&mut self, dst: &mut [T], ptr: u64) -> Result<()> {
-        self.bind()?;
-        unsafe { drv::memcpy_dtoh_async(dst, ptr, self.stream.cu_stream()) }.map_err(|e| drv_err("download", e))?;
-        self.sync()
-    }
-
     fn bind(&self) -> Result<()> {
         self.ctx.bind_to_thread().map_err(|e| drv_err("binding the CUDA context", e))
     }
 
-    /// Device address of a view, checked against its buffer and the element count the kernel uses.
-    fn ptr(&self, v: &View, need: usize, dtype: DType, what: &str, label: &str) -> Result<u64> {
-        let b = self
-            .bufs
-            .get(v.buf.0 as usize)
-            .ok_or_else(|| berr(format!("{label}: {what} uses buffer {} which was not allocated", v.buf.0)))?;
-        if v.offset + v.len > b.len {
-            return Err(berr(format!("{label}: {what} view [{}, +{}) exceeds its buffer ({})", v.offset, v.len, b.len)));
-        }
-        if need > v.len {
-            return Err(berr(format!("{label}: {what} has {} elements, the kernel needs {need}", v.len)));
-        }
-        if b.dtype != dtype {
-            return Err(berr(format!("{label}: {what} is {:?}, expected {:?}", b.dtype, dtype)));
-        }
-        Ok(b.mem.ptr + (v.offset * dtype.size()) as u64)
+    /// Device address of a view (validated by `graph::validate` when its phase was prepared).
+    fn dp(&self, v: &View) -> u64 {
+        let b = &self.bufs[v.buf.0 as usize];
+        b.mem.ptr + (v.offset * b.dtype.size()) as u64
     }
 
-    fn pf(&self, v: &View, need: usize, what: &str, label: &str) -> Result<u64> {
-        self.ptr(v, need, DType::F32, what, label)
+    /// The scratch area for a launch that needs `floats` f32s. `prepare` sized it for every
+    /// launch of every phase (see `scratch_floats`), so a run never allocates.
+    fn scratch(&self, floats: usize) -> Result<u64> {
+        match &self.scratch {
+            Some(s) if s.bytes >= floats * 4 => Ok(s.ptr),
+            _ => Err(Error::Internal(format!("cuda: a launch needs {floats} scratch floats that prepare did not reserve"))),
+        }
     }
 
-    /// A device scratch area of at least `floats` f32s (grows; old ones retire until the next sync).
-    fn scratch(&mut self, floats: usize) -> Result<u64> {
+    /// Grow the scratch area to `floats` f32s if it is smaller (at prepare time; an area that
+    /// queued work may still use retires until the next sync).
+    fn reserve_scratch(&mut self, floats: usize) -> Result<()> {
         let bytes = floats.max(1) * 4;
         if self.scratch.as_ref().map(|s| s.bytes < bytes).unwrap_or(true) {
+            self.bind()?;
             let grown = DevMem::new(&self.ctx, bytes.next_power_of_two().max(1 << 16), "scratch")?;
             if let Some(old) = self.scratch.replace(grown) {
                 self.retired.push(old);
             }
         }
-        Ok(self.scratch.as_ref().unwrap().ptr)
+        Ok(())
     }
 
     fn launch(&self, f: &CudaFunction, grid: (u32, u32, u32), block: (u32, u32, u32), smem: u32, args: &[A], label: &str) -> Result<()> {
@@ -374,8 +344,8 @@ impl CudaBackend {
     /// An elementwise kernel `f(views…, long long n)` over n f32s of each view.
     fn elementwise(&self, f: &CudaFunction, views: &[(&View, &str)], n: usize, label: &str) -> Result<()> {
         let mut args = Vec::with_capacity(views.len() + 1);
-        for (v, what) in views {
-            args.push(A::P(self.pf(v, n, what, label)?));
+        for (v, _) in views {
+            args.push(A::P(self.dp(v)));
         }
         args.push(A::L(n as i64));
         self.launch1(f, n, &args, label)
@@ -479,6 +449,17 @@ impl CudaBackend {
         (rpc, n.div_ceil(rpc).max(1))
     }
 
+    /// Scratch f32s a launch uses: the same sizes `exec` asks `scratch` for.
+    fn scratch_floats(k: &Kernel) -> usize {
+        match *k {
+            Kernel::LayerNormBackward { n, c, .. } => Self::chunking(n).1 * 2 * c,
+            Kernel::MatmulBackward { dbias: Some(_), n, oc, .. } if n > 0 && oc > 0 => Self::chunking(n).1 * oc,
+            Kernel::AttentionBackward { b, t, nh, .. } => b * nh * t,
+            Kernel::SumSquares { inp, .. } => inp.len.div_ceil(256 * 8).clamp(1, SUMSQ_MAX_BLOCKS),
+            _ => 0,
+        }
+    }
+
     fn exec(&mut self, l: &Launch) -> Result<()> {
         use Kernel::*;
         let label = l.label.as_str();
@@ -490,10 +471,10 @@ impl CudaBackend {
                 if c == 0 || n == 0 {
                     return Ok(());
                 }
-                let o = self.pf(out, n * c, "out", label)?;
-                let tk = self.ptr(tokens, n, DType::I32, "tokens", label)?;
-                let we = self.pf(wte, c, "wte", label)?;
-                let wp = self.pf(wpe, t * c, "wpe", label)?;
+                let o = self.dp(out);
+                let tk = self.dp(tokens);
+                let we = self.dp(wte);
+                let wp = self.dp(wpe);
                 let vocab = wte.len / c;
                 self.launch1(
                     &self.f.encoder_forward,
@@ -508,10 +489,10 @@ impl CudaBackend {
                 if c == 0 || n == 0 {
                     return Ok(());
                 }
-                let dwt = self.pf(dwte, c, "dwte", label)?;
-                let dwp = self.pf(dwpe, t * c, "dwpe", label)?;
-                let d = self.pf(dout, n * c, "dout", label)?;
-                let tk = self.ptr(tokens, n, DType::I32, "tokens", label)?;
+                let dwt = self.dp(dwte);
+                let dwp = self.dp(dwpe);
+                let d = self.dp(dout);
+                let tk = self.dp(tokens);
                 let vocab = dwte.len / c;
                 self.launch1(
                     &self.f.encoder_backward_wpe,
@@ -532,12 +513,12 @@ impl CudaBackend {
                     return Ok(());
                 }
                 let args = [
-                    A::P(self.pf(out, n * c, "out", label)?),
-                    A::P(self.pf(mean, n, "mean", label)?),
-                    A::P(self.pf(rstd, n, "rstd", label)?),
-                    A::P(self.pf(inp, n * c, "inp", label)?),
-                    A::P(self.pf(weight, c, "weight", label)?),
-                    A::P(self.pf(bias, c, "bias", label)?),
+                    A::P(self.dp(out)),
+                    A::P(self.dp(mean)),
+                    A::P(self.dp(rstd)),
+                    A::P(self.dp(inp)),
+                    A::P(self.dp(weight)),
+                    A::P(self.dp(bias)),
                     A::I(i32_(n)),
                     A::I(i32_(c)),
                 ];
@@ -548,14 +529,14 @@ impl CudaBackend {
                 if n == 0 || c == 0 {
                     return Ok(());
                 }
-                let di = self.pf(dinp, n * c, "dinp", label)?;
-                let dw = self.pf(dweight, c, "dweight", label)?;
-                let db = self.pf(dbias, c, "dbias", label)?;
-                let d = self.pf(dout, n * c, "dout", label)?;
-                let x = self.pf(inp, n * c, "inp", label)?;
-                let w = self.pf(weight, c, "weight", label)?;
-                let m = self.pf(mean, n, "mean", label)?;
-                let r = self.pf(rstd, n, "rstd", label)?;
+                let di = self.dp(dinp);
+                let dw = self.dp(dweight);
+                let db = self.dp(dbias);
+                let d = self.dp(dout);
+                let x = self.dp(inp);
+                let w = self.dp(weight);
+                let m = self.dp(mean);
+                let r = self.dp(rstd);
                 self.launch(
                     &self.f.layernorm_backward_dinp,
                     (n.div_ceil(8) as u32, 1, 1),
@@ -585,13 +566,13 @@ impl CudaBackend {
             }
             MatmulForward { out, inp, weight, bias, n, c, oc } => {
                 let (n, c, oc) = (*n, *c, *oc);
-                let o = self.pf(out, n * oc, "out", label)?;
-                let x = self.pf(inp, n * c, "inp", label)?;
-                let w = self.pf(weight, oc * c, "weight", label)?;
+                let o = self.dp(out);
+                let x = self.dp(inp);
+                let w = self.dp(weight);
                 self.gemm(0, o, x, w, n, c, oc, label)?;
                 if let Some(bias) = bias {
                     if n * oc > 0 {
-                        let bp = self.pf(bias, oc, "bias", label)?;
+                        let bp = self.dp(bias);
                         self.launch1(&self.f.add_bias, n * oc, &[A::P(o), A::P(bp), A::I(i32_(n)), A::I(i32_(oc))], label)?;
                     }
                 }
@@ -599,16 +580,16 @@ impl CudaBackend {
             }
             MatmulBackward { dinp, dweight, dbias, dout, inp, weight, n, c, oc } => {
                 let (n, c, oc) = (*n, *c, *oc);
-                let di = self.pf(dinp, n * c, "dinp", label)?;
-                let dw = self.pf(dweight, oc * c, "dweight", label)?;
-                let d = self.pf(dout, n * oc, "dout", label)?;
-                let x = self.pf(inp, n * c, "inp", label)?;
-                let w = self.pf(weight, oc * c, "weight", label)?;
+                let di = self.dp(dinp);
+                let dw = self.dp(dweight);
+                let d = self.dp(dout);
+                let x = self.dp(inp);
+                let w = self.dp(weight);
                 self.gemm(1, di, d, w, n, c, oc, label)?;
                 self.gemm(2, dw, d, x, n, c, oc, label)?;
                 if let Some(dbias) = dbias {
                     if n > 0 && oc > 0 {
-                        let db = self.pf(dbias, oc, "dbias", label)?;
+                        let db = self.dp(dbias);
                         let (rpc, chunks) = Self::chunking(n);
                         let s = self.scratch(chunks * oc)?;
                         self.launch(
@@ -637,9 +618,9 @@ impl CudaBackend {
                 if b * t == 0 {
                     return Ok(());
                 }
-                let o = self.pf(out, b * t * c, "out", label)?;
-                let ls = self.pf(lse, b * nh * t, "lse", label)?;
-                let q = self.pf(qkv, b * t * 3 * c, "qkv", label)?;
+                let o = self.dp(out);
+                let ls = self.dp(lse);
+                let q = self.dp(qkv);
                 let smem = (ATTN_TILE * hs + 2 * ATTN_TILE * (hs + 1)) * 4;
                 self.attn_smem(0, smem, label)?;
                 self.launch(
@@ -657,11 +638,11 @@ impl CudaBackend {
                 if b * t == 0 {
                     return Ok(());
                 }
-                let dq = self.pf(dqkv, b * t * 3 * c, "dqkv", label)?;
-                let d = self.pf(dout, b * t * c, "dout", label)?;
-                let o = self.pf(out, b * t * c, "out", label)?;
-                let ls = self.pf(lse, b * nh * t, "lse", label)?;
-                let q = self.pf(qkv, b * t * 3 * c, "qkv", label)?;
+                let dq = self.dp(dqkv);
+                let d = self.dp(dout);
+                let o = self.dp(out);
+                let ls = self.dp(lse);
+                let q = self.dp(qkv);
                 let dbuf = self.scratch(b * nh * t)?;
                 let smem = (2 * ATTN_TILE * hs + 2 * ATTN_TILE * (hs + 1)) * 4;
                 self.attn_smem(1, smem, label)?;
@@ -684,22 +665,19 @@ impl CudaBackend {
             ResidualForward { out, a, b, n } => {
                 self.elementwise(&self.f.residual_forward, &[(out, "out"), (a, "a"), (b, "b")], *n, label)
             }
-            CrossEntropy { logits, losses, targets, n, v, vp, dloss, write_grad, accumulate } => {
+            CrossEntropy { logits, losses, targets, dloss, n, v, vp, write_grad, accumulate } => {
                 let (n, v, vp) = (*n, *v, *vp);
-                if v == 0 || v > vp {
-                    return Err(berr(format!("{label}: cross-entropy needs 0 < v ≤ vp (v={v}, vp={vp})")));
-                }
                 if n == 0 {
                     return Ok(());
                 }
                 let args = [
-                    A::P(self.pf(logits, n * vp, "logits", label)?),
-                    A::P(self.pf(losses, n, "losses", label)?),
-                    A::P(self.ptr(targets, n, DType::I32, "targets", label)?),
+                    A::P(self.dp(logits)),
+                    A::P(self.dp(losses)),
+                    A::P(self.dp(targets)),
+                    A::P(self.dp(dloss)),
                     A::I(i32_(n)),
                     A::I(i32_(v)),
                     A::I(i32_(vp)),
-                    A::F(*dloss),
                     A::I(*write_grad as i32),
                     A::I(*accumulate as i32),
                 ];
@@ -710,13 +688,14 @@ impl CudaBackend {
                 if out.len == 0 {
                     return Ok(());
                 }
-                let p = self.ptr(out, out.len, self.dtype_of(out)?, "out", label)?;
-                unsafe { drv::memset_d8_async(p, 0, out.len * 4, self.stream.cu_stream()) }.map_err(|e| drv_err(label, e))
+                let p = self.dp(out);
+                let bytes = out.len * self.bufs[out.buf.0 as usize].dtype.size();
+                unsafe { drv::memset_d8_async(p, 0, bytes, self.stream.cu_stream()) }.map_err(|e| drv_err(label, e))
             }
             SumSquares { out, inp, slot } => {
                 let slot = *slot;
-                let o = self.pf(out, slot + 1, "out", label)?;
-                let x = self.pf(inp, inp.len, "inp", label)?;
+                let o = self.dp(out);
+                let x = self.dp(inp);
                 let n = inp.len;
                 let blocks = n.div_ceil(256 * 8).clamp(1, SUMSQ_MAX_BLOCKS);
                 let s = self.scratch(blocks)?;
@@ -731,8 +710,8 @@ impl CudaBackend {
                 )
             }
             ClipScale { hyper, parts, max_norm } => {
-                let h = self.pf(hyper, crate::graph::Hyper::LEN, "hyper", label)?;
-                let p = self.pf(parts, parts.len, "parts", label)?;
+                let h = self.dp(hyper);
+                let p = self.dp(parts);
                 self.launch(
                     &self.f.clip_scale,
                     (1, 1, 1),
@@ -745,11 +724,11 @@ impl CudaBackend {
             AdamW { param, grad, m, v, hyper, weight_decay } => {
                 let n = param.len;
                 let args = [
-                    A::P(self.pf(param, n, "param", label)?),
-                    A::P(self.pf(grad, n, "grad", label)?),
-                    A::P(self.pf(m, n, "m", label)?),
-                    A::P(self.pf(v, n, "v", label)?),
-                    A::P(self.pf(hyper, crate::graph::Hyper::LEN, "hyper", label)?),
+                    A::P(self.dp(param)),
+                    A::P(self.dp(grad)),
+                    A::P(self.dp(m)),
+                    A::P(self.dp(v)),
+                    A::P(self.dp(hyper)),
                     A::L(n as i64),
                     A::F(*weight_decay),
                 ];
@@ -759,10 +738,6 @@ impl CudaBackend {
                 self.launch1(&self.f.adamw_update, n, &args, label)
             }
         }
-    }
-
-    fn dtype_of(&self, v: &View) -> Result<DType> {
-        self.bufs.get(v.buf.0 as usize).map(|b| b.dtype).ok_or_else(|| berr(format!("buffer {} was not allocated", v.buf.0)))
     }
 
     fn head_size(c: usize, nh: usize, label: &str) -> Result<usize> {
@@ -791,7 +766,13 @@ impl Backend for CudaBackend {
         format!("cuda: {} (sm_{}{}, {mm}{jit})", self.info.name, self.info.cc_major, self.info.cc_minor)
     }
 
+    fn supports(&self, dtype: DType) -> bool {
+        // f16/bf16 storage needs kernels specialised for them, which do not exist yet
+        matches!(dtype, DType::F32 | DType::I32)
+    }
+
     fn alloc(&mut self, table: &BufferTable) -> Result<()> {
+        self.check_dtypes(table)?;
         self.bind()?;
         let total: usize = table.bufs.iter().map(|b| b.bytes().max(16).next_multiple_of(256)).sum();
         if let Ok((free, _total)) = drv::mem_get_info() {
@@ -811,30 +792,62 @@ impl Backend for CudaBackend {
                 .map_err(|e| drv_err(&format!("zeroing {}", d.name), e))?;
             self.bufs.push(Buf { mem, len: d.len, dtype: d.dtype });
         }
+        self.table = table.clone();
+        self.phases.clear();
         self.sync()
     }
 
-    fn upload_f32(&mut self, id: BufId, data: &[f32]) -> Result<()> {
-        self.copy_in(id, DType::F32, data, "upload_f32")
+    fn table(&self) -> &BufferTable {
+        &self.table
     }
 
-    fn upload_i32(&mut self, id: BufId, data: &[i32]) -> Result<()> {
-        self.copy_in(id, DType::I32, data, "upload_i32")
-    }
-
-    fn download_f32(&mut self, id: BufId) -> Result<Vec<f32>> {
-        let (ptr, len) = self.whole(id, DType::F32, "download_f32")?;
-        let mut v = vec![0f32; len];
-        self.copy_out(&mut v, ptr)?;
-        Ok(v)
-    }
-
-    fn run(&mut self, launches: &[Launch]) -> Result<()> {
+    fn upload_bytes(&mut self, id: BufId, bytes: &[u8]) -> Result<()> {
+        let ptr = self.bufs[id.0 as usize].mem.ptr;
         self.bind()?;
-        for l in launches {
-            self.exec(l)?;
+        // from pageable memory: returns once `bytes` has been staged, so it may be dropped after
+        unsafe { drv::memcpy_htod_async(ptr, bytes, self.stream.cu_stream()) }.map_err(|e| drv_err("upload", e))
+    }
+
+    fn download_bytes(&mut self, view: View) -> Result<Vec<u8>> {
+        let b = &self.bufs[view.buf.0 as usize];
+        let mut out = vec![0u8; view.len * b.dtype.size()];
+        if out.is_empty() {
+            return Ok(out);
         }
-        Ok(())
+        let ptr = self.dp(&view);
+        self.bind()?;
+        unsafe { drv::memcpy_dtoh_async(&mut out[..], ptr, self.stream.cu_stream()) }.map_err(|e| drv_err("download", e))?;
+        self.sync()?;
+        Ok(out)
+    }
+
+    fn prepare_valid(&mut self, launches: &[Launch]) -> Result<Prepared> {
+        let need = launches.iter().map(|l| Self::scratch_floats(&l.kernel)).max().unwrap_or(0);
+        self.reserve_scratch(need)?;
+        self.phases.push(Some(launches.to_vec()));
+        Ok(Prepared(self.phases.len() - 1))
+    }
+
+    fn run_prepared(&mut self, phase: Prepared) -> Result<()> {
+        let launches = self
+            .phases
+            .get_mut(phase.0)
+            .and_then(Option::take)
+            .ok_or_else(|| Error::Internal(format!("prepared phase #{} is not on this backend", phase.0)))?;
+        let r = self.bind().and_then(|_| launches.iter().try_for_each(|l| self.exec(l)));
+        self.phases[phase.0] = Some(launches);
+        r
+    }
+
+    fn release(&mut self, phase: Prepared) {
+        if let Some(p) = self.phases.get_mut(phase.0) {
+            *p = None;
+        }
+    }
+
+    fn raw_buffer(&mut self, id: BufId) -> Result<RawBuffer<'_>> {
+        let b = self.bufs.get(id.0 as usize).ok_or_else(|| Error::Internal(format!("raw_buffer: unknown buffer id {}", id.0)))?;
+        Ok(RawBuffer::Cuda { ptr: b.mem.ptr, bytes: b.len * b.dtype.size(), stream: self.stream.cu_stream() as usize })
     }
 
     fn sync(&mut self) -> Result<()> {

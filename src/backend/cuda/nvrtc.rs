@@ -5,6 +5,7 @@
 //! CUDA 11 drivers need NVRTC 11. The dozen functions used here have had the same C signatures
 //! since 11.2, so they are looked up by name in whichever NVRTC was chosen.
 
+use crate::backend::cuda::dl::CudaError;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::sync::OnceLock;
 
@@ -46,8 +47,8 @@ pub(crate) const SYMBOLS: &[&str] = &[
     "nvrtcGetCUBINSize", "nvrtcGetCUBIN", "nvrtcGetPTXSize", "nvrtcGetPTX", "nvrtcGetErrorString",
 ];
 
-fn api() -> Result<&'static Api, String> {
-    static API: OnceLock<Result<Api, String>> = OnceLock::new();
+fn api() -> Result<&'static Api, CudaError> {
+    static API: OnceLock<Result<Api, CudaError>> = OnceLock::new();
     API.get_or_init(|| {
         let lib = dl::lib(Which::Nvrtc)?;
         macro_rules! f {
@@ -77,17 +78,17 @@ fn api() -> Result<&'static Api, String> {
     .map_err(|e| e.clone())
 }
 
-fn check(a: &Api, what: &str, r: R) -> Result<(), String> {
+fn check(a: &Api, what: &str, r: R) -> Result<(), CudaError> {
     if r == 0 {
         return Ok(());
     }
     let s = unsafe { (a.error_string)(r) };
     let text = if s.is_null() { format!("error {r}") } else { unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned() };
-    Err(format!("{what}: {text}"))
+    Err(format!("{what}: {text}").into())
 }
 
 /// (major, minor) of the NVRTC in use.
-pub fn version() -> Result<(i32, i32), String> {
+pub fn version() -> Result<(i32, i32), CudaError> {
     let a = api()?;
     let (mut major, mut minor) = (0, 0);
     check(a, "nvrtcVersion", unsafe { (a.version)(&mut major, &mut minor) })?;
@@ -95,7 +96,7 @@ pub fn version() -> Result<(i32, i32), String> {
 }
 
 /// The SASS architectures this NVRTC can target (70, 75, 80, ...).
-pub fn supported_archs() -> Result<Vec<u32>, String> {
+pub fn supported_archs() -> Result<Vec<u32>, CudaError> {
     let a = api()?;
     let mut n: c_int = 0;
     check(a, "nvrtcGetNumSupportedArchs", unsafe { (a.num_archs)(&mut n) })?;
@@ -106,7 +107,7 @@ pub fn supported_archs() -> Result<Vec<u32>, String> {
 
 /// Compile `src` (named `file` in messages) with `options`. Ok((image, log)) where the image is
 /// the CUBIN, or for `ptx` the NUL-terminated PTX text; Err(log, or the reason when it is empty).
-pub fn compile(file: &str, src: &str, options: &[String], ptx: bool) -> Result<(Vec<u8>, String), String> {
+pub fn compile(file: &str, src: &str, options: &[String], ptx: bool) -> Result<(Vec<u8>, String), CudaError> {
     let a = api()?;
     let csrc = CString::new(src).map_err(|_| format!("{file}: NUL byte in source"))?;
     let cname = CString::new(file).map_err(|_| format!("{file}: bad name"))?;
@@ -119,12 +120,12 @@ pub fn compile(file: &str, src: &str, options: &[String], ptx: bool) -> Result<(
     let compiled = check(a, "nvrtcCompileProgram", unsafe { (a.compile)(prog, popts.len() as c_int, popts.as_ptr()) });
     let log = unsafe { read(prog, a.log_size, a.log) }.map(|b| cstr_lossy(&b)).unwrap_or_default();
     let out = match compiled {
-        Err(e) => Err(if log.trim().is_empty() { e } else { log.clone() }),
+        Err(e) => Err(if log.trim().is_empty() { e } else { CudaError::from(log.clone()) }),
         Ok(()) => {
             let image = if ptx { unsafe { read(prog, a.ptx_size, a.ptx) } } else { unsafe { read(prog, a.cubin_size, a.cubin) } };
             match image {
                 Ok(img) if !img.is_empty() => Ok((img, log.clone())),
-                Ok(_) => Err(format!("{file}: NVRTC produced an empty image")),
+                Ok(_) => Err(format!("{file}: NVRTC produced an empty image").into()),
                 Err(r) => Err(check(a, if ptx { "nvrtcGetPTX" } else { "nvrtcGetCUBIN" }, r).unwrap_err()),
             }
         }

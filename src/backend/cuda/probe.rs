@@ -1,5 +1,6 @@
 //! `wgpt info`: what CUDA pieces this machine has. Never panics, whatever is missing.
 
+use crate::backend::cuda::dl::CudaError;
 use std::path::PathBuf;
 
 use cudarc::driver::{result as drv, sys as drv_sys};
@@ -37,12 +38,12 @@ pub struct CudaDeviceInfo {
 /// Everything `wgpt info` shows about CUDA.
 #[derive(Clone, Debug)]
 pub struct CudaProbe {
-    pub driver: Result<DriverInfo, String>,
+    pub driver: Result<DriverInfo, CudaError>,
     /// NVRTC's version and path, e.g. "12.9 (/usr/local/cuda/lib64/libnvrtc.so.12)"
-    pub nvrtc: Result<String, String>,
-    pub cublas: Result<(), String>,
+    pub nvrtc: Result<String, CudaError>,
+    pub cublas: Result<(), CudaError>,
     /// the directory with cuda_fp16.h (not needed by the fp32 kernels)
-    pub headers: Result<PathBuf, String>,
+    pub headers: Result<PathBuf, CudaError>,
     pub devices: Vec<CudaDeviceInfo>,
 }
 
@@ -57,7 +58,7 @@ pub(crate) fn driver_error(e: drv::DriverError) -> String {
 }
 
 /// Load the driver and cuInit it; the one-line reason when that fails.
-pub(crate) fn init_driver() -> Result<DriverInfo, String> {
+pub(crate) fn init_driver() -> Result<DriverInfo, CudaError> {
     let lib = dl::lib(Which::Driver)?;
     drv::init().map_err(|e| format!("cuInit failed: {}", driver_error(e)))?;
     let mut version = 0i32;
@@ -67,7 +68,7 @@ pub(crate) fn init_driver() -> Result<DriverInfo, String> {
     Ok(DriverInfo { version, path: lib.path.clone() })
 }
 
-pub(crate) fn device_info(ordinal: usize) -> Result<CudaDeviceInfo, String> {
+pub(crate) fn device_info(ordinal: usize) -> Result<CudaDeviceInfo, CudaError> {
     let dev = drv::device::get(ordinal as i32).map_err(driver_error)?;
     let name = drv::device::get_name(dev).map_err(driver_error)?;
     let attr = |a| unsafe { drv::device::get_attribute(dev, a) }.map_err(driver_error);
@@ -145,7 +146,7 @@ impl std::fmt::Display for CudaProbe {
             Ok(()) => writeln!(
                 f,
                 "cublas: {}",
-                dl::lib(Which::Cublas).map(|l| l.path.clone()).unwrap_or_else(|e| e)
+                dl::lib(Which::Cublas).map(|l| l.path.clone()).unwrap_or_else(|e| e.msg)
             )?,
             Err(e) => writeln!(f, "cublas: {e} (matmuls fall back to the built-in kernel)")?,
         }

@@ -8,7 +8,7 @@
 
 use super::shaders::{attention_tiles, attention_variant, Variant};
 use crate::error::{Error, Result};
-use crate::graph::{BufId, BufferTable, Hyper, Kernel, Launch, View};
+use crate::graph::{BufId, BufferDesc, BufferTable, Kernel, Launch, Scalars, View};
 
 /// What a binding points at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -129,9 +129,9 @@ pub fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
-/// Device bytes of a table buffer (4-byte multiple, never 0).
-pub fn buffer_bytes(len: usize) -> u64 {
-    (len as u64 * 4).max(4)
+/// Device bytes of a table buffer: its dtype's bytes, rounded up to a 4-byte multiple, never 0.
+pub fn buffer_bytes(d: &BufferDesc) -> u64 {
+    (d.bytes() as u64).div_ceil(4).max(1) * 4
 }
 
 /// Checks every buffer against `max_buffer_size`, compiles every phase (which checks and splits
@@ -140,7 +140,7 @@ pub fn plan_memory(table: &BufferTable, phases: &[&[Launch]], caps: &DeviceCaps)
     let mut buffer_total = 0u64;
     let mut largest = (String::new(), 0u64);
     for (_, b) in table.iter() {
-        let bytes = buffer_bytes(b.len);
+        let bytes = buffer_bytes(b);
         if bytes > caps.max_buffer {
             return Err(Error::OutOfMemory(format!(
                 "buffer '{}' needs {} but this adapter allows at most {} per buffer (max_buffer_size): \
@@ -276,23 +276,28 @@ impl Compiler<'_> {
     }
 
     /// Bind elements [off, off+len) of `target` at `slot`; returns the residual element offset.
+    /// Element sizes come from the table's dtypes (scratch is 4-byte words). Views were checked
+    /// by `graph::validate`; the range check here guards this compiler's own chunking.
     fn bind(&self, call: &mut Call, slot: u32, target: Target, off: u64, len: u64, write: bool) -> Result<u32> {
         let align = self.caps.storage_align;
-        let byte = off * 4;
+        let elem = match target {
+            Target::Table(id) => self.table.get(id).dtype.size() as u64,
+            Target::Scratch | Target::Dummy => 4,
+        };
+        let byte = off * elem;
         let base = byte / align * align;
-        let resid = (byte - base) / 4;
-        let size = ((resid + len.max(1)) * 4).max(16);
+        let resid = (byte - base) / elem;
+        let size = ((resid + len.max(1)) * elem).div_ceil(4).max(4) * 4;
         if let Target::Table(id) = target {
-            if id.0 as usize >= self.table.len() {
-                return Err(Error::backend("wgpu", format!("buffer id {} is not in the table", id.0)));
-            }
             let d = self.table.get(id);
-            let avail = buffer_bytes(d.len);
+            let avail = buffer_bytes(d);
             if off + len > d.len as u64 {
-                return Err(Error::backend(
-                    "wgpu",
-                    format!("view [{off}, {}) is outside buffer '{}' of {} elements", off + len, d.name, d.len),
-                ));
+                return Err(Error::Internal(format!(
+                    "wgpu compile: range [{off}, {}) is outside buffer '{}' of {} elements",
+                    off + len,
+                    d.name,
+                    d.len
+                )));
             }
             if size > self.caps.max_binding {
                 return Err(self.oom(&format!("buffer '{}'", d.name), len));
@@ -309,10 +314,11 @@ impl Compiler<'_> {
     /// Bind a whole view.
     fn bind_view(&self, call: &mut Call, slot: u32, v: &View, start: u64, len: u64, write: bool) -> Result<u32> {
         if start + len > v.len as u64 {
-            return Err(Error::backend(
-                "wgpu",
-                format!("view of {} elements is too short: the kernel needs [{start}, {})", v.len, start + len),
-            ));
+            return Err(Error::Internal(format!(
+                "wgpu compile: a view of {} elements is too short for [{start}, {})",
+                v.len,
+                start + len
+            )));
         }
         self.bind(call, slot, Target::Table(v.buf), v.offset as u64 + start, len, write)
     }
@@ -381,12 +387,6 @@ impl Compiler<'_> {
                 .layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, *n as u64, *c as u64, *accumulate),
             MatmulForward { out, inp, weight, bias, n, c, oc } => {
                 let (n, c, oc) = (*n as u64, *c as u64, *oc as u64);
-                self.check_len(out, n * oc)?;
-                self.check_len(inp, n * c)?;
-                self.check_len(weight, oc * c)?;
-                if let Some(b) = bias {
-                    self.check_len(b, oc)?;
-                }
                 self.gemm(
                     Layout::Nt,
                     n,
@@ -401,11 +401,6 @@ impl Compiler<'_> {
             }
             MatmulBackward { dinp, dweight, dbias, dout, inp, weight, n, c, oc } => {
                 let (n, c, oc) = (*n as u64, *c as u64, *oc as u64);
-                self.check_len(dinp, n * c)?;
-                self.check_len(dweight, oc * c)?;
-                self.check_len(dout, n * oc)?;
-                self.check_len(inp, n * c)?;
-                self.check_len(weight, oc * c)?;
                 if n == 0 {
                     return Ok(());
                 }
@@ -417,7 +412,6 @@ impl Compiler<'_> {
                 // dW (oc,c) += doutᵀ · inp
                 self.gemm(Layout::Tn, oc, c, n, op(dout, oc), op(inp, c), op(dweight, c), None, true)?;
                 if let Some(db) = dbias {
-                    self.check_len(db, oc)?;
                     self.colsum(dout, n, oc, db)?;
                 }
                 Ok(())
@@ -441,24 +435,22 @@ impl Compiler<'_> {
                 &[(1, out, true), (2, a, false), (3, b, false)],
                 &[],
             ),
-            CrossEntropy { logits, losses, targets, n, v, vp, dloss, write_grad, accumulate } => {
+            CrossEntropy { logits, losses, targets, dloss, n, v, vp, write_grad, accumulate } => {
                 let flags = *write_grad as u32 | (*accumulate as u32) << 1;
-                self.cross_entropy(logits, losses, targets, *n as u64, *v as u64, *vp as u64, *dloss, flags)
+                self.cross_entropy(logits, losses, targets, dloss, *n as u64, *v as u64, *vp as u64, flags)
             }
             Zero { out } => self.zero_view(out, out.len as u64),
             SumSquares { out, inp, slot } => self.sum_squares(out, inp, *slot as u64),
             ClipScale { hyper, parts, max_norm } => {
-                self.check_len(hyper, Hyper::LEN as u64)?;
                 let mut call = Call::new("reduce", "clip_scale");
                 let o_parts = self.bind_view(&mut call, 4, parts, 0, parts.len as u64, false)?;
-                let o_h = self.bind_view(&mut call, 5, hyper, 0, Hyper::LEN as u64, true)?;
+                let o_h = self.bind_view(&mut call, 5, hyper, 0, Scalars::LEN as u64, true)?;
                 call.params(&[0, 0, 0, o_parts, parts.len as u32, 0, o_h, f(*max_norm)]);
                 self.push(call);
                 Ok(())
             }
             AdamW { param, grad, m, v, hyper, weight_decay } => {
                 let n = param.len as u64;
-                self.check_len(hyper, Hyper::LEN as u64)?;
                 let chunk = self.elem_chunk();
                 let mut s = 0;
                 while s < n {
@@ -468,7 +460,7 @@ impl Compiler<'_> {
                     let o_g = self.bind_view(&mut call, 2, grad, s, len, false)?;
                     let o_m = self.bind_view(&mut call, 3, m, s, len, true)?;
                     let o_v = self.bind_view(&mut call, 4, v, s, len, true)?;
-                    let o_h = self.bind_view(&mut call, 5, hyper, 0, Hyper::LEN as u64, false)?;
+                    let o_h = self.bind_view(&mut call, 5, hyper, 0, Scalars::LEN as u64, false)?;
                     call.params(&[len as u32, o_p, o_g, o_m, o_v, o_h, f(*weight_decay)]);
                     call.groups = self.stride_groups(len, ELEMWISE_WG);
                     self.push(call);
@@ -476,24 +468,6 @@ impl Compiler<'_> {
                 }
                 Ok(())
             }
-        }
-    }
-
-    fn check_len(&self, v: &View, need: u64) -> Result<()> {
-        if (v.len as u64) < need {
-            return Err(Error::backend(
-                "wgpu",
-                format!("a view of buffer '{}' has {} elements, the kernel needs {need}", self.name(v.buf), v.len),
-            ));
-        }
-        Ok(())
-    }
-
-    fn name(&self, id: BufId) -> String {
-        if (id.0 as usize) < self.table.len() {
-            self.table.get(id).name.clone()
-        } else {
-            format!("#{}", id.0)
         }
     }
 
@@ -507,9 +481,6 @@ impl Compiler<'_> {
         views: &[(u32, &View, bool)],
         extra: &[u32],
     ) -> Result<()> {
-        for (_, v, _) in views {
-            self.check_len(v, n)?;
-        }
         let chunk = self.elem_chunk();
         let mut s = 0;
         while s < n {
@@ -539,9 +510,6 @@ impl Compiler<'_> {
         if n == 0 || c == 0 {
             return Ok(());
         }
-        self.check_len(out, n * c)?;
-        self.check_len(tokens, n)?;
-        self.check_len(wpe, t * c)?;
         let vocab = wte.len as u64 / c;
         let rows = self.rows_per_binding("wte", c)?;
         let mut r0 = 0;
@@ -569,9 +537,6 @@ impl Compiler<'_> {
         if n == 0 || c == 0 {
             return Ok(());
         }
-        self.check_len(dout, n * c)?;
-        self.check_len(tokens, n)?;
-        self.check_len(dwpe, t * c)?;
         // links: next occurrence of each token, first-occurrence flags
         let mut call = Call::new("encoder", "encoder_links");
         let o_tok = self.bind_view(&mut call, 2, tokens, 0, n, false)?;
@@ -610,10 +575,6 @@ impl Compiler<'_> {
         if n == 0 || c == 0 {
             return Ok(());
         }
-        self.check_len(out, n * c)?;
-        self.check_len(inp, n * c)?;
-        self.check_len(mean, n)?;
-        self.check_len(rstd, n)?;
         let rows = self.rows_per_binding("a layernorm row block", c)?;
         let mut r0 = 0;
         while r0 < n {
@@ -641,9 +602,6 @@ impl Compiler<'_> {
         if n == 0 || c == 0 {
             return Ok(());
         }
-        self.check_len(dinp, n * c)?;
-        self.check_len(dout, n * c)?;
-        self.check_len(inp, n * c)?;
         let rows = self.rows_per_binding("a layernorm row block", c)?;
         let mut r0 = 0;
         while r0 < n {
@@ -904,9 +862,6 @@ impl Compiler<'_> {
                 format!("attention: head size {hs} does not fit this adapter's workgroup memory ({} bytes)", self.caps.workgroup_bytes),
             ));
         }
-        self.check_len(qkv, b * t * 3 * c)?;
-        self.check_len(out, b * t * c)?;
-        self.check_len(lse, b * nh * t)?;
         let per_b = (t * 3 * c).max(nh * t);
         let bs_max = self.rows_per_binding("one sequence of qkv", per_b)?.min(self.caps.max_groups as u64);
         let scale = 1.0 / (hs as f32).sqrt();
@@ -933,8 +888,6 @@ impl Compiler<'_> {
                 }
                 Some(dqkv) => {
                     let dout = dout.expect("backward has dout");
-                    self.check_len(dout, b * t * c)?;
-                    self.check_len(dqkv, b * t * 3 * c)?;
                     let var = attention_variant(hs as u32, self.caps.workgroup_bytes, false);
                     // D = rowsum(dout ∘ out)
                     let mut call = Call::with_variant(var.clone(), "attn_backward_d");
@@ -966,17 +919,11 @@ impl Compiler<'_> {
 
     #[allow(clippy::too_many_arguments)]
     fn cross_entropy(
-        &mut self, logits: &View, losses: &View, targets: &View, n: u64, v: u64, vp: u64, dloss: f32, flags: u32,
+        &mut self, logits: &View, losses: &View, targets: &View, dloss: &View, n: u64, v: u64, vp: u64, flags: u32,
     ) -> Result<()> {
         if n == 0 {
             return Ok(());
         }
-        if v == 0 || v > vp {
-            return Err(Error::backend("wgpu", format!("cross-entropy: vocabulary {v} must be in 1..={vp}")));
-        }
-        self.check_len(logits, n * vp)?;
-        self.check_len(losses, n)?;
-        self.check_len(targets, n)?;
         let rows = self.rows_per_binding("a logits row", vp)?;
         let mut r0 = 0;
         while r0 < n {
@@ -985,7 +932,8 @@ impl Compiler<'_> {
             let o_l = self.bind_view(&mut call, 1, logits, r0 * vp, rs * vp, true)?;
             let o_loss = self.bind_view(&mut call, 2, losses, r0, rs, true)?;
             let o_t = self.bind_view(&mut call, 3, targets, r0, rs, false)?;
-            call.params(&[rs as u32, v as u32, vp as u32, o_l, o_loss, o_t, flags, f(dloss)]);
+            let o_d = self.bind_view(&mut call, 4, dloss, 0, 1, false)?;
+            call.params(&[rs as u32, v as u32, vp as u32, o_l, o_loss, o_t, flags, o_d]);
             call.groups = self.row_groups(rs);
             self.push(call);
             r0 += rs;
@@ -994,7 +942,6 @@ impl Compiler<'_> {
     }
 
     fn sum_squares(&mut self, out: &View, inp: &View, slot: u64) -> Result<()> {
-        self.check_len(out, slot + 1)?;
         let n = inp.len as u64;
         let chunk = self.elem_chunk();
         // fixed partial counts per chunk → a deterministic summation order

@@ -2,10 +2,10 @@
 //! wgpu on Vulkan, Metal, DX12 or GL.
 //!
 //! * One `wgpu::Buffer` per buffer of the graph's table; views are bound as aligned sub-ranges.
-//! * Compile once, replay: the first `run` of a launch list compiles it (`compile.rs`: entry points,
-//!   bindings, parameter words, workgroup grids, splitting of over-large bindings), creates the
-//!   pipelines (cached across lists), the parameter buffer, the scratch buffer and one bind group
-//!   per dispatch. Later runs of the same list only encode: one compute pass per list, recorded into
+//! * Compile once, replay: `prepare` keeps a launch list; its first run compiles it (`compile.rs`:
+//!   entry points, bindings, parameter words, workgroup grids, splitting of over-large bindings),
+//!   creates the pipelines (cached across lists), the parameter buffer, the scratch buffer and one
+//!   bind group per dispatch. Later runs of the phase only encode: one compute pass each, recorded into
 //!   a pending command encoder that is submitted once, when the host next uploads, downloads or
 //!   syncs — so a training step (zero_grad, forward, backward, update) is one encoder and one submit,
 //!   with no waits between kernels. Only downloads wait.
@@ -16,15 +16,13 @@ pub mod shaders;
 
 pub use compile::{plan_memory, DeviceCaps, MatmulMode, MemoryPlan};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Prepared, RawBuffer};
 use crate::error::{Error, Result};
 use crate::graph::{BufId, BufferTable, DType, Kernel, Launch, View};
 use compile::{buffer_bytes, compile, mib, Target, PARAM_WORDS};
 use shaders::Variant;
-use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// One adapter as `wgpt info` shows it.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -46,20 +44,27 @@ pub struct AdapterReport {
     pub subgroup_sizes: (u32, u32),
 }
 
-fn instance() -> wgpu::Instance {
-    // Mesa's implicit Vulkan layer VK_LAYER_MESA_device_select only reorders devices for programs
-    // that take the first one (wgpt lists them all) and, on headless machines, prints
-    // "XDG_RUNTIME_DIR is invalid" while probing Wayland. Leave it out unless the user set it.
+/// Process start-up settings for the graphics drivers; `main` calls this before any thread
+/// starts (nothing in wgpt sets environment variables later). Mesa's implicit Vulkan layer
+/// VK_LAYER_MESA_device_select only reorders devices for programs that take the first one (wgpt
+/// lists them all) and, on headless machines, prints "XDG_RUNTIME_DIR is invalid" while probing
+/// Wayland: leave it out unless the user set it.
+pub fn init_process_env() {
     if std::env::var_os("NODEVICE_SELECT").is_none() {
         std::env::set_var("NODEVICE_SELECT", "1");
     }
+}
+
+/// The one wgpu instance of the process, shared by every adapter and backend (several devices in
+/// one process enumerate and open through it).
+fn instance() -> &'static wgpu::Instance {
+    static INSTANCE: OnceLock<wgpu::Instance> = OnceLock::new();
     // WGPU_BACKEND=vulkan|gl|metal|dx12 restricts the back ends, as in every wgpu program
-    wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+    INSTANCE.get_or_init(|| wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env()))
 }
 
 fn enumerate() -> Vec<wgpu::Adapter> {
-    let inst = instance();
-    pollster::block_on(inst.enumerate_adapters(wgpu::Backends::all()))
+    pollster::block_on(instance().enumerate_adapters(wgpu::Backends::all()))
 }
 
 fn report(index: usize, a: &wgpu::Adapter) -> AdapterReport {
@@ -150,7 +155,9 @@ pub struct WgpuBackend {
     dummy: wgpu::Buffer,
     modules: HashMap<Variant, wgpu::ShaderModule>,
     pipelines: HashMap<(Variant, &'static str), wgpu::ComputePipeline>,
-    plans: HashMap<u64, Plan>,
+    /// prepared phases: the launches, and their compiled plan once built (dropped when the
+    /// matmul mode or the binding limit changes, rebuilt on the next run)
+    plans: Vec<Option<(Vec<Launch>, Option<Plan>)>>,
     pending: Option<wgpu::CommandEncoder>,
     errors: Arc<Mutex<Vec<String>>>,
 }
@@ -240,7 +247,7 @@ impl WgpuBackend {
             dummy,
             modules: HashMap::new(),
             pipelines: HashMap::new(),
-            plans: HashMap::new(),
+            plans: Vec::new(),
             pending: None,
             errors,
         })
@@ -287,7 +294,7 @@ impl WgpuBackend {
         }
         self.flush();
         self.caps.matmul = mode;
-        self.plans.clear();
+        self.drop_compiled();
         Ok(())
     }
 
@@ -297,7 +304,7 @@ impl WgpuBackend {
     pub fn limit_bindings_for_tests(&mut self, bytes: u64) {
         self.flush();
         self.caps.max_binding = bytes.min(self.caps.max_binding);
-        self.plans.clear();
+        self.drop_compiled();
     }
 
     /// Sets the output-tile count under which long-k matmuls are split along k (tests, tuning).
@@ -305,7 +312,14 @@ impl WgpuBackend {
     pub fn set_split_k_target(&mut self, tiles: u32) {
         self.flush();
         self.caps.split_k_target = tiles;
-        self.plans.clear();
+        self.drop_compiled();
+    }
+
+    /// Forget every compiled plan (prepared phases recompile on their next run).
+    fn drop_compiled(&mut self) {
+        for (_, plan) in self.plans.iter_mut().flatten() {
+            *plan = None;
+        }
     }
 
     /// Memory the graph (its buffer table and these launch phases) needs on this device; an
@@ -439,21 +453,7 @@ impl WgpuBackend {
         Ok(Plan { label, dispatches: ready, _params: params, _scratch: scratch })
     }
 
-    fn check_upload(&self, id: BufId, len: usize, dtype: DType) -> Result<()> {
-        if id.0 as usize >= self.table.len() {
-            return Err(Error::backend("wgpu", format!("upload to buffer id {}: not in the table", id.0)));
-        }
-        let d = self.table.get(id);
-        if d.len != len || d.dtype != dtype {
-            return Err(Error::backend(
-                "wgpu",
-                format!("upload to '{}': {len} {dtype:?} values for a buffer of {} {:?}", d.name, d.len, d.dtype),
-            ));
-        }
-        Ok(())
-    }
-
-    fn upload_bytes(&mut self, id: BufId, bytes: &[u8]) -> Result<()> {
+    fn write_bytes(&mut self, id: BufId, bytes: &[u8]) -> Result<()> {
         // earlier recorded work may read this buffer: submit it before the write is queued
         self.flush();
         if !bytes.is_empty() {
@@ -463,20 +463,19 @@ impl WgpuBackend {
         self.take_errors()
     }
 
-    /// Reads a whole buffer back as raw 32-bit words.
-    fn download_words(&mut self, id: BufId) -> Result<Vec<u32>> {
-        let len = self.table.get(id).len;
-        self.download_range(id, 0, len, true)
-    }
-
-    /// Reads elements [offset, offset+len) of a buffer as raw 32-bit words.
-    fn download_range(&mut self, id: BufId, offset: usize, len: usize, cache: bool) -> Result<Vec<u32>> {
+    /// Reads elements [offset, offset+len) of a buffer as bytes; `cache` keeps a small staging
+    /// buffer for the next read of the same buffer.
+    fn read_bytes(&mut self, id: BufId, offset: usize, len: usize, cache: bool) -> Result<Vec<u8>> {
         let src = self.buffer(id)?.clone();
         if len == 0 {
             return Ok(Vec::new());
         }
-        let size = len as u64 * 4;
-        let cached = if cache { self.staging.get(&id.0).cloned() } else { None };
+        let elem = self.table.get(id).dtype.size() as u64;
+        // copies move multiples of 4 bytes: round a 2-byte view out to whole words
+        let (first, last) = (offset as u64 * elem, (offset + len) as u64 * elem);
+        let (start, end) = (first / 4 * 4, last.div_ceil(4) * 4);
+        let size = end - start;
+        let cached = if cache { self.staging.get(&id.0).filter(|s| s.size() == size).cloned() } else { None };
         let staging = match cached {
             Some(s) => s,
             None => {
@@ -496,7 +495,7 @@ impl WgpuBackend {
             .pending
             .take()
             .unwrap_or_else(|| self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("download") }));
-        enc.copy_buffer_to_buffer(&src, offset as u64 * 4, &staging, 0, size);
+        enc.copy_buffer_to_buffer(&src, start, &staging, 0, size);
         self.queue.submit([enc.finish()]);
         let (tx, rx) = std::sync::mpsc::channel();
         staging.map_async(wgpu::MapMode::Read, .., move |r| {
@@ -511,8 +510,7 @@ impl WgpuBackend {
             let view = staging
                 .get_mapped_range(..)
                 .map_err(|e| Error::backend("wgpu", format!("reading a mapped buffer: {e}")))?;
-            let words: &[u32] = bytemuck::cast_slice(&view[..size as usize]);
-            words.to_vec()
+            view[(first - start) as usize..(last - start) as usize].to_vec()
         };
         staging.unmap();
         Ok(out)
@@ -543,19 +541,6 @@ impl WgpuBackend {
         self.take_errors()?;
         Ok(out)
     }
-
-    /// Reads a whole i32 buffer back (token ids, for tests).
-    pub fn download_i32(&mut self, id: BufId) -> Result<Vec<i32>> {
-        Ok(self.download_words(id)?.into_iter().map(|w| w as i32).collect())
-    }
-}
-
-/// A stable key for a launch list (the caller passes the same phase slices every step).
-fn launches_key(launches: &[Launch]) -> u64 {
-    let mut h = DefaultHasher::new();
-    launches.len().hash(&mut h);
-    format!("{launches:?}").hash(&mut h);
-    h.finish()
 }
 
 impl Backend for WgpuBackend {
@@ -563,11 +548,17 @@ impl Backend for WgpuBackend {
         format!("wgpu: {} ({:?})", self.info.name, self.info.backend)
     }
 
+    fn supports(&self, dtype: DType) -> bool {
+        // f16 storage needs SHADER_F16 *and* f16 kernels, which do not exist yet
+        matches!(dtype, DType::F32 | DType::I32)
+    }
+
     fn check_fits(&self, table: &BufferTable, phases: &[&[Launch]]) -> Result<()> {
         self.plan(table, phases).map(|_| ())
     }
 
     fn alloc(&mut self, table: &BufferTable) -> Result<()> {
+        self.check_dtypes(table)?;
         // sizes first: say what does not fit before allocating anything
         plan_memory(table, &[], &self.caps)?;
         self.flush();
@@ -577,7 +568,7 @@ impl Backend for WgpuBackend {
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let mut total = 0u64;
         for (_, d) in table.iter() {
-            let size = buffer_bytes(d.len);
+            let size = buffer_bytes(d);
             total += size;
             self.buffers.push(self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(&d.name),
@@ -598,51 +589,51 @@ impl Backend for WgpuBackend {
         self.take_errors()
     }
 
-    fn upload_f32(&mut self, id: BufId, data: &[f32]) -> Result<()> {
-        self.check_upload(id, data.len(), DType::F32)?;
-        self.upload_bytes(id, bytemuck::cast_slice(data))
+    fn table(&self) -> &BufferTable {
+        &self.table
     }
 
-    fn upload_i32(&mut self, id: BufId, data: &[i32]) -> Result<()> {
-        self.check_upload(id, data.len(), DType::I32)?;
-        self.upload_bytes(id, bytemuck::cast_slice(data))
+    fn upload_bytes(&mut self, id: BufId, bytes: &[u8]) -> Result<()> {
+        if bytes.len() % 4 != 0 {
+            // queue writes move whole words; pad a 2-byte buffer of odd length (its allocation is
+            // rounded up to 4 bytes, see compile::buffer_bytes)
+            let mut padded = bytes.to_vec();
+            padded.resize(bytes.len().div_ceil(4) * 4, 0);
+            return self.write_bytes(id, &padded);
+        }
+        self.write_bytes(id, bytes)
     }
 
-    fn download_f32(&mut self, id: BufId) -> Result<Vec<f32>> {
-        if id.0 as usize >= self.table.len() {
-            return Err(Error::backend("wgpu", format!("download of buffer id {}: not in the table", id.0)));
-        }
-        Ok(self.download_words(id)?.into_iter().map(f32::from_bits).collect())
+    fn download_bytes(&mut self, view: View) -> Result<Vec<u8>> {
+        let whole = view.offset == 0 && view.len == self.table.get(view.buf).len;
+        self.read_bytes(view.buf, view.offset, view.len, whole)
     }
 
-    fn download_view(&mut self, view: View) -> Result<Vec<f32>> {
-        let id = view.buf;
-        if id.0 as usize >= self.table.len() || view.offset + view.len > self.table.get(id).len {
-            return Err(Error::backend("wgpu", format!("download of a view outside buffer id {}", id.0)));
-        }
-        Ok(self.download_range(id, view.offset, view.len, false)?.into_iter().map(f32::from_bits).collect())
+    fn prepare_valid(&mut self, launches: &[Launch]) -> Result<Prepared> {
+        self.plans.push(Some((launches.to_vec(), None)));
+        Ok(Prepared(self.plans.len() - 1))
     }
 
-    fn run(&mut self, launches: &[Launch]) -> Result<()> {
-        if launches.is_empty() {
-            return Ok(());
-        }
-        let key = launches_key(launches);
-        if !self.plans.contains_key(&key) {
-            if self.plans.len() >= 64 {
-                // callers replay a few fixed phases; a stream of distinct lists must not pile up
-                self.flush();
-                self.plans.clear();
-            }
-            let plan = self.build_plan(launches)?;
-            self.plans.insert(key, plan);
-        }
-        let plan = &self.plans[&key];
-        let device = &self.device;
-        let enc = self
-            .pending
-            .get_or_insert_with(|| device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") }));
-        {
+    fn run_prepared(&mut self, phase: Prepared) -> Result<()> {
+        let Some(Some((launches, plan))) = self.plans.get_mut(phase.0).map(Option::take) else {
+            return Err(Error::Internal(format!("prepared phase #{} is not on this backend", phase.0)));
+        };
+        let plan = match plan {
+            Some(p) => p,
+            None if launches.is_empty() => Plan::empty(&self.device),
+            None => match self.build_plan(&launches) {
+                Ok(p) => p,
+                Err(e) => {
+                    self.plans[phase.0] = Some((launches, None));
+                    return Err(e);
+                }
+            },
+        };
+        if !plan.dispatches.is_empty() {
+            let device = &self.device;
+            let enc = self
+                .pending
+                .get_or_insert_with(|| device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") }));
             let mut pass =
                 enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(&plan.label), timestamp_writes: None });
             for d in &plan.dispatches {
@@ -651,13 +642,35 @@ impl Backend for WgpuBackend {
                 pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
             }
         }
+        self.plans[phase.0] = Some((launches, Some(plan)));
         self.take_errors()
+    }
+
+    fn release(&mut self, phase: Prepared) {
+        if let Some(p) = self.plans.get_mut(phase.0) {
+            *p = None;
+        }
     }
 
     fn sync(&mut self) -> Result<()> {
         self.flush();
         self.wait()?;
         self.take_errors()
+    }
+
+    fn raw_buffer(&mut self, _id: BufId) -> Result<RawBuffer<'_>> {
+        self.flush();
+        Ok(RawBuffer::Staged)
+    }
+}
+
+impl Plan {
+    /// A plan with nothing to dispatch (an empty phase).
+    fn empty(device: &wgpu::Device) -> Plan {
+        let tiny = |label| {
+            device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size: 16, usage: wgpu::BufferUsages::STORAGE, mapped_at_creation: false })
+        };
+        Plan { label: String::new(), dispatches: Vec::new(), _params: tiny("params"), _scratch: tiny("scratch") }
     }
 }
 
@@ -729,11 +742,12 @@ fn bench_matmul_kind(be: &mut WgpuBackend, m: usize, k: usize, n: usize, iters: 
         Kernel::MatmulForward { out: view(out, m * n), inp: view(inp, m * k), weight: view(w, n * k), bias: None, n: m, c: k, oc: n }
     };
     let launch = vec![Launch { label: "bench.matmul".into(), kernel }];
-    be.run(&launch)?;
+    let phase = be.prepare(&launch)?;
+    be.run_prepared(phase)?;
     be.sync()?;
     let t0 = std::time::Instant::now();
     for _ in 0..iters {
-        be.run(&launch)?;
+        be.run_prepared(phase)?;
     }
     be.sync()?;
     let secs = t0.elapsed().as_secs_f64();

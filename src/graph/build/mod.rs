@@ -1,0 +1,290 @@
+//! Builds GPT-2's training and inference graphs. The only module that knows the model.
+//!
+//! Phases of a graph (see [`Phase`]; each a launch list over the same buffer table, so one
+//! allocation serves training, evaluation and sampling):
+//! * `ZeroGrad` — zero the parameter gradients (once per optimiser step);
+//! * `Train` — one micro-step: forward, loss, classifier gradient, backward; parameter gradients
+//!   are accumulated, so running it k times sums k micro-batches;
+//! * `ReduceGrads` — empty here (one device); a data-parallel run fills it;
+//! * `GradNorm` — the global gradient norm and the clip scale, into the scalars;
+//! * `Update` — AdamW, reading the per-step scalars;
+//! * `Eval` — forward and loss only (logits are kept; `losses` are written).
+//!
+//! The classifier (logits = lnf·wteᵀ, B·T × Vp) is processed in row chunks of at most
+//! `LOGITS_CHUNK_ELEMS` elements: GPT-2 124M's logits at B=4, T=1024 are 824 MB in f32, over the
+//! WebGPU default binding size and wasteful anywhere. Each chunk runs matmul → cross-entropy
+//! (in place → dlogits) → matmul backward, so only one chunk of logits ever exists.
+//!
+//! This file lays out the buffer table and assembles the phases into a [`Graph`]; the launches
+//! come from
+//! * `forward.rs`  — the activations, `block_forward` and the forward pass (`Train` and `Eval`
+//!   share it), and the classifier + loss chunks of `Eval`;
+//! * `backward.rs` — the classifier + loss gradient chunks and the backward pass (`block_backward`);
+//! * `optim.rs`    — `ZeroGrad`, `GradNorm` and `Update`.
+
+mod backward;
+mod forward;
+mod optim;
+
+use super::{BufId, BufferTable, DType, Graph, Kernel, Launch, Phase, Role, Scalars, View};
+use crate::model::params::idx;
+use crate::model::{Config, ParamLayout, NUM_PARAM_TENSORS, PARAM_NAMES};
+use backward::ActGrads;
+use forward::Activations;
+use std::collections::BTreeMap;
+
+/// At most this many logits elements exist at once (32 Mi f32 = 128 MiB, the WebGPU default
+/// max storage binding).
+pub const LOGITS_CHUNK_ELEMS: usize = 32 << 20;
+
+/// Options of a training graph.
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    /// micro-batch size B and sequence length T
+    pub b: usize,
+    pub t: usize,
+    /// micro-steps per optimiser step; `Session` seeds the loss gradient with 1/(B·T·grad_accum)
+    pub grad_accum: usize,
+    pub weight_decay: f32,
+    /// true: decay every tensor (llm.c's CPU trainer / test_gpt2); false: only 2-D weights (CUDA trainer)
+    pub decay_all: bool,
+    /// global gradient-norm clip; 0 disables clipping (the norm is still computed)
+    pub grad_clip: f32,
+}
+
+/// Buffers the host talks to.
+#[derive(Clone, Debug)]
+pub struct GraphIo {
+    pub params: [BufId; NUM_PARAM_TENSORS],
+    pub grads: Option<[BufId; NUM_PARAM_TENSORS]>,
+    pub m: Option<[BufId; NUM_PARAM_TENSORS]>,
+    pub v: Option<[BufId; NUM_PARAM_TENSORS]>,
+    /// i32 (B·T) inputs and targets
+    pub tokens: BufId,
+    pub targets: BufId,
+    /// f32 (B·T) per-position losses
+    pub losses: BufId,
+    /// f32 (logits_rows, Vp): after `eval`, the logits of rows [0, logits_rows) (row = b·T + t)
+    pub logits: BufId,
+    pub logits_rows: usize,
+    /// the per-step device scalars (every graph), see `Scalars`
+    pub scalars: BufId,
+}
+
+/// The training graph: every training phase, and `Eval`.
+pub fn build_train_step(cfg: &Config, opts: &TrainOptions) -> Graph {
+    build(cfg, opts.b, opts.t, Some(opts))
+}
+
+/// Inference only: the `Eval` phase (no gradients, no optimiser state).
+pub fn build_forward(cfg: &Config, b: usize, t: usize) -> Graph {
+    build(cfg, b, t, None)
+}
+
+/// Rows of logits per classifier chunk: all rows when they fit in `LOGITS_CHUNK_ELEMS`, else the
+/// largest multiple of T that does (so chunk 0 holds whole sequences), else as many rows as fit.
+pub fn classifier_chunk_rows(n: usize, t: usize, vp: usize) -> usize {
+    let max_rows = (LOGITS_CHUNK_ELEMS / vp).max(1);
+    if n <= max_rows {
+        n
+    } else if t <= max_rows {
+        (max_rows / t) * t
+    } else {
+        max_rows
+    }
+}
+
+/// The sizes the launches need: batch `b`, sequence `t`, rows `n` = b·t, channels `c`, heads
+/// `nh`, vocabulary `v` and padded vocabulary `vp`.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    b: usize,
+    t: usize,
+    n: usize,
+    c: usize,
+    nh: usize,
+    v: usize,
+    vp: usize,
+}
+
+/// The buffer table while it is laid out.
+struct Builder {
+    table: BufferTable,
+}
+
+impl Builder {
+    /// Adds an f32 buffer and returns a view of all of it.
+    fn buf(&mut self, name: impl Into<String>, len: usize, role: Role) -> View {
+        let id = self.table.add(name, len, DType::F32, role);
+        self.table.view(id)
+    }
+}
+
+/// One kind of parameter-shaped tensor, all 16 of them in llm.c order (`idx::*`): the parameters,
+/// their gradients, or an AdamW moment. The per-layer tensors stack the L layers.
+#[derive(Clone, Copy)]
+struct Tensors {
+    views: [View; NUM_PARAM_TENSORS],
+    layers: usize,
+}
+
+impl Tensors {
+    /// Adds the 16 buffers, named `{prefix}{PARAM_NAMES[i]}` with role `role(i)`.
+    fn add(g: &mut Builder, layout: &ParamLayout, layers: usize, prefix: &str, role: fn(usize) -> Role) -> Tensors {
+        let views = std::array::from_fn(|i| g.buf(format!("{prefix}{}", PARAM_NAMES[i]), layout.sizes[i], role(i)));
+        Tensors { views, layers }
+    }
+    /// The buffer ids, for [`GraphIo`].
+    fn ids(&self) -> [BufId; NUM_PARAM_TENSORS] {
+        self.views.map(|v| v.buf)
+    }
+    /// Tensor `i`, whole.
+    fn whole(&self, i: usize) -> View {
+        self.views[i]
+    }
+    /// Layer `l`'s slice of the stacked per-layer tensor `i`.
+    fn layer(&self, i: usize, l: usize) -> View {
+        let per = self.views[i].len / self.layers;
+        self.views[i].slice(l * per, per)
+    }
+    /// Every per-layer tensor of layer `l`.
+    fn block(&self, l: usize) -> LayerTensors {
+        let p = |i| self.layer(i, l);
+        LayerTensors {
+            ln1w: p(idx::LN1W),
+            ln1b: p(idx::LN1B),
+            qkvw: p(idx::QKVW),
+            qkvb: p(idx::QKVB),
+            attprojw: p(idx::ATTPROJW),
+            attprojb: p(idx::ATTPROJB),
+            ln2w: p(idx::LN2W),
+            ln2b: p(idx::LN2B),
+            fcw: p(idx::FCW),
+            fcb: p(idx::FCB),
+            fcprojw: p(idx::FCPROJW),
+            fcprojb: p(idx::FCPROJB),
+        }
+    }
+}
+
+/// One layer's slices of the per-layer tensors (its weights, or their gradients).
+struct LayerTensors {
+    ln1w: View,
+    ln1b: View,
+    qkvw: View,
+    qkvb: View,
+    attprojw: View,
+    attprojb: View,
+    ln2w: View,
+    ln2b: View,
+    fcw: View,
+    fcb: View,
+    fcprojw: View,
+    fcprojb: View,
+}
+
+/// The host-facing buffers as views.
+struct IoViews {
+    /// i32 (n) input and target ids
+    tokens: View,
+    targets: View,
+    /// f32 (n) per-position losses
+    losses: View,
+    /// the whole scalars buffer, and its loss-seed slot
+    scalars: View,
+    dloss: View,
+}
+
+/// What every phase reads: the sizes, the parameters, the host buffers and the activations.
+struct Net {
+    d: Dims,
+    params: Tensors,
+    io: IoViews,
+    acts: Activations,
+}
+
+/// The buffers only a training graph has.
+struct TrainBufs {
+    grads: Tensors,
+    m: Tensors,
+    v: Tensors,
+    /// activation gradients, reused by every block
+    dacts: ActGrads,
+    /// one partial sum of squares per gradient tensor
+    norm_parts: View,
+}
+
+fn launch(out: &mut Vec<Launch>, label: impl Into<String>, kernel: Kernel) {
+    out.push(Launch { label: label.into(), kernel });
+}
+
+fn build(cfg: &Config, b: usize, t: usize, train: Option<&TrainOptions>) -> Graph {
+    let d = Dims { b, t, n: b * t, c: cfg.c, nh: cfg.nh, v: cfg.v, vp: cfg.vp };
+    let layout = ParamLayout::new(cfg);
+    let mut g = Builder { table: BufferTable::default() };
+
+    // ---- the buffer table, in this order: parameters; gradients and AdamW moments (training);
+    // host buffers; activations; activation gradients and norm scratch (training) ----
+    let params = Tensors::add(&mut g, &layout, cfg.l, "", Role::Param);
+    let optim = train.map(|_| {
+        let grads = Tensors::add(&mut g, &layout, cfg.l, "d", Role::Grad);
+        let m = Tensors::add(&mut g, &layout, cfg.l, "m.", Role::OptM);
+        let v = Tensors::add(&mut g, &layout, cfg.l, "v.", Role::OptV);
+        (grads, m, v)
+    });
+    let tokens = g.table.add("tokens", d.n, DType::I32, Role::Tokens);
+    let targets = g.table.add("targets", d.n, DType::I32, Role::Targets);
+    let losses = g.table.add("losses", d.n, DType::F32, Role::Losses);
+    let scalars = g.table.add("scalars", Scalars::LEN, DType::F32, Role::Scalars);
+    let io = IoViews {
+        tokens: g.table.view(tokens),
+        targets: g.table.view(targets),
+        losses: g.table.view(losses),
+        scalars: g.table.view(scalars),
+        dloss: g.table.view(scalars).slice(Scalars::LOSS_SEED, 1),
+    };
+    let acts = Activations::new(&mut g, d, cfg.l);
+    let train_bufs = optim.map(|(grads, m, v)| TrainBufs {
+        grads,
+        m,
+        v,
+        dacts: ActGrads::new(&mut g, d),
+        norm_parts: g.buf("norm_parts", NUM_PARAM_TENSORS, Role::Scratch),
+    });
+    let net = Net { d, params, io, acts };
+
+    // ---- the phases: `Train` and `Eval` share the forward pass ----
+    let fwd = forward::forward(&net);
+    let mut eval = fwd.clone();
+    forward::eval_loss(&net, &mut eval);
+    let (mut train_l, mut zero_grad, mut norm, mut update) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    if let (Some(opts), Some(tb)) = (train, &train_bufs) {
+        train_l = fwd;
+        backward::backward(&net, tb, &mut train_l);
+        zero_grad = optim::zero_grad(&net, tb);
+        norm = optim::grad_norm(&net, tb, opts);
+        update = optim::update(&net, tb, opts);
+    }
+
+    let phases = BTreeMap::from([
+        (Phase::ZeroGrad, zero_grad),
+        (Phase::Train, train_l),
+        (Phase::ReduceGrads, Vec::new()),
+        (Phase::GradNorm, norm),
+        (Phase::Update, update),
+        (Phase::Eval, eval),
+    ]);
+    let io = GraphIo {
+        params: net.params.ids(),
+        grads: train_bufs.as_ref().map(|tb| tb.grads.ids()),
+        m: train_bufs.as_ref().map(|tb| tb.m.ids()),
+        v: train_bufs.as_ref().map(|tb| tb.v.ids()),
+        tokens,
+        targets,
+        losses,
+        logits: net.acts.logits.buf,
+        logits_rows: net.acts.chunk_rows,
+        scalars,
+    };
+    Graph { cfg: *cfg, b, t, grad_accum: train.map(|o| o.grad_accum.max(1)).unwrap_or(1), buffers: g.table, io, phases }
+}

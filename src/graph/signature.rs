@@ -1,0 +1,268 @@
+//! The kernel contract, written once: for every [`Kernel`] variant, which views it reads and which
+//! it writes, each view's element class and the length its size arguments require. [`validate`]
+//! checks a whole phase against a [`BufferTable`] when the phase is prepared, so backends execute
+//! launches without re-checking them (and cannot disagree about what is legal).
+//!
+//! Token ids are data, not shape: they are checked when a batch is uploaded
+//! ([`check_token_ids`], called by `train::Session`), and kernels may assume them valid.
+
+use super::{BufferTable, DType, Kernel, Launch, Scalars, View};
+use crate::error::{Error, Result};
+
+/// How a kernel uses a view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// only read
+    Read,
+    /// overwritten without being read
+    Write,
+    /// read and written: accumulated into (`+=`) or transformed in place
+    ReadWrite,
+}
+
+/// What a view holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// floating point, in the kernel's precision (f32 today; see [`Kernel::precisions`])
+    Float,
+    /// f32 whatever the precision: device scalars, statistics the kernels keep in f32
+    F32,
+    /// i32 token or target ids
+    I32,
+}
+
+/// One argument of a kernel.
+#[derive(Clone, Copy, Debug)]
+pub struct Arg {
+    /// the field name in [`Kernel`] (used in error messages)
+    pub name: &'static str,
+    pub view: View,
+    pub access: Access,
+    pub class: Class,
+    /// the fewest elements the view must have
+    pub need: usize,
+}
+
+impl Arg {
+    pub fn is_output(&self) -> bool {
+        self.access != Access::Read
+    }
+}
+
+fn r(name: &'static str, view: View, need: usize) -> Arg {
+    Arg { name, view, access: Access::Read, class: Class::Float, need }
+}
+fn w(name: &'static str, view: View, need: usize) -> Arg {
+    Arg { name, view, access: Access::Write, class: Class::Float, need }
+}
+fn rw(name: &'static str, view: View, need: usize) -> Arg {
+    Arg { name, view, access: Access::ReadWrite, class: Class::Float, need }
+}
+fn ids(name: &'static str, view: View, need: usize) -> Arg {
+    Arg { name, view, access: Access::Read, class: Class::I32, need }
+}
+fn scalars(name: &'static str, view: View, access: Access, need: usize) -> Arg {
+    Arg { name, view, access, class: Class::F32, need }
+}
+
+impl Kernel {
+    /// Every argument, outputs first (in a fixed order), then inputs. The cpu executor hands
+    /// kernels their views in this order.
+    pub fn args(&self) -> Vec<Arg> {
+        use Kernel::*;
+        match *self {
+            EncoderForward { out, tokens, wte, wpe, b, t, c } => {
+                vec![w("out", out, b * t * c), ids("tokens", tokens, b * t), r("wte", wte, c), r("wpe", wpe, t * c)]
+            }
+            EncoderBackward { dwte, dwpe, dout, tokens, b, t, c } => vec![
+                rw("dwte", dwte, c),
+                rw("dwpe", dwpe, t * c),
+                r("dout", dout, b * t * c),
+                ids("tokens", tokens, b * t),
+            ],
+            LayerNormForward { out, mean, rstd, inp, weight, bias, n, c } => vec![
+                w("out", out, n * c),
+                Arg { class: Class::F32, ..w("mean", mean, n) },
+                Arg { class: Class::F32, ..w("rstd", rstd, n) },
+                r("inp", inp, n * c),
+                r("weight", weight, c),
+                r("bias", bias, c),
+            ],
+            LayerNormBackward { dinp, dweight, dbias, dout, inp, weight, mean, rstd, n, c, accumulate } => vec![
+                if accumulate { rw("dinp", dinp, n * c) } else { w("dinp", dinp, n * c) },
+                rw("dweight", dweight, c),
+                rw("dbias", dbias, c),
+                r("dout", dout, n * c),
+                r("inp", inp, n * c),
+                r("weight", weight, c),
+                Arg { class: Class::F32, ..r("mean", mean, n) },
+                Arg { class: Class::F32, ..r("rstd", rstd, n) },
+            ],
+            MatmulForward { out, inp, weight, bias, n, c, oc } => {
+                let mut v = vec![w("out", out, n * oc), r("inp", inp, n * c), r("weight", weight, oc * c)];
+                v.extend(bias.map(|b| r("bias", b, oc)));
+                v
+            }
+            MatmulBackward { dinp, dweight, dbias, dout, inp, weight, n, c, oc } => {
+                let mut v = vec![w("dinp", dinp, n * c), rw("dweight", dweight, oc * c)];
+                v.extend(dbias.map(|b| rw("dbias", b, oc)));
+                v.extend([r("dout", dout, n * oc), r("inp", inp, n * c), r("weight", weight, oc * c)]);
+                v
+            }
+            AttentionForward { out, lse, qkv, b, t, c, nh } => vec![
+                w("out", out, b * t * c),
+                Arg { class: Class::F32, ..w("lse", lse, b * nh * t) },
+                r("qkv", qkv, b * t * 3 * c),
+            ],
+            AttentionBackward { dqkv, dout, out, lse, qkv, b, t, c, nh } => vec![
+                w("dqkv", dqkv, b * t * 3 * c),
+                r("dout", dout, b * t * c),
+                r("out", out, b * t * c),
+                Arg { class: Class::F32, ..r("lse", lse, b * nh * t) },
+                r("qkv", qkv, b * t * 3 * c),
+            ],
+            GeluForward { out, inp, n } => vec![w("out", out, n), r("inp", inp, n)],
+            GeluBackward { dinp, inp, dout, n } => vec![w("dinp", dinp, n), r("inp", inp, n), r("dout", dout, n)],
+            ResidualForward { out, a, b, n } => vec![w("out", out, n), r("a", a, n), r("b", b, n)],
+            CrossEntropy { logits, losses, targets, dloss, n, vp, write_grad, accumulate, .. } => {
+                let loss_access = if accumulate { Access::ReadWrite } else { Access::Write };
+                let losses = Arg { class: Class::F32, access: loss_access, ..w("losses", losses, n) };
+                let (targets, dloss) = (ids("targets", targets, n), scalars("dloss", dloss, Access::Read, 1));
+                if write_grad {
+                    vec![rw("logits", logits, n * vp), losses, targets, dloss]
+                } else {
+                    vec![losses, r("logits", logits, n * vp), targets, dloss]
+                }
+            }
+            Zero { out } => vec![w("out", out, 0)],
+            SumSquares { out, inp, slot } => {
+                vec![Arg { class: Class::F32, ..rw("out", out, slot + 1) }, r("inp", inp, 0)]
+            }
+            ClipScale { hyper, parts, .. } => vec![
+                scalars("hyper", hyper, Access::ReadWrite, Scalars::LEN),
+                Arg { class: Class::F32, ..r("parts", parts, 0) },
+            ],
+            AdamW { param, grad, m, v, hyper, .. } => {
+                let n = param.len;
+                vec![
+                    rw("param", param, n),
+                    Arg { class: Class::F32, ..rw("m", m, n) },
+                    Arg { class: Class::F32, ..rw("v", v, n) },
+                    r("grad", grad, n),
+                    scalars("hyper", hyper, Access::Read, Scalars::LEN),
+                ]
+            }
+        }
+    }
+
+    /// Views the kernel writes or accumulates into, in `args` order.
+    pub fn outputs(&self) -> Vec<View> {
+        self.args().iter().filter(|a| a.is_output()).map(|a| a.view).collect()
+    }
+
+    /// Views the kernel only reads, in `args` order.
+    pub fn inputs(&self) -> Vec<View> {
+        self.args().iter().filter(|a| !a.is_output()).map(|a| a.view).collect()
+    }
+
+    /// The float dtypes this kernel is implemented in. One list for every backend: a backend
+    /// that lacks one of them says so through [`crate::backend::Backend::supports`].
+    pub fn precisions(&self) -> &'static [DType] {
+        &[DType::F32]
+    }
+
+    /// Constraints between size arguments that no view length expresses.
+    fn check_sizes(&self) -> std::result::Result<(), String> {
+        use Kernel::*;
+        match *self {
+            AttentionForward { c, nh, .. } | AttentionBackward { c, nh, .. } if nh == 0 || !c.is_multiple_of(nh) => {
+                Err(format!("channels {c} are not a multiple of heads {nh}"))
+            }
+            CrossEntropy { v, vp, .. } if v == 0 || v > vp => Err(format!("vocab {v} must be in [1, padded vocab {vp}]")),
+            _ => Ok(()),
+        }
+    }
+
+    /// The id views and the exclusive bound of their values: (view, count, bound, what).
+    pub fn id_bounds(&self) -> Vec<(View, usize, usize, &'static str)> {
+        match *self {
+            Kernel::EncoderForward { tokens, wte, b, t, c, .. } => vec![(tokens, b * t, wte.len / c.max(1), "token")],
+            Kernel::EncoderBackward { tokens, dwte, b, t, c, .. } => vec![(tokens, b * t, dwte.len / c.max(1), "token")],
+            Kernel::CrossEntropy { targets, n, v, .. } => vec![(targets, n, v, "target")],
+            _ => vec![],
+        }
+    }
+}
+
+fn bad(label: &str, msg: impl std::fmt::Display) -> Error {
+    Error::Internal(format!("launch '{label}': {msg}"))
+}
+
+/// Checks every launch against the buffer table: each view lies inside its buffer, has the
+/// element class and length the kernel's signature requires, the outputs of one launch do not
+/// overlap, the size arguments agree, and every float view is in a precision the kernel has.
+/// Called once when a phase is prepared; a failure is a bug in whoever built the graph.
+pub fn validate(table: &BufferTable, launches: &[Launch]) -> Result<()> {
+    for l in launches {
+        validate_one(table, l)?;
+    }
+    Ok(())
+}
+
+fn validate_one(table: &BufferTable, l: &Launch) -> Result<()> {
+    let label = l.label.as_str();
+    let k = &l.kernel;
+    k.check_sizes().map_err(|m| bad(label, m))?;
+    let args = k.args();
+    for a in &args {
+        let Some(buf) = table.try_get(a.view.buf) else {
+            return Err(bad(label, format!("{} names unknown buffer id {}", a.name, a.view.buf.0)));
+        };
+        let end = a.view.offset.checked_add(a.view.len);
+        if end.is_none_or(|e| e > buf.len) {
+            return Err(bad(
+                label,
+                format!("{} view [{}, +{}) exceeds buffer '{}' of {} elements", a.name, a.view.offset, a.view.len, buf.name, buf.len),
+            ));
+        }
+        if a.view.len < a.need {
+            return Err(bad(label, format!("{} ('{}') has {} elements, needs {}", a.name, buf.name, a.view.len, a.need)));
+        }
+        let ok = match a.class {
+            Class::I32 => buf.dtype == DType::I32,
+            Class::F32 => buf.dtype == DType::F32,
+            Class::Float => k.precisions().contains(&buf.dtype),
+        };
+        if !ok {
+            let want = match a.class {
+                Class::I32 => "i32".to_string(),
+                Class::F32 => "f32".to_string(),
+                Class::Float => k.precisions().iter().map(|d| d.name()).collect::<Vec<_>>().join("/"),
+            };
+            return Err(bad(
+                label,
+                format!("{} must be {want} but buffer '{}' is {} (no {} kernel for it exists)", a.name, buf.name, buf.dtype, k.family()),
+            ));
+        }
+    }
+    let outs: Vec<&Arg> = args.iter().filter(|a| a.is_output()).collect();
+    for (x, a) in outs.iter().enumerate() {
+        if let Some(b) = outs[x + 1..].iter().find(|b| overlaps(&a.view, &b.view)) {
+            return Err(bad(label, format!("outputs {} and {} overlap in buffer '{}'", a.name, b.name, table.get(a.view.buf).name)));
+        }
+    }
+    Ok(())
+}
+
+/// Two views share at least one element.
+pub fn overlaps(a: &View, b: &View) -> bool {
+    a.buf == b.buf && a.len > 0 && b.len > 0 && a.offset < b.offset + b.len && b.offset < a.offset + a.len
+}
+
+/// The first id outside `[0, bound)`, as (position, id).
+pub fn check_token_ids(ids: &[i32], bound: usize) -> std::result::Result<(), (usize, i32)> {
+    match ids.iter().position(|&x| x < 0 || x as usize >= bound) {
+        Some(i) => Err((i, ids[i])),
+        None => Ok(()),
+    }
+}

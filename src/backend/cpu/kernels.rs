@@ -250,6 +250,15 @@ fn gather_head(dst: &mut [f32], qkv: &[f32], bb: usize, h: usize, part: usize, t
     }
 }
 
+/// Head `h` of batch `bb`'s q, k and v, each (t, hs).
+fn gather_qkv(qkv: &[f32], bb: usize, h: usize, t: usize, c: usize, hs: usize) -> [Vec<f32>; 3] {
+    std::array::from_fn(|part| {
+        let mut dst = vec![0f32; t * hs];
+        gather_head(&mut dst, qkv, bb, h, part, t, c, hs);
+        dst
+    })
+}
+
 /// A row-major (rows, cols) operand, or its transpose.
 fn rm(data: &[f32], cols: usize) -> Operand<'_> {
     Operand { data, rs: cols, cs: 1 }
@@ -273,12 +282,7 @@ pub fn attention_forward(out: &mut [f32], lse: &mut [f32], qkv: &[f32], b: usize
     let mut tmp = vec![0f32; b * nh * t * hs];
     tmp.par_chunks_mut(t * hs).zip(lse[..b * nh * t].par_chunks_mut(t)).enumerate().for_each(|(bh, (o, l))| {
         let (bb, h) = (bh / nh, bh % nh);
-        let mut q = vec![0f32; t * hs];
-        let mut k = vec![0f32; t * hs];
-        let mut v = vec![0f32; t * hs];
-        gather_head(&mut q, qkv, bb, h, 0, t, c, hs);
-        gather_head(&mut k, qkv, bb, h, 1, t, c, hs);
-        gather_head(&mut v, qkv, bb, h, 2, t, c, hs);
+        let [q, k, v] = gather_qkv(qkv, bb, h, t, c, hs);
         let mut s = vec![0f32; ATT_ROWS.min(t) * t];
         for r0 in (0..t).step_by(ATT_ROWS) {
             let r1 = (r0 + ATT_ROWS).min(t);
@@ -345,12 +349,7 @@ pub fn attention_backward(
         let (bb, h) = (bh / nh, bh % nh);
         let (dq, rest) = g.split_at_mut(t * hs);
         let (dk, dv) = rest.split_at_mut(t * hs);
-        let mut q = vec![0f32; t * hs];
-        let mut k = vec![0f32; t * hs];
-        let mut v = vec![0f32; t * hs];
-        gather_head(&mut q, qkv, bb, h, 0, t, c, hs);
-        gather_head(&mut k, qkv, bb, h, 1, t, c, hs);
-        gather_head(&mut v, qkv, bb, h, 2, t, c, hs);
+        let [q, k, v] = gather_qkv(qkv, bb, h, t, c, hs);
         // dout of this head, and D_t = dout_t·out_t
         let mut d_o = vec![0f32; t * hs];
         let mut dd = vec![0f32; t];

@@ -373,6 +373,19 @@ impl Compiler<'_> {
         (self.max_elems() / 256 * 256).max(256)
     }
 
+    /// (start, len) of the elementwise chunks covering `n` elements.
+    fn elem_blocks(&self, n: u64) -> impl Iterator<Item = (u64, u64)> {
+        let chunk = self.elem_chunk();
+        (0..n).step_by(chunk as usize).map(move |s| (s, chunk.min(n - s)))
+    }
+
+    /// (first row, rows) of the row blocks covering `n` rows of `row_elems` elements, each block
+    /// small enough for one binding; an error naming `what` if not even one row fits.
+    fn row_blocks(&self, what: &str, n: u64, row_elems: u64) -> Result<impl Iterator<Item = (u64, u64)>> {
+        let rows = self.rows_per_binding(what, row_elems)?;
+        Ok((0..n).step_by(rows as usize).map(move |r0| (r0, rows.min(n - r0))))
+    }
+
     fn launch(&mut self, k: &Kernel) -> Result<()> {
         use Kernel::*;
         match k {
@@ -451,10 +464,7 @@ impl Compiler<'_> {
             }
             AdamW { param, grad, m, v, hyper, weight_decay } => {
                 let n = param.len as u64;
-                let chunk = self.elem_chunk();
-                let mut s = 0;
-                while s < n {
-                    let len = chunk.min(n - s);
+                for (s, len) in self.elem_blocks(n) {
                     let mut call = Call::new("adamw", "adamw");
                     let o_p = self.bind_view(&mut call, 1, param, s, len, true)?;
                     let o_g = self.bind_view(&mut call, 2, grad, s, len, false)?;
@@ -464,7 +474,6 @@ impl Compiler<'_> {
                     call.params(&[len as u32, o_p, o_g, o_m, o_v, o_h, f(*weight_decay)]);
                     call.groups = self.stride_groups(len, ELEMWISE_WG);
                     self.push(call);
-                    s += len;
                 }
                 Ok(())
             }
@@ -481,10 +490,7 @@ impl Compiler<'_> {
         views: &[(u32, &View, bool)],
         extra: &[u32],
     ) -> Result<()> {
-        let chunk = self.elem_chunk();
-        let mut s = 0;
-        while s < n {
-            let len = chunk.min(n - s);
+        for (s, len) in self.elem_blocks(n) {
             let mut call = Call::new(family, entry);
             let mut words = vec![len as u32];
             for (slot, v, w) in views {
@@ -494,7 +500,6 @@ impl Compiler<'_> {
             call.params(&words);
             call.groups = self.stride_groups(len, ELEMWISE_WG);
             self.push(call);
-            s += len;
         }
         Ok(())
     }
@@ -511,10 +516,7 @@ impl Compiler<'_> {
             return Ok(());
         }
         let vocab = wte.len as u64 / c;
-        let rows = self.rows_per_binding("wte", c)?;
-        let mut r0 = 0;
-        while r0 < vocab {
-            let rs = rows.min(vocab - r0);
+        for (r0, rs) in self.row_blocks("wte", vocab, c)? {
             let mut call = Call::new("encoder", "encoder_forward");
             let o_out = self.bind_view(&mut call, 1, out, 0, n * c, true)?;
             let o_tok = self.bind_view(&mut call, 2, tokens, 0, n, false)?;
@@ -523,7 +525,6 @@ impl Compiler<'_> {
             call.params(&[n as u32, c as u32, t as u32, b as u32, r0 as u32, rs as u32, o_out, o_tok, o_wte, o_wpe, 0]);
             call.groups = self.stride_groups(n * c, ELEMWISE_WG);
             self.push(call);
-            r0 += rs;
         }
         Ok(())
     }
@@ -545,10 +546,7 @@ impl Compiler<'_> {
         call.groups = self.row_groups(ceil_div(n, 256));
         self.push(call);
         let vocab = dwte.len as u64 / c;
-        let rows = self.rows_per_binding("dwte", c)?;
-        let mut r0 = 0;
-        while r0 < vocab {
-            let rs = rows.min(vocab - r0);
+        for (r0, rs) in self.row_blocks("dwte", vocab, c)? {
             let mut call = Call::new("encoder", "encoder_backward_wte");
             let o_out = self.bind_view(&mut call, 1, dwte, r0 * c, rs * c, true)?;
             let o_tok = self.bind_view(&mut call, 2, tokens, 0, n, false)?;
@@ -557,7 +555,6 @@ impl Compiler<'_> {
             call.params(&[n as u32, c as u32, t as u32, b as u32, r0 as u32, rs as u32, o_out, o_tok, 0, 0, o_dout]);
             call.groups = self.stride_groups(n * c, ELEMWISE_WG);
             self.push(call);
-            r0 += rs;
         }
         let mut call = Call::new("encoder", "encoder_backward_wpe");
         let o_out = self.bind_view(&mut call, 1, dwpe, 0, t * c, true)?;
@@ -575,10 +572,7 @@ impl Compiler<'_> {
         if n == 0 || c == 0 {
             return Ok(());
         }
-        let rows = self.rows_per_binding("a layernorm row block", c)?;
-        let mut r0 = 0;
-        while r0 < n {
-            let rs = rows.min(n - r0);
+        for (r0, rs) in self.row_blocks("a layernorm row block", n, c)? {
             let mut call = Call::new("layernorm", "ln_forward");
             let o_out = self.bind_view(&mut call, 1, out, r0 * c, rs * c, true)?;
             let o_mean = self.bind_view(&mut call, 2, mean, r0, rs, true)?;
@@ -589,7 +583,6 @@ impl Compiler<'_> {
             call.params(&[rs as u32, c as u32, o_out, o_mean, o_rstd, o_inp, o_w, o_b]);
             call.groups = self.row_groups(rs);
             self.push(call);
-            r0 += rs;
         }
         Ok(())
     }
@@ -602,10 +595,7 @@ impl Compiler<'_> {
         if n == 0 || c == 0 {
             return Ok(());
         }
-        let rows = self.rows_per_binding("a layernorm row block", c)?;
-        let mut r0 = 0;
-        while r0 < n {
-            let rs = rows.min(n - r0);
+        for (r0, rs) in self.row_blocks("a layernorm row block", n, c)? {
             // dinp
             let mut call = Call::new("layernorm", "ln_backward_dinp");
             let o_out = self.bind_view(&mut call, 1, dinp, r0 * c, rs * c, true)?;
@@ -636,7 +626,6 @@ impl Compiler<'_> {
             call.params(&[rs as u32, c as u32, 0, 0, 0, 0, 0, 0, 0, 0, rb as u32, nblocks as u32, o_dw, o_db]);
             call.groups = [ceil_div(c, 64) as u32, 1, 1];
             self.push(call);
-            r0 += rs;
         }
         Ok(())
     }
@@ -818,10 +807,7 @@ impl Compiler<'_> {
 
     /// dbias (oc) += Σ_rows dout (n, oc)
     fn colsum(&mut self, dout: &View, n: u64, oc: u64, dbias: &View) -> Result<()> {
-        let rows = self.rows_per_binding("a dbias row block", oc)?;
-        let mut r0 = 0;
-        while r0 < n {
-            let rs = rows.min(n - r0);
+        for (r0, rs) in self.row_blocks("a dbias row block", n, oc)? {
             let rb = ROW_BLOCK.max(ceil_div(rs, self.caps.max_groups as u64));
             let nblocks = ceil_div(rs, rb);
             let mut call = Call::new("matmul", "colsum_partial");
@@ -836,7 +822,6 @@ impl Compiler<'_> {
             call.params(&[rs as u32, oc as u32, rb as u32, oc as u32, 0, nblocks as u32, 0, 0, 0, o_b]);
             call.groups = [ceil_div(oc, 64) as u32, 1, 1];
             self.push(call);
-            r0 += rs;
         }
         Ok(())
     }
@@ -924,10 +909,7 @@ impl Compiler<'_> {
         if n == 0 {
             return Ok(());
         }
-        let rows = self.rows_per_binding("a logits row", vp)?;
-        let mut r0 = 0;
-        while r0 < n {
-            let rs = rows.min(n - r0);
+        for (r0, rs) in self.row_blocks("a logits row", n, vp)? {
             let mut call = Call::new("classifier", "crossentropy");
             let o_l = self.bind_view(&mut call, 1, logits, r0 * vp, rs * vp, true)?;
             let o_loss = self.bind_view(&mut call, 2, losses, r0, rs, true)?;
@@ -936,27 +918,17 @@ impl Compiler<'_> {
             call.params(&[rs as u32, v as u32, vp as u32, o_l, o_loss, o_t, flags, o_d]);
             call.groups = self.row_groups(rs);
             self.push(call);
-            r0 += rs;
         }
         Ok(())
     }
 
     fn sum_squares(&mut self, out: &View, inp: &View, slot: u64) -> Result<()> {
         let n = inp.len as u64;
-        let chunk = self.elem_chunk();
         // fixed partial counts per chunk → a deterministic summation order
         let groups_for = |len: u64| ceil_div(len, 256 * 8).clamp(1, 1024);
-        let mut total = 0u64;
-        let mut s = 0;
-        while s < n {
-            total += groups_for(chunk.min(n - s));
-            s += chunk;
-        }
-        let total = total.max(1);
+        let total = self.elem_blocks(n).map(|(_, len)| groups_for(len)).sum::<u64>().max(1);
         let mut part0 = 0u64;
-        let mut s = 0;
-        while s < n {
-            let len = chunk.min(n - s);
+        for (s, len) in self.elem_blocks(n) {
             let g = groups_for(len);
             let mut call = Call::new("reduce", "sumsq_partial");
             let o_inp = self.bind_view(&mut call, 2, inp, s, len, false)?;
@@ -965,7 +937,6 @@ impl Compiler<'_> {
             call.groups = [g as u32, 1, 1];
             self.push(call);
             part0 += g;
-            s += len;
         }
         let mut call = Call::new("reduce", "sumsq_finalize");
         if n == 0 {

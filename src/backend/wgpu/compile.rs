@@ -159,6 +159,8 @@ pub fn plan_memory(table: &BufferTable, phases: &[&[Launch]], caps: &DeviceCaps)
     let mut params = 0u64;
     let mut dispatches = 0usize;
     for ph in phases {
+        // before anything is prepared (this runs from check_fits): the compiler assumes the contract
+        crate::graph::validate(table, ph)?;
         let c = compile(table, ph, caps)?;
         scratch = scratch.max(c.scratch_bytes);
         params += c.dispatches.len() as u64 * caps.uniform_align;
@@ -176,7 +178,8 @@ pub fn plan_memory(table: &BufferTable, phases: &[&[Launch]], caps: &DeviceCaps)
     })
 }
 
-/// Compiles a launch list into dispatches.
+/// Compiles a launch list into dispatches. The launches must satisfy the kernel contract
+/// (`graph::validate`, done by `Backend::prepare` and `plan_memory`).
 pub fn compile(table: &BufferTable, launches: &[Launch], caps: &DeviceCaps) -> Result<Compiled> {
     let mut c = Compiler { table, caps, out: Vec::new(), scratch: 0, label: String::new() };
     for l in launches {
@@ -836,9 +839,7 @@ impl Compiler<'_> {
         if b == 0 || t == 0 || c == 0 {
             return Ok(());
         }
-        if nh == 0 || !c.is_multiple_of(nh) {
-            return Err(Error::backend("wgpu", format!("attention: channels {c} are not divisible by heads {nh}")));
-        }
+        // heads divide channels (graph::validate); what this adapter limits is the head size
         let hs = c / nh;
         let (bk, bqt) = attention_tiles(hs as u32, self.caps.workgroup_bytes);
         if bk == 0 || bqt == 0 {

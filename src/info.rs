@@ -1,4 +1,5 @@
-//! `wgpt info` and `wgpt kernels`: what is available here and why an absent backend is absent.
+//! `wgpt info` and `wgpt kernels`: what is available here and why an absent backend is absent,
+//! and which rank of which launcher this process is.
 
 use crate::backend::{cuda, wgpu};
 use crate::error::Result;
@@ -31,10 +32,13 @@ pub fn report() -> String {
             );
         }
     }
-    s += &format!("{}", cuda::probe());
+    let cuda = cuda::probe();
+    s += &format!("{cuda}");
     if !s.ends_with('\n') {
         s.push('\n');
     }
+    // the launcher and this process's rank (and, with several ranks, the device it would take)
+    s += &crate::dist::report(cuda.devices.len(), &adapters);
     s
 }
 

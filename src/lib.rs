@@ -2,6 +2,7 @@ pub mod atomic;
 pub mod backend;
 pub mod bench;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod graph;
 pub mod info;

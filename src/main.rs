@@ -34,11 +34,13 @@ enum Cmd {
     Info,
     /// Compile the CUDA kernels with NVRTC for the given architectures (no GPU needed)
     Kernels(KernelsArgs),
+    /// Convert between Hugging Face GPT-2 (folder or model.safetensors) and llm.c checkpoints
+    Convert(ConvertArgs),
 }
 
 #[derive(clap::Args)]
 struct SampleArgs {
-    /// llm.c model checkpoint
+    /// model: an llm.c checkpoint (.bin), or a Hugging Face GPT-2 folder or model.safetensors
     #[arg(long)]
     model: PathBuf,
     /// text to continue (default: start from <|endoftext|>)
@@ -68,7 +70,7 @@ struct SampleArgs {
 
 #[derive(clap::Args)]
 struct EvalArgs {
-    /// llm.c model checkpoint
+    /// model: an llm.c checkpoint (.bin), or a Hugging Face GPT-2 folder or model.safetensors
     #[arg(long)]
     model: PathBuf,
     /// llm.c eval file, e.g. hellaswag_val.bin made by llm.c's dev/data/hellaswag.py
@@ -98,6 +100,20 @@ struct PrepareArgs {
     /// tokens in the validation shard (the first ones, like llm.c's tinyshakespeare.py)
     #[arg(long, default_value_t = 32768)]
     val_tokens: usize,
+}
+
+#[derive(clap::Args)]
+#[command(after_help = "The direction follows from IN: a Hugging Face folder (config.json + model.safetensors) or a \
+model.safetensors file (config.json beside it) gives an llm.c checkpoint OUT; an llm.c checkpoint gives a Hugging Face \
+folder OUT (created if missing) that transformers' GPT2LMHeadModel.from_pretrained loads.")]
+struct ConvertArgs {
+    /// a Hugging Face GPT-2 folder or model.safetensors, or an llm.c checkpoint (.bin, version 3 or 5)
+    input: PathBuf,
+    /// the llm.c checkpoint to write (from Hugging Face), or the Hugging Face folder to write (from llm.c)
+    output: PathBuf,
+    /// precision of a written llm.c checkpoint: f32 (llm.c version 3) or bf16 (version 5); Hugging Face output is always F32
+    #[arg(long, value_enum, default_value_t = wgpt::train::CkptPrecision::F32)]
+    checkpoint_precision: wgpt::train::CkptPrecision,
 }
 
 #[derive(clap::Args)]
@@ -192,6 +208,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             wgpt::info::compile_cuda(&a.arch)?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Convert(a) => {
+            let r = wgpt::model::hf::convert(&a.input, &a.output, a.checkpoint_precision.into())?;
+            for w in &r.warnings {
+                eprintln!("warning: {w}");
+            }
+            println!("converted {} ({} parameters)", r.summary, r.params);
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -211,7 +235,7 @@ impl ParseDefaults for TrainArgs {
 
 fn eval(a: &EvalArgs) -> Result<ExitCode> {
     use wgpt::train::{hellaswag, session::Session};
-    let (cfg, params) = wgpt::model::checkpoint::read_checkpoint(&a.model)?;
+    let (cfg, params) = wgpt::model::hf::load_model(&a.model)?;
     let examples = wgpt::data::evalset::read_eval_file(&a.data)?;
     let longest = examples.iter().map(|e| e.longest_row()).max().unwrap_or(1);
     let t = a.seq_len.unwrap_or(longest);
@@ -242,7 +266,7 @@ fn eval(a: &EvalArgs) -> Result<ExitCode> {
 fn sample(a: &SampleArgs) -> Result<ExitCode> {
     use wgpt::data::tokenizer::Tokenizer;
     use wgpt::train::{sample, session::Session};
-    let (cfg, params) = wgpt::model::checkpoint::read_checkpoint(&a.model)?;
+    let (cfg, params) = wgpt::model::hf::load_model(&a.model)?;
     let tok = match &a.tokenizer {
         Some(p) => Tokenizer::read(p)?,
         None => Tokenizer::gpt2()?,

@@ -177,13 +177,37 @@ pub struct BackendArgs {
     /// cuda: let cuBLAS use TF32 tensor cores on sm_80+ (faster, ~10-bit matmul inputs; llm.c's -f 1)
     #[arg(long)]
     pub tf32: bool,
+    /// with several ranks on a node (mpirun, srun, torchrun...) and no --device: each local rank's
+    /// device, e.g. 0,1,2,3 (indexed by local rank); auto = local rank i takes visible device i
+    #[arg(long, value_name = "auto|LIST", default_value_t = crate::dist::DevicePerRank::Auto, value_parser = crate::dist::DevicePerRank::parse)]
+    pub device_per_rank: crate::dist::DevicePerRank,
 }
 
 impl BackendArgs {
-    /// The backend these flags ask for.
+    /// The backend these flags ask for. Without --device, a rank of a multi-rank launch takes its
+    /// local rank's device (refused before anything is allocated when two local ranks would share one).
     pub fn create(&self) -> Result<Box<dyn Backend>> {
         let cuda_opts = cuda::CudaOptions { tf32: self.tf32, ..Default::default() };
-        create(self.backend, self.device, self.threads, cuda_opts)
+        let device = match self.device {
+            Some(d) => Some(d),
+            None => self.rank_device()?,
+        };
+        create(self.backend, device, self.threads, cuda_opts)
+    }
+
+    /// The device of this process's local rank (`dist::place`) when a launcher started more than
+    /// one rank on this node; `None` otherwise (the backend's own default).
+    pub fn rank_device(&self) -> Result<Option<usize>> {
+        let env = crate::dist::env_map();
+        let world = crate::dist::World::from_env_map(&env)?;
+        if world.local_size <= 1 {
+            return Ok(None);
+        }
+        let devices = crate::dist::probe_devices(self.backend);
+        match crate::dist::place(&world, &devices, &env, &self.device_per_rank)? {
+            crate::dist::Placement::Device { index, .. } => Ok(Some(index)),
+            crate::dist::Placement::Default | crate::dist::Placement::Host => Ok(None),
+        }
     }
 }
 

@@ -45,8 +45,9 @@ impl From<CkptPrecision> for Precision {
 pub struct TrainArgs {
     #[command(flatten)]
     pub backend: BackendArgs,
-    /// model: an llm.c checkpoint (.bin) to start from, or a descriptor for random init: dN (llm.c's
-    /// d6, d12, d24, d36, d48...), or dN:cC (N layers, C channels, C/64 heads) for small models
+    /// model: an llm.c checkpoint (.bin) or a Hugging Face GPT-2 (folder or model.safetensors) to start
+    /// from, or a descriptor for random init: dN (llm.c's d6, d12, d24, d36, d48...), or dN:cC (N
+    /// layers, C channels, C/64 heads) for small models
     #[arg(long, default_value = "d4:c256")]
     pub init: String,
     /// training token shards (glob, llm.c format)
@@ -162,10 +163,11 @@ pub fn config_from_descriptor(desc: &str) -> Result<Config> {
     Config::from_descriptor(desc)
 }
 
-/// The model to start from: a checkpoint file or a random init.
+/// The model to start from: an llm.c checkpoint, a Hugging Face GPT-2 (folder or
+/// model.safetensors), or a random init.
 pub fn load_or_init(init: &str, seed: u32) -> Result<(Config, Vec<f32>)> {
-    if init.ends_with(".bin") || Path::new(init).exists() {
-        read_checkpoint(Path::new(init))
+    if init.ends_with(".bin") || init.ends_with(".safetensors") || Path::new(init).exists() {
+        crate::model::hf::load_model(Path::new(init))
     } else {
         let cfg = config_from_descriptor(init)?;
         Ok((cfg, init_params(&cfg, seed)))
@@ -208,6 +210,8 @@ fn check_args(a: &TrainArgs, cfg: &Config) -> Result<usize> {
 
 /// Run `wgpt train`.
 pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
+    // several ranks would each train their own copy: refused until data-parallel training exists
+    crate::dist::World::from_env()?.refuse_data_parallel()?;
     let resume_step = match (&a.out, a.resume) {
         (Some(dir), true) => {
             let s = state::latest_done(dir);

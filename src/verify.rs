@@ -4,7 +4,7 @@
 use crate::backend::BackendArgs;
 use crate::error::{Error, Result};
 use crate::graph::{build_train_step, TrainOptions};
-use crate::model::checkpoint::read_checkpoint;
+use crate::model::hf::load_model;
 use crate::model::debug_state::read_debug_state;
 use crate::model::{ParamLayout, NUM_PARAM_TENSORS, PARAM_NAMES};
 use crate::train::session::{AdamConsts, Session};
@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct VerifyArgs {
-    /// llm.c model checkpoint (version 3 or 5)
+    /// model: an llm.c checkpoint (version 3 or 5) or a Hugging Face GPT-2 (folder or model.safetensors)
     #[arg(long)]
     pub model: PathBuf,
     /// llm.c debug state (x, y, logits, loss, gradients)
@@ -70,7 +70,7 @@ pub struct VerifyReport {
 }
 
 pub fn run(a: &VerifyArgs) -> Result<VerifyReport> {
-    let (cfg, params) = read_checkpoint(&a.model)?;
+    let (cfg, params) = load_model(&a.model)?;
     let st = read_debug_state(&a.state, &cfg)?;
     let expected: Option<Vec<f64>> = match &a.expected {
         Some(p) => {

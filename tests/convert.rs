@@ -330,6 +330,12 @@ fn a_converted_hf_file_passes_verify() {
     let out = ok(&o);
     let r: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert_eq!(r["ok"], true, "{out}");
+    // verify also takes the HF folder itself
+    let o = wgpt(&["verify", "--model", s(&hf), "--state", &format!("{TINY}/debug_state.bin"), "--backend", "cpu", "--json"]);
+    let out = ok(&o);
+    let r2: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(r2["ok"], true, "{out}");
+    assert_eq!(r2["losses"], r["losses"], "the folder and its conversion verify alike");
 }
 
 #[test]

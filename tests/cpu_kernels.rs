@@ -1,4 +1,5 @@
-//! The cpu kernels checked on their own: forward kernels against naive f64 loops written here,
+//! The cpu kernels checked on their own: forward kernels against the naive f64 loops of
+//! tests/common/reference.rs,
 //! every backward against central finite differences of the f32 forward, the optimiser kernels
 //! against hand-computed updates, and the `CpuBackend` executor on small hand-built graphs.
 //! Awkward sizes throughout: B=3, T=37, C=96, NH=6 (hs 16) and NH=2 (hs 48), V=1531, Vp=1536.
@@ -6,6 +7,8 @@
 //! `cargo test --release --test cpu_kernels -- --ignored --nocapture` runs the GPT-2 124M
 //! (d12, B=4, T=64) benchmarks instead.
 
+mod common;
+use common::reference::{attn_ref, ce_ref, f64s, gelu_grad_ref, gelu_ref, ln_ref, matmul_ref};
 use wgpt::backend::cpu::kernels as k;
 use wgpt::backend::cpu::CpuBackend;
 use wgpt::backend::Backend;
@@ -107,82 +110,6 @@ fn check_grad(name: &str, analytic: &[f32], idx: &[usize], fd: &[f64], rtol: f64
         worst = worst.max(e / scale);
     }
     eprintln!("{name}: {} FD samples, worst |diff|/max|grad| = {worst:.2e}", idx.len());
-}
-
-// ---------------------------------------------------------------------------------------------
-// naive f64 references
-
-fn ln_ref(x: &[f32], w: &[f32], b: &[f32], n: usize, c: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-    let (mut out, mut mean, mut rstd) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
-    for r in 0..n {
-        let row = &x[r * c..(r + 1) * c];
-        let m = row.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
-        let var = row.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / c as f64;
-        let s = 1.0 / (var + 1e-5).sqrt();
-        for i in 0..c {
-            out[r * c + i] = (row[i] as f64 - m) * s * w[i] as f64 + b[i] as f64;
-        }
-        mean[r] = m;
-        rstd[r] = s;
-    }
-    (out, mean, rstd)
-}
-
-fn matmul_ref(x: &[f32], w: &[f32], bias: Option<&[f32]>, n: usize, c: usize, oc: usize) -> Vec<f64> {
-    let mut out = vec![0.0; n * oc];
-    for r in 0..n {
-        for o in 0..oc {
-            let mut s = bias.map_or(0.0, |b| b[o] as f64);
-            for i in 0..c {
-                s += x[r * c + i] as f64 * w[o * c + i] as f64;
-            }
-            out[r * oc + o] = s;
-        }
-    }
-    out
-}
-
-fn attn_ref(qkv: &[f32], b: usize, t: usize, c: usize, nh: usize) -> (Vec<f64>, Vec<f64>) {
-    let hs = c / nh;
-    let mut out = vec![0.0; b * t * c];
-    let mut lse = vec![0.0; b * nh * t];
-    for bb in 0..b {
-        for h in 0..nh {
-            for tt in 0..t {
-                let q = |i: usize| qkv[(bb * t + tt) * 3 * c + h * hs + i] as f64;
-                let kk = |u: usize, i: usize| qkv[(bb * t + u) * 3 * c + c + h * hs + i] as f64;
-                let vv = |u: usize, i: usize| qkv[(bb * t + u) * 3 * c + 2 * c + h * hs + i] as f64;
-                let s: Vec<f64> =
-                    (0..=tt).map(|u| (0..hs).map(|i| q(i) * kk(u, i)).sum::<f64>() / (hs as f64).sqrt()).collect();
-                let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let z: f64 = s.iter().map(|x| (x - mx).exp()).sum();
-                for i in 0..hs {
-                    out[(bb * t + tt) * c + h * hs + i] = (0..=tt).map(|u| (s[u] - mx).exp() / z * vv(u, i)).sum();
-                }
-                lse[(bb * nh + h) * t + tt] = mx + z.ln();
-            }
-        }
-    }
-    (out, lse)
-}
-
-fn gelu_ref(x: f64) -> f64 {
-    0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
-}
-
-fn ce_ref(logits: &[f32], targets: &[i32], n: usize, v: usize, vp: usize) -> Vec<f64> {
-    (0..n)
-        .map(|r| {
-            let row = &logits[r * vp..r * vp + v];
-            let mx = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
-            let z: f64 = row.iter().map(|&x| (x as f64 - mx).exp()).sum();
-            mx + z.ln() - row[targets[r] as usize] as f64
-        })
-        .collect()
-}
-
-fn f64s(x: &[f32]) -> Vec<f64> {
-    x.iter().map(|&v| v as f64).collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -470,15 +397,7 @@ fn gelu_forward_and_backward() {
     let all: Vec<usize> = (0..n).collect();
     check_grad("gelu dinp", &dinp, &all, &fd, 3e-4);
     // and tightly against the derivative of the tanh form in f64
-    let want: Vec<f64> = x
-        .iter()
-        .zip(&dout)
-        .map(|(&xi, &d)| {
-            let (x, s) = (xi as f64, (2.0 / std::f64::consts::PI).sqrt());
-            let th = (s * (x + 0.044715 * x * x * x)).tanh();
-            d as f64 * (0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * s * (1.0 + 3.0 * 0.044715 * x * x))
-        })
-        .collect();
+    let want: Vec<f64> = x.iter().zip(&dout).map(|(&xi, &d)| d as f64 * gelu_grad_ref(xi as f64)).collect();
     assert_close("gelu dinp (f64 derivative)", &dinp, &want, 1e-6, 1e-5);
 }
 

@@ -2,9 +2,10 @@
 //! (a) every cuda/*.cu compiles with NVRTC for sm_70, sm_80 and sm_90 — skipped, visibly, where
 //!     NVRTC is absent, unless WGPT_REQUIRE_NVRTC=1 (CI), which makes that a failure;
 //! (b) without a driver, `CudaBackend::new` is a one-line `Unavailable` error and `probe` does not panic;
-//! (c) every kernel against the cpu backend on awkward sizes, the tiny fixture's ten steps, and
-//!     `wgpt verify`/`wgpt train --backend cuda` — skipped, visibly, without a CUDA device. The cpu
-//!     half of each case always runs, so the cases themselves are checked here;
+//! (c) the kernel conformance suite (tests/common/conformance.rs: every kernel against the cpu
+//!     backend on awkward sizes, with cuBLAS and with the built-in GEMM), the tiny fixture's ten
+//!     steps, and `wgpt verify`/`wgpt train --backend cuda` — skipped, visibly, without a CUDA
+//!     device (tests/conformance.rs checks the suite's cases on the cpu against float64 references);
 //! (d) the tests of (c) once more in a child process whose "device" is the CUDA emulator of
 //!     tests/cuda_emu (the real cuda/*.cu compiled for the host, behind a stand-in libcuda): the
 //!     whole backend runs — cudarc, NVRTC, module loading, every launch — with the kernels on the
@@ -13,13 +14,13 @@
 
 mod common;
 mod cuda_emu;
-use common::{assert_follows_cpu, verify_tiny_fixture, wgpt, wgpt_env, Rng};
+use common::conformance::{self, FLOAT_DTYPES};
+use common::{assert_follows_cpu, verify_tiny_fixture, wgpt, wgpt_env};
 
-use wgpt::backend::cpu::CpuBackend;
 use wgpt::backend::cuda::{self, compile, CudaBackend, CudaOptions};
 use wgpt::backend::Backend;
 use wgpt::error::Error;
-use wgpt::graph::{BufId, BufferTable, DType, Kernel, Launch, Phase, Role, Scalars, View};
+use wgpt::graph::Phase;
 
 // ---------------------------------------------------------------- (a) NVRTC
 
@@ -180,258 +181,27 @@ fn gpu(opts: CudaOptions) -> Option<CudaBackend> {
     Some(CudaBackend::with_options(0, opts).unwrap_or_else(|e| panic!("a CUDA device is present but: {e}")))
 }
 
-/// Buffers, their initial contents and launches; run on both backends and compared.
-#[derive(Default)]
-struct Case {
-    table: BufferTable,
-    f32s: Vec<(BufId, Vec<f32>)>,
-    i32s: Vec<(BufId, Vec<i32>)>,
-    launches: Vec<Launch>,
-}
-
-impl Case {
-    fn f(&mut self, name: &str, data: Vec<f32>) -> BufId {
-        let id = self.table.add(name, data.len(), DType::F32, Role::Activation);
-        self.f32s.push((id, data));
-        id
-    }
-    fn i(&mut self, name: &str, data: Vec<i32>) -> BufId {
-        let id = self.table.add(name, data.len(), DType::I32, Role::Tokens);
-        self.i32s.push((id, data));
-        id
-    }
-    fn v(&self, id: BufId) -> View {
-        self.table.view(id)
-    }
-    fn k(&mut self, label: &str, kernel: Kernel) {
-        self.launches.push(Launch { label: label.to_string(), kernel });
-    }
-
-    fn run(&self, b: &mut dyn Backend, outs: &[BufId]) -> Vec<Vec<f32>> {
-        b.alloc(&self.table).unwrap();
-        for (id, d) in &self.f32s {
-            b.upload_f32(*id, d).unwrap();
-        }
-        for (id, d) in &self.i32s {
-            b.upload_i32(*id, d).unwrap();
-        }
-        b.run(&self.launches).unwrap_or_else(|e| panic!("{}: {e}", b.name()));
-        b.sync().unwrap();
-        outs.iter().map(|&id| b.download_f32(id).unwrap()).collect()
-    }
-}
-
-/// Compare element by element: |got − want| ≤ atol + rtol·|want|; report the worst element.
-fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
-    let mut worst = (0usize, 0f32);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        assert!(g.is_finite() == w.is_finite(), "{what}[{i}]: got {g}, want {w}");
-        if !w.is_finite() {
-            continue;
-        }
-        let excess = (g - w).abs() - (atol + rtol * w.abs());
-        if excess > worst.1 || (i == 0 && excess > 0.0) {
-            worst = (i, excess);
-        }
-    }
-    let i = worst.0;
-    assert!(worst.1 <= 0.0, "{what}[{i}]: got {}, want {} (|diff| {:e})", got[i], want[i], (got[i] - want[i]).abs());
-}
-
-/// Run `case` on the cpu backend (always) and, where a CUDA device exists, on it too; compare `outs`.
-fn check(name: &str, case: &Case, outs: &[(BufId, &str)], atol: f32, rtol: f32, opts: CudaOptions) {
-    let ids: Vec<BufId> = outs.iter().map(|o| o.0).collect();
-    let mut cpu = CpuBackend::new(Some(2)).unwrap();
-    let want = case.run(&mut cpu, &ids);
-    for (w, (_, n)) in want.iter().zip(outs) {
-        assert!(w.iter().all(|x| x.is_finite()), "{name}: cpu {n} is not finite");
-    }
-    let Some(mut g) = gpu(opts) else { return };
-    let t0 = std::time::Instant::now();
-    let got = case.run(&mut g, &ids);
-    for ((gv, wv), (_, n)) in got.iter().zip(&want).zip(outs) {
-        assert_close(&format!("{name}: {n}"), gv, wv, atol, rtol);
-    }
-    println!("{name}: {} matches cpu ({:.1} ms)", g.name(), t0.elapsed().as_secs_f64() * 1e3);
-}
-
 fn dflt() -> CudaOptions {
     CudaOptions::default()
 }
 
+/// The kernel conformance suite (tests/common/conformance.rs: every kernel on awkward sizes)
+/// against the cpu backend, per float dtype, with cuBLAS where it is present.
 #[test]
-fn encoder_matches_cpu() {
-    let mut r = Rng(11);
-    let (b, t, c, vocab, tmax) = (3, 7, 13, 11, 9);
-    let mut k = Case::default();
-    let tokens = k.i("tokens", r.ints(b * t, vocab));
-    let wte = k.f("wte", r.sym_vec(vocab * c, 1.0));
-    let wpe = k.f("wpe", r.sym_vec(tmax * c, 1.0));
-    let out = k.f("out", vec![0.0; b * t * c]);
-    let dout = k.f("dout", r.sym_vec(b * t * c, 1.0));
-    let dwte = k.f("dwte", r.sym_vec(vocab * c, 0.5)); // accumulated into
-    let dwpe = k.f("dwpe", r.sym_vec(tmax * c, 0.5));
-    let (vo, vt, vw, vp, vd, vdw, vdp) = (k.v(out), k.v(tokens), k.v(wte), k.v(wpe), k.v(dout), k.v(dwte), k.v(dwpe));
-    k.k("enc.fwd", Kernel::EncoderForward { out: vo, tokens: vt, wte: vw, wpe: vp, b, t, c });
-    k.k("enc.bwd", Kernel::EncoderBackward { dwte: vdw, dwpe: vdp, dout: vd, tokens: vt, b, t, c });
-    check("encoder", &k, &[(out, "out"), (dwte, "dwte"), (dwpe, "dwpe")], 1e-5, 1e-5, dflt());
-}
-
-fn layernorm_case(n: usize, c: usize, accumulate: bool, seed: u64) -> (Case, Vec<(BufId, &'static str)>) {
-    let mut r = Rng(seed);
-    let mut k = Case::default();
-    let inp = k.f("inp", r.sym_vec(n * c, 2.0).iter().map(|x| x + 0.5).collect());
-    let w = k.f("w", r.sym_vec(c, 1.0));
-    let bias = k.f("b", r.sym_vec(c, 1.0));
-    let out = k.f("out", vec![0.0; n * c]);
-    let mean = k.f("mean", vec![0.0; n]);
-    let rstd = k.f("rstd", vec![0.0; n]);
-    let dout = k.f("dout", r.sym_vec(n * c, 1.0));
-    let dinp = k.f("dinp", r.sym_vec(n * c, 1.0));
-    let dw = k.f("dw", r.sym_vec(c, 1.0));
-    let db = k.f("db", r.sym_vec(c, 1.0));
-    let v = |id| k.table.view(id);
-    let fwd = Kernel::LayerNormForward { out: v(out), mean: v(mean), rstd: v(rstd), inp: v(inp), weight: v(w), bias: v(bias), n, c };
-    let bwd = Kernel::LayerNormBackward {
-        dinp: v(dinp), dweight: v(dw), dbias: v(db), dout: v(dout), inp: v(inp), weight: v(w), mean: v(mean), rstd: v(rstd),
-        n, c, accumulate,
-    };
-    k.k("ln.fwd", fwd);
-    k.k("ln.bwd", bwd);
-    (k, vec![(out, "out"), (mean, "mean"), (rstd, "rstd"), (dinp, "dinp"), (dw, "dweight"), (db, "dbias")])
-}
-
-#[test]
-fn layernorm_matches_cpu() {
-    for (n, c, acc) in [(37, 45, false), (5, 3, true), (600, 77, true), (9, 800, false)] {
-        let (k, outs) = layernorm_case(n, c, acc, 3 + n as u64);
-        check(&format!("layernorm n={n} c={c} acc={acc}"), &k, &outs, 2e-4, 2e-4, dflt());
+fn every_kernel_matches_cpu() {
+    let Some(mut g) = gpu(dflt()) else { return };
+    for dtype in FLOAT_DTYPES {
+        conformance::check_against_cpu(&mut g, dtype, 1.0);
     }
 }
 
-fn matmul_case(n: usize, c: usize, oc: usize, bias: bool, seed: u64) -> (Case, Vec<(BufId, &'static str)>) {
-    let mut r = Rng(seed);
-    let mut k = Case::default();
-    // inputs live at an offset inside a larger buffer, to check view offsets
-    let inp_buf = k.f("inp", r.sym_vec(n * c + 5, 1.0));
-    let w = k.f("w", r.sym_vec(oc * c, 1.0));
-    let b = k.f("b", r.sym_vec(oc, 1.0));
-    let out = k.f("out", r.sym_vec(n * oc, 1.0)); // overwritten
-    let dout = k.f("dout", r.sym_vec(n * oc, 1.0));
-    let dinp = k.f("dinp", r.sym_vec(n * c, 1.0)); // overwritten
-    let dw = k.f("dw", r.sym_vec(oc * c, 1.0)); // accumulated
-    let db = k.f("db", r.sym_vec(oc, 1.0)); // accumulated
-    let inp = k.table.view(inp_buf).slice(5, n * c);
-    let v = |id| k.table.view(id);
-    let (vb, vdb) = if bias { (Some(v(b)), Some(v(db))) } else { (None, None) };
-    let fwd = Kernel::MatmulForward { out: v(out), inp, weight: v(w), bias: vb, n, c, oc };
-    let bwd = Kernel::MatmulBackward { dinp: v(dinp), dweight: v(dw), dbias: vdb, dout: v(dout), inp, weight: v(w), n, c, oc };
-    k.k("mm.fwd", fwd);
-    k.k("mm.bwd", bwd);
-    (k, vec![(out, "out"), (dinp, "dinp"), (dw, "dweight"), (db, "dbias")])
-}
-
+/// The suite's cases with matmuls once more on the built-in GEMM kernel instead of cuBLAS.
 #[test]
-fn matmul_matches_cpu_with_cublas_and_with_the_builtin_gemm() {
-    for (n, c, oc, bias) in [(37, 45, 29, true), (130, 70, 67, false), (1, 1, 1, true), (300, 96, 200, true)] {
-        let (k, outs) = matmul_case(n, c, oc, bias, 7 + n as u64);
-        let tol = 1e-5 * (n.max(c).max(oc) as f32).sqrt() * 4.0;
-        check(&format!("matmul n={n} c={c} oc={oc} (cuBLAS if present)"), &k, &outs, tol, 1e-4, dflt());
-        let no_blas = CudaOptions { no_cublas: true, ..Default::default() };
-        check(&format!("matmul n={n} c={c} oc={oc} (built-in GEMM)"), &k, &outs, tol, 1e-4, no_blas);
-    }
-}
-
-#[test]
-fn attention_matches_cpu() {
-    // (b, t, c, nh): head sizes 8, 64, 96 and 128 (the largest, needing > 48 KiB of shared memory)
-    for (b, t, c, nh) in [(2, 37, 24, 3), (1, 70, 128, 2), (2, 33, 192, 2), (1, 65, 256, 2), (1, 1, 16, 1)] {
-        let mut r = Rng(100 + t as u64);
-        let mut k = Case::default();
-        let qkv = k.f("qkv", r.sym_vec(b * t * 3 * c, 1.5));
-        let out = k.f("out", vec![0.0; b * t * c]);
-        let lse = k.f("lse", vec![0.0; b * nh * t]);
-        let dout = k.f("dout", r.sym_vec(b * t * c, 1.0));
-        let dqkv = k.f("dqkv", r.sym_vec(b * t * 3 * c, 1.0)); // overwritten
-        let v = |id| k.table.view(id);
-        let fwd = Kernel::AttentionForward { out: v(out), lse: v(lse), qkv: v(qkv), b, t, c, nh };
-        let bwd = Kernel::AttentionBackward { dqkv: v(dqkv), dout: v(dout), out: v(out), lse: v(lse), qkv: v(qkv), b, t, c, nh };
-        k.k("attn.fwd", fwd);
-        k.k("attn.bwd", bwd);
-        check(&format!("attention b={b} t={t} c={c} nh={nh}"), &k, &[(out, "out"), (lse, "lse"), (dqkv, "dqkv")], 2e-5, 2e-4, dflt());
-    }
-}
-
-#[test]
-fn gelu_and_residual_match_cpu() {
-    let mut r = Rng(5);
-    let n = 1003;
-    let mut k = Case::default();
-    let x = k.f("x", r.sym_vec(n, 4.0));
-    let y = k.f("y", r.sym_vec(n + 2, 1.0));
-    let out = k.f("out", vec![0.0; n]);
-    let dout = k.f("dout", r.sym_vec(n, 1.0));
-    let dinp = k.f("dinp", r.sym_vec(n, 1.0));
-    let sum = k.f("sum", vec![0.0; n]);
-    let v = |id| k.table.view(id);
-    let (vx, vy, vout, vdout, vdinp, vsum) = (v(x), v(y).slice(2, n), v(out), v(dout), v(dinp), v(sum));
-    k.k("gelu.fwd", Kernel::GeluForward { out: vout, inp: vx, n });
-    k.k("gelu.bwd", Kernel::GeluBackward { dinp: vdinp, inp: vx, dout: vdout, n });
-    k.k("res", Kernel::ResidualForward { out: vsum, a: vx, b: vy, n });
-    check("gelu+residual", &k, &[(out, "gelu"), (dinp, "dgelu"), (sum, "residual")], 1e-6, 1e-5, dflt());
-}
-
-#[test]
-fn cross_entropy_matches_cpu() {
-    let cases = [(5, 37, 40, true, false), (5, 37, 40, false, true), (3, 5000, 5008, true, true), (2, 1, 1, true, false)];
-    for (n, v, vp, write_grad, accumulate) in cases {
-        let mut r = Rng(9 + v as u64);
-        let mut k = Case::default();
-        let logits = k.f("logits", r.sym_vec(n * vp, 3.0));
-        // non-zero to start with: accumulate adds to it, otherwise it is overwritten
-        let losses = k.f("losses", r.sym_vec(n, 2.0));
-        let targets = k.i("targets", r.ints(n, v));
-        let seed = k.f("seed", vec![1.0 / n as f32]);
-        let (vl, vls, vt, vd) = (k.v(logits), k.v(losses), k.v(targets), k.v(seed));
-        k.k("ce", Kernel::CrossEntropy { logits: vl, losses: vls, targets: vt, dloss: vd, n, v, vp, write_grad, accumulate });
-        let name = format!("cross-entropy n={n} v={v} vp={vp} grad={write_grad} acc={accumulate}");
-        check(&name, &k, &[(losses, "losses"), (logits, "logits")], 1e-5, 1e-4, dflt());
-    }
-}
-
-#[test]
-fn zero_norm_clip_and_adamw_match_cpu() {
-    for max_norm in [0.0f32, 1.0, 1e6] {
-        let mut r = Rng(21);
-        let mut k = Case::default();
-        let n = 100_003;
-        let g1 = k.f("g1", r.sym_vec(n, 0.1));
-        let g2 = k.f("g2", r.sym_vec(77, 1.0));
-        let parts = k.f("parts", vec![9.0; 4]);
-        let bc = |beta: f32| 1.0 - beta.powi(3);
-        let mut hyper = vec![0.0; Scalars::LEN];
-        hyper[Scalars::LR] = 1e-3;
-        hyper[Scalars::BETA1] = 0.9;
-        hyper[Scalars::BETA2] = 0.95;
-        hyper[Scalars::EPS] = 1e-8;
-        hyper[Scalars::BC1] = bc(0.9);
-        hyper[Scalars::BC2] = bc(0.95);
-        let hy = k.f("hyper", hyper);
-        let p = k.f("param", r.sym_vec(n, 1.0));
-        let m = k.f("m", r.sym_vec(n, 0.01));
-        let vv = k.f("v", r.sym_vec(n, 1e-4).iter().map(|x| x.abs()).collect());
-        let junk = k.f("junk", r.sym_vec(50, 1.0));
-        let v = |id| k.table.view(id);
-        let (vg1, vg2, vparts, vhy, vp, vm, vvv, vjunk) = (v(g1), v(g2), v(parts), v(hy), v(p), v(m), v(vv), v(junk));
-        k.k("zero.parts", Kernel::Zero { out: vparts });
-        k.k("zero.junk", Kernel::Zero { out: vjunk.slice(10, 30) });
-        k.k("ss.0", Kernel::SumSquares { out: vparts, inp: vg1, slot: 0 });
-        k.k("ss.2", Kernel::SumSquares { out: vparts, inp: vg2, slot: 2 });
-        k.k("clip", Kernel::ClipScale { hyper: vhy, parts: vparts, max_norm });
-        k.k("adamw", Kernel::AdamW { param: vp, grad: vg1, m: vm, v: vvv, hyper: vhy, weight_decay: 0.1 });
-        let outs = [(parts, "parts"), (hy, "hyper"), (junk, "junk"), (p, "param"), (m, "m"), (vv, "v")];
-        check(&format!("norm/clip/adamw max_norm={max_norm}"), &k, &outs, 1e-6, 1e-4, dflt());
+fn matmuls_match_cpu_with_the_builtin_gemm() {
+    let Some(mut g) = gpu(CudaOptions { no_cublas: true, ..Default::default() }) else { return };
+    for dtype in FLOAT_DTYPES {
+        let cases: Vec<conformance::Case> = conformance::cases(dtype).into_iter().filter(|c| c.uses_matmul()).collect();
+        conformance::check_cases_against_cpu(&mut g, &cases, 1.0, "");
     }
 }
 
@@ -601,6 +371,9 @@ fn device_tests_on_the_cuda_emulator() {
     for must in ["tiny fixture on", "verify --backend cuda", "attention", "matmul", "norm/clip/adamw", "CUDA 11.4 driver + NVRTC 12", "host wait", "1 GiB GPU", "resume on cuda", "cuBLAS failing"] {
         assert!(stdout.contains(must), "`{must}` missing from the emulated run:\n{stdout}");
     }
+    // the conformance suite ran twice there: every case with cuBLAS, the matmuls on the built-in GEMM
+    let suites: Vec<&str> = stdout.lines().filter(|l| l.contains(" f32 cases on cuda: ")).collect();
+    assert!(suites.len() == 2 && suites[1].contains("built-in GEMM"), "the conformance suites did not both run:\n{stdout}");
     println!("{stdout}");
     println!("CUDA emulator: built in {built:.1} s, device tests in {:.1} s", t0.elapsed().as_secs_f64() - built);
 }

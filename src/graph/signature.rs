@@ -29,6 +29,8 @@ pub enum Class {
     F32,
     /// i32 token or target ids
     I32,
+    /// any dtype (`Zero` clears f32 losses and low-precision gradients alike)
+    Any,
 }
 
 /// One argument of a kernel.
@@ -134,7 +136,7 @@ impl Kernel {
                     vec![losses, r("logits", logits, n * vp), targets, dloss]
                 }
             }
-            Zero { out } => vec![w("out", out, 0)],
+            Zero { out } => vec![Arg { class: Class::Any, ..w("out", out, 0) }],
             SumSquares { out, inp, slot } => {
                 vec![Arg { class: Class::F32, ..rw("out", out, slot + 1) }, r("inp", inp, 0)]
             }
@@ -232,12 +234,14 @@ fn validate_one(table: &BufferTable, l: &Launch) -> Result<()> {
             Class::I32 => buf.dtype == DType::I32,
             Class::F32 => buf.dtype == DType::F32,
             Class::Float => k.precisions().contains(&buf.dtype),
+            Class::Any => true,
         };
         if !ok {
             let want = match a.class {
                 Class::I32 => "i32".to_string(),
                 Class::F32 => "f32".to_string(),
                 Class::Float => k.precisions().iter().map(|d| d.name()).collect::<Vec<_>>().join("/"),
+                Class::Any => unreachable!("any dtype is accepted"),
             };
             return Err(bad(
                 label,

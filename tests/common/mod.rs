@@ -1,6 +1,11 @@
-//! Helpers shared by the GPU-backend test files: running the `wgpt` binary, the fixture checks,
-//! and the generator of test data. (Not every file uses every helper.)
+//! Helpers shared by the test files: running the `wgpt` binary, the fixture checks, the
+//! generator of test data, the wgpu adapter under test, the float64 kernel references
+//! (`reference`) and the kernel conformance suite (`conformance`). (Not every file uses every
+//! helper.)
 #![allow(dead_code)]
+
+pub mod conformance;
+pub mod reference;
 
 use std::process::{Command, Output};
 
@@ -99,5 +104,26 @@ pub fn assert_follows_cpu(backend: &str, extra: &[&str]) {
     assert!(cpu[5] < cpu[0], "the cpu run should learn: {cpu:?}");
     for (i, (c, g)) in cpu.iter().zip(&dev).enumerate() {
         assert!((c - g).abs() < 2e-3, "step {}: cpu {c} vs {backend} {g}", i + 1);
+    }
+}
+
+/// The wgpu adapter under test: the backend's default choice, or WGPT_TEST_ADAPTER=<index> (see
+/// `wgpt info`), e.g. to run the suites on the GL adapter too. Without any adapter: prints
+/// "skipped: no wgpu adapter" and returns None, unless WGPT_REQUIRE_ADAPTER=1 (CI), where that
+/// is a failure.
+pub fn wgpu_adapter() -> Option<wgpt::backend::wgpu::WgpuBackend> {
+    use std::io::Write;
+    let index = std::env::var("WGPT_TEST_ADAPTER").ok().map(|s| s.parse::<usize>().expect("WGPT_TEST_ADAPTER is an index"));
+    match wgpt::backend::wgpu::WgpuBackend::new(index) {
+        Ok(b) => Some(b),
+        Err(e @ wgpt::error::Error::Unavailable(_)) => {
+            if std::env::var("WGPT_REQUIRE_ADAPTER").as_deref() == Ok("1") {
+                panic!("WGPT_REQUIRE_ADAPTER=1 but no wgpu adapter: {e}");
+            }
+            // straight to stderr: libtest's capture (print!/eprint!) would hide it
+            let _ = writeln!(std::io::stderr().lock(), "skipped: no wgpu adapter ({e})");
+            None
+        }
+        Err(e) => panic!("wgpu backend failed to start: {e}"),
     }
 }

@@ -63,6 +63,16 @@ fn instance() -> &'static wgpu::Instance {
     INSTANCE.get_or_init(|| wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env()))
 }
 
+/// wgpu's GL back end (EGL) panics (`make_current`: BadAccess) when two threads enumerate, open
+/// or drop adapters at the same time through the shared instance; every function here that
+/// touches adapters holds this lock until the adapters it does not keep are dropped.
+static ADAPTERS: Mutex<()> = Mutex::new(());
+
+fn adapters_lock() -> std::sync::MutexGuard<'static, ()> {
+    ADAPTERS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Every adapter (call with `adapters_lock` held).
 fn enumerate() -> Vec<wgpu::Adapter> {
     pollster::block_on(instance().enumerate_adapters(wgpu::Backends::all()))
 }
@@ -88,12 +98,14 @@ fn report(index: usize, a: &wgpu::Adapter) -> AdapterReport {
 
 /// Every adapter wgpu finds, in `--device` order.
 pub fn list_adapters() -> Vec<AdapterReport> {
+    let _one_thread = adapters_lock();
     enumerate().iter().enumerate().map(|(i, a)| report(i, a)).collect()
 }
 
 /// The adapter `--backend auto` should take: the best hardware GPU (discrete, integrated or
 /// virtual), never a software rasteriser such as lavapipe (far slower than the cpu backend).
 pub fn best_hardware_adapter() -> Option<usize> {
+    let _one_thread = adapters_lock();
     let list = enumerate();
     (0..list.len())
         .filter(|&i| {
@@ -167,6 +179,8 @@ impl WgpuBackend {
     /// a discrete GPU, else an integrated one, else whatever exists (e.g. lavapipe). The device gets
     /// the adapter's own limits.
     pub fn new(adapter_index: Option<usize>) -> Result<WgpuBackend> {
+        // held until the other adapters are dropped at the end (declared first, dropped last)
+        let _one_thread = adapters_lock();
         let mut list = enumerate();
         if list.is_empty() {
             return Err(Error::Unavailable(

@@ -1,5 +1,7 @@
-//! Atomic file writes: write to a temporary file beside the target, fsync, rename. A crash leaves
-//! either the old file or the new one, never a half-written one.
+//! Atomic file writes: write to a temporary file beside the target, fsync, rename, fsync the
+//! folder. A crash (`kill -9`, power loss) leaves either the old file or the new one, never a
+//! half-written one; a failed write (disk full, read-only folder) is an error naming the target,
+//! removes the temporary file and leaves the old file as it was.
 
 use crate::error::{Error, Result};
 use std::io::Write;
@@ -14,7 +16,9 @@ pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut dyn Write) -> std::
         fill(&mut w)?;
         let file = w.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        sync_parent(path);
+        Ok(())
     })();
     if let Err(e) = res {
         let _ = std::fs::remove_file(&tmp);
@@ -26,6 +30,19 @@ pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut dyn Write) -> std::
 /// Write `bytes` to `path` atomically.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic_with(path, |w| w.write_all(bytes))
+}
+
+/// Make the rename itself durable (best effort: not every file system syncs folders).
+fn sync_parent(path: &Path) {
+    #[cfg(unix)]
+    {
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
 }
 
 fn tmp_path(path: &Path) -> PathBuf {

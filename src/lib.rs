@@ -1,6 +1,7 @@
 pub mod atomic;
 pub mod backend;
 pub mod bench;
+pub mod cache;
 pub mod data;
 pub mod dist;
 pub mod error;

@@ -1,6 +1,6 @@
 //! The `wgpt` command line.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use wgpt::backend::BackendArgs;
@@ -10,7 +10,7 @@ use wgpt::train::TrainArgs;
 use wgpt::verify::VerifyArgs;
 
 #[derive(Parser)]
-#[command(name = "wgpt", version, about = "GPT-2 training on any GPU (wgpu), on CUDA, or on the CPU; llm.c-compatible files")]
+#[command(name = "wgpt", version, propagate_version = true, about = "GPT-2 training on any GPU (wgpu), on CUDA, or on the CPU; llm.c-compatible files")]
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
@@ -36,6 +36,32 @@ enum Cmd {
     Kernels(KernelsArgs),
     /// Convert between Hugging Face GPT-2 (folder or model.safetensors) and llm.c checkpoints
     Convert(ConvertArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    Completions(CompletionsArgs),
+    /// Print the man page (roff), or write one per command with --out
+    Man(ManArgs),
+}
+
+#[derive(clap::Args)]
+#[command(after_help = "Install it where the shell looks, e.g.:
+  bash: wgpt completions bash > ~/.local/share/bash-completion/completions/wgpt
+  zsh:  wgpt completions zsh > ~/.zfunc/_wgpt   (with fpath+=~/.zfunc before compinit in ~/.zshrc)
+  fish: wgpt completions fish > ~/.config/fish/completions/wgpt.fish")]
+struct CompletionsArgs {
+    /// the shell to complete in
+    #[arg(value_enum)]
+    shell: clap_complete::Shell,
+}
+
+#[derive(clap::Args)]
+#[command(after_help = "Read it with `wgpt man | man -l -`; `wgpt man --out DIR` writes wgpt.1 and wgpt-COMMAND.1 for \
+every command (e.g. into ~/.local/share/man/man1).")]
+struct ManArgs {
+    /// the page of one command (e.g. train) instead of wgpt's own [default: wgpt's page]
+    command: Option<String>,
+    /// write every page (wgpt.1, wgpt-train.1, ...) into this directory instead of printing one
+    #[arg(long, conflicts_with = "command")]
+    out: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -148,10 +174,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Train(TrainArgs::parse_from_defaults())
     });
     match cmd {
-        Cmd::Train(a) => {
-            wgpt::train::run(&a)?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Cmd::Train(a) => match wgpt::train::run(&a)?.interrupted {
+            // stopped by Ctrl-C/SIGTERM after its checkpoint: 130/143, as the shell expects
+            Some(sig) => Ok(ExitCode::from(wgpt::train::interrupt::exit_status(sig) as u8)),
+            None => Ok(ExitCode::SUCCESS),
+        },
         Cmd::Sample(a) => sample(&a),
         Cmd::Eval(a) => eval(&a),
         Cmd::Verify(mut a) => {
@@ -208,6 +235,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             wgpt::info::compile_cuda(&a.arch)?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Completions(a) => {
+            let mut script = Vec::new();
+            clap_complete::generate(a.shell, &mut Cli::command(), "wgpt", &mut script);
+            print_bytes(&script)
+        }
+        Cmd::Man(a) => man(&a),
         Cmd::Convert(a) => {
             let r = wgpt::model::hf::convert(&a.input, &a.output, a.checkpoint_precision.into())?;
             for w in &r.warnings {
@@ -217,6 +250,41 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Write to stdout; a closed pipe (`wgpt man | head`) is not an error.
+fn print_bytes(bytes: &[u8]) -> Result<ExitCode> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::io("stdout", e)),
+        _ => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// `wgpt man [COMMAND] [--out DIR]`.
+fn man(a: &ManArgs) -> Result<ExitCode> {
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    if let Some(dir) = &a.out {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        clap_mangen::generate_to(cmd, dir).map_err(|e| Error::io(dir, e))?;
+        println!("man pages written to {}", dir.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let page = match &a.command {
+        None => cmd,
+        Some(name) => match cmd.find_subcommand(name) {
+            Some(sub) => sub.clone(),
+            None => {
+                let names: Vec<&str> = cmd.get_subcommands().map(|s| s.get_name()).collect();
+                return Err(Error::flag("man", format!("no command '{name}' (commands: {})", names.join(", "))));
+            }
+        },
+    };
+    let mut roff = Vec::new();
+    clap_mangen::Man::new(page).render(&mut roff).map_err(|e| Error::io("stdout", e))?;
+    print_bytes(&roff)
 }
 
 trait ParseDefaults {

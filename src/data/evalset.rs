@@ -61,6 +61,13 @@ pub fn read_eval_file(path: &Path) -> Result<Vec<EvalExample>> {
         return Err(Error::format(path, "truncated: odd number of bytes after the header"));
     }
     let words: Vec<u16> = body.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+    // an example takes at least 6 words: a count beyond that is refused before allocating for it
+    if n > words.len() / 6 {
+        return Err(Error::format(
+            path,
+            format!("header says {n} examples, but the {} bytes after the header hold at most {}", body.len(), words.len() / 6),
+        ));
+    }
     let mut out = Vec::with_capacity(n);
     let mut i = 0usize;
     for e in 0..n {
@@ -85,7 +92,7 @@ pub fn read_eval_file(path: &Path) -> Result<Vec<EvalExample>> {
             return Err(bad("context runs past the example"));
         }
         let context = w[6..j].to_vec();
-        let mut completions = Vec::with_capacity(ncomp);
+        let mut completions = Vec::with_capacity(ncomp.min(w.len()));
         for _ in 0..ncomp {
             let len = *w.get(j).ok_or_else(|| bad("completion runs past the example"))? as usize;
             if j + 1 + len > w.len() {

@@ -9,6 +9,10 @@
 //! first `B·T`, targets the last `B·T`. With shuffling, an MT19937 seeded `42 + rank` permutes the
 //! shard order at every reset (the permutation persists and is re-shuffled each epoch) and draws a
 //! fresh permutation of the samples each time a shard is loaded.
+//!
+//! Shards come from files matching a glob ([`DataLoader::new`], memory-mapped one at a time) or
+//! from memory ([`DataLoader::from_memory`]: the corpus built into the binary, see
+//! [`crate::data::bundled`]); both are validated and read the same way.
 
 use crate::error::{Error, Result};
 use crate::rng::Mt19937;
@@ -87,9 +91,37 @@ pub struct LoaderState {
     pub rng: Vec<u32>,
 }
 
+/// A token shard held in memory: the file's bytes (header and tokens) and a name for messages.
+#[derive(Clone, Copy, Debug)]
+pub struct MemoryShard {
+    /// Shown where a file path would be (e.g. `<bundled>/shakespeare_train.bin`).
+    pub name: &'static str,
+    /// The whole shard, exactly as it would be on disk.
+    pub bytes: &'static [u8],
+}
+
 struct Shard {
+    /// The file, or the in-memory shard's name.
     path: PathBuf,
+    /// `Some` for an in-memory shard.
+    memory: Option<&'static [u8]>,
     ntok: usize,
+}
+
+/// The bytes of the shard being read: a read-only file mapping, or an in-memory shard.
+enum ShardBytes {
+    Mapped(Mmap),
+    Memory(&'static [u8]),
+}
+
+impl std::ops::Deref for ShardBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            ShardBytes::Mapped(m) => m,
+            ShardBytes::Memory(b) => b,
+        }
+    }
 }
 
 /// llm.c's distributed, optionally shuffled data loader over a glob of token shards.
@@ -106,8 +138,8 @@ pub struct DataLoader {
     sample_idx: usize,
     /// Samples of the currently loaded shard.
     shard_samples: usize,
-    /// The currently loaded shard (index into `shards`) and its mapping.
-    loaded: Option<(usize, Mmap)>,
+    /// The currently loaded shard (index into `shards`) and its bytes.
+    loaded: Option<(usize, ShardBytes)>,
 }
 
 impl DataLoader {
@@ -115,43 +147,45 @@ impl DataLoader {
     /// headers, sizes and (for data sets up to 256M tokens) every token id, then reset.
     /// `flag` ("--train"/"--val") is named in error messages.
     pub fn new(pattern: &str, flag: &str, opts: LoaderOptions) -> Result<DataLoader> {
-        if opts.b == 0 {
-            return Err(Error::flag("--batch", "must be at least 1"));
-        }
-        if opts.t == 0 {
-            return Err(Error::flag("--seq-len", "must be at least 1"));
-        }
-        if opts.world == 0 || opts.rank >= opts.world {
-            return Err(Error::flag(flag, format!("rank {} is not in 0..{} processes", opts.rank, opts.world)));
-        }
-        if opts.vocab == 0 || opts.vocab > 65536 {
-            return Err(Error::flag(flag, format!("vocab size {} cannot be stored in u16 token shards", opts.vocab)));
-        }
-        let paths = expand_pattern(pattern, flag)?;
-        let per_sample = opts.world * opts.b * opts.t;
-        let mut shards = Vec::with_capacity(paths.len());
-        for path in paths {
+        check_options(flag, &opts)?;
+        let mut shards = Vec::new();
+        for path in expand_pattern(pattern, flag)? {
             let ntok = validate_shard(&path, flag)?;
-            if ntok < per_sample + 1 {
-                return Err(Error::format(
-                    &path,
-                    format!(
-                        "shard has {ntok} tokens, fewer than one batch needs ({}·{}{} + 1 = {}); lower --batch or --seq-len ({flag})",
-                        opts.b,
-                        opts.t,
-                        if opts.world > 1 { format!("·{}", opts.world) } else { String::new() },
-                        per_sample + 1
-                    ),
-                ));
-            }
-            shards.push(Shard { path, ntok });
+            check_fits(&path, ntok, flag, &opts)?;
+            shards.push(Shard { path, memory: None, ntok });
         }
+        DataLoader::open(shards, flag, opts)
+    }
+
+    /// A loader over shards held in memory (in this order), with the same validation, batches,
+    /// shuffling and saved state as [`DataLoader::new`] over the same bytes in files.
+    pub fn from_memory(shards: &[MemoryShard], flag: &str, opts: LoaderOptions) -> Result<DataLoader> {
+        check_options(flag, &opts)?;
+        if shards.is_empty() {
+            return Err(Error::flag(flag, "no token shards given"));
+        }
+        let mut list = Vec::with_capacity(shards.len());
+        for m in shards {
+            let path = PathBuf::from(m.name);
+            let head = &m.bytes[..HEADER_BYTES.min(m.bytes.len())];
+            let ntok = check_header(&path, flag, head, m.bytes.len() as u64)?;
+            check_fits(&path, ntok, flag, &opts)?;
+            list.push(Shard { path, memory: Some(m.bytes), ntok });
+        }
+        DataLoader::open(list, flag, opts)
+    }
+
+    /// The token scan over validated shards, then reset.
+    fn open(shards: Vec<Shard>, flag: &str, opts: LoaderOptions) -> Result<DataLoader> {
         let num_tokens = shards.iter().map(|s| s.ntok).sum();
         // Scanning every token is cheap for data sets of ordinary size; huge ones are still
         // checked batch by batch in `next_batch`.
         if num_tokens <= (256usize << 20) {
             for s in &shards {
-                scan_tokens(&s.path, flag, opts.vocab)?;
+                match s.memory {
+                    Some(bytes) => scan_data(&s.path, flag, &bytes[HEADER_BYTES..], opts.vocab)?,
+                    None => scan_tokens(&s.path, flag, opts.vocab)?,
+                }
             }
         }
         let n = shards.len();
@@ -171,7 +205,44 @@ impl DataLoader {
         dl.reset_inner()?;
         Ok(dl)
     }
+}
 
+/// A shard must hold at least one batch (`world·B·T + 1` tokens).
+fn check_fits(path: &Path, ntok: usize, flag: &str, opts: &LoaderOptions) -> Result<()> {
+    let per_sample = opts.world * opts.b * opts.t;
+    if ntok < per_sample + 1 {
+        return Err(Error::format(
+            path,
+            format!(
+                "shard has {ntok} tokens, fewer than one batch needs ({}·{}{} + 1 = {}); lower --batch or --seq-len ({flag})",
+                opts.b,
+                opts.t,
+                if opts.world > 1 { format!("·{}", opts.world) } else { String::new() },
+                per_sample + 1
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The checks on B, T, rank and vocab that do not depend on the shards.
+fn check_options(flag: &str, opts: &LoaderOptions) -> Result<()> {
+    if opts.b == 0 {
+        return Err(Error::flag("--batch", "must be at least 1"));
+    }
+    if opts.t == 0 {
+        return Err(Error::flag("--seq-len", "must be at least 1"));
+    }
+    if opts.world == 0 || opts.rank >= opts.world {
+        return Err(Error::flag(flag, format!("rank {} is not in 0..{} processes", opts.rank, opts.world)));
+    }
+    if opts.vocab == 0 || opts.vocab > 65536 {
+        return Err(Error::flag(flag, format!("vocab size {} cannot be stored in u16 token shards", opts.vocab)));
+    }
+    Ok(())
+}
+
+impl DataLoader {
     /// Total tokens over all shards.
     pub fn num_tokens(&self) -> usize {
         self.num_tokens
@@ -182,7 +253,7 @@ impl DataLoader {
         self.shards.iter().map(|s| self.samples_of(s.ntok)).sum()
     }
 
-    /// The shard files, in glob (sorted) order.
+    /// The shard files, in glob (sorted) order (in-memory shards: their names).
     pub fn files(&self) -> Vec<&Path> {
         self.shards.iter().map(|s| s.path.as_path()).collect()
     }
@@ -252,7 +323,7 @@ impl DataLoader {
             return bad(format!(
                 "the shards differ (saved: {} shards, {} tokens; now: {} shards, {} tokens)",
                 st.shard_tokens.len(),
-                st.shard_tokens.iter().sum::<usize>(),
+                st.shard_tokens.iter().fold(0usize, |a, &n| a.saturating_add(n)),
                 toks.len(),
                 self.num_tokens
             ));
@@ -335,6 +406,10 @@ impl DataLoader {
         }
         self.loaded = None;
         let shard = &self.shards[file];
+        if let Some(bytes) = shard.memory {
+            self.loaded = Some((file, ShardBytes::Memory(bytes)));
+            return Ok(());
+        }
         let f = File::open(&shard.path).map_err(|e| Error::io(&shard.path, e))?;
         // SAFETY: the mapping is read-only; a shard modified while training is a user error that
         // at worst yields wrong tokens (caught by the vocab check) or the size check below.
@@ -342,7 +417,7 @@ impl DataLoader {
         if map.len() != HEADER_BYTES + 2 * shard.ntok {
             return Err(Error::format(&shard.path, format!("file changed while in use ({}); size is now {} bytes", self.flag, map.len())));
         }
-        self.loaded = Some((file, map));
+        self.loaded = Some((file, ShardBytes::Mapped(map)));
         Ok(())
     }
 
@@ -437,12 +512,18 @@ fn expand_pattern(pattern: &str, flag: &str) -> Result<Vec<PathBuf>> {
 fn validate_shard(path: &Path, flag: &str) -> Result<usize> {
     let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
     let size = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut head = vec![0u8; HEADER_BYTES.min(size as usize)];
+    f.read_exact(&mut head).map_err(|e| Error::io(path, e))?;
+    check_header(path, flag, &head, size)
+}
+
+/// Check a shard's header (`head`: its first `min(1024, size)` bytes) against its size
+/// (`size` bytes in all); returns its token count.
+fn check_header(path: &Path, flag: &str, head: &[u8], size: u64) -> Result<usize> {
     let fmt = |msg: String| Err(Error::format(path, format!("{msg} ({flag})")));
     if size == 0 {
         return fmt("file is empty, not a token shard".into());
     }
-    let mut head = vec![0u8; HEADER_BYTES.min(size as usize)];
-    f.read_exact(&mut head).map_err(|e| Error::io(path, e))?;
     if size < 4 {
         return fmt(format!("file is {size} bytes, shorter than the 1024-byte shard header"));
     }
@@ -488,7 +569,11 @@ fn scan_tokens(path: &Path, flag: &str, vocab: usize) -> Result<()> {
     let f = File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: read-only mapping of a file we just validated.
     let map = unsafe { Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
-    let data = &map[HEADER_BYTES.min(map.len())..];
+    scan_data(path, flag, &map[HEADER_BYTES.min(map.len())..], vocab)
+}
+
+/// Check every token of a shard's data (the bytes after the header) against `vocab`.
+fn scan_data(path: &Path, flag: &str, data: &[u8], vocab: usize) -> Result<()> {
     if let Some(k) = data.chunks_exact(2).position(|c| u16::from_le_bytes([c[0], c[1]]) as usize >= vocab) {
         let tok = u16::from_le_bytes([data[2 * k], data[2 * k + 1]]) as usize;
         return Err(bad_token(path, flag, k, tok, vocab));

@@ -116,6 +116,12 @@ impl Tokenizer {
     /// Read llm.c's `gpt2_tokenizer.bin` (version 1 or 2).
     pub fn read(path: &Path) -> Result<Tokenizer> {
         let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Tokenizer::from_bytes(path, &data)
+    }
+
+    /// Parse the bytes of a `gpt2_tokenizer.bin` (version 1 or 2); `path` names them in errors
+    /// (e.g. `<bundled>/gpt2_tokenizer.bin` for the one built into the binary).
+    pub fn from_bytes(path: &Path, data: &[u8]) -> Result<Tokenizer> {
         let fail = |msg: String| Err(Error::format(path, msg));
         if data.is_empty() {
             return fail("file is empty, not a tokenizer file".into());
@@ -149,6 +155,15 @@ impl Tokenizer {
         }
         if eot as usize >= vocab {
             return fail(format!("end-of-text id {eot} is outside the vocabulary of {vocab} tokens"));
+        }
+        // every token takes at least 2 bytes (its length and one byte): a header claiming more
+        // tokens than that is refused before anything is allocated for them
+        let room = (data.len() - 1024) / 2;
+        if vocab > room {
+            return fail(format!(
+                "header says {vocab} tokens, but the {} bytes after the header hold at most {room} (truncated?)",
+                data.len() - 1024
+            ));
         }
         let mut bytes = Vec::with_capacity(data.len() - 1024);
         let mut offsets = Vec::with_capacity(vocab + 1);

@@ -106,7 +106,7 @@ pub(crate) fn read_i32s(file: &mut File, path: &Path, out: &mut [i32]) -> Result
 
 /// Read exactly `out.len()` little-endian bf16 values, widened (exactly) to f32.
 fn read_bf16s(file: &mut File, path: &Path, out: &mut [f32]) -> Result<()> {
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; (2 * out.len()).clamp(2, 1 << 20)];
     for chunk in out.chunks_mut(buf.len() / 2) {
         let bytes = &mut buf[..chunk.len() * 2];
         file.read_exact(bytes).map_err(|e| Error::io(path, e))?;

@@ -370,6 +370,19 @@ fn shape_str(s: &[usize]) -> String {
 /// Read a Hugging Face GPT-2 (a folder with config.json and model.safetensors, or the
 /// model.safetensors file itself) into llm.c's parameter layout.
 pub fn read_hf(path: &Path) -> Result<HfModel> {
+    // tensor names and strings from the files end up in messages: keep each on one line
+    let one_line = |s: &str| s.replace('\n', "\\n").replace('\r', "\\r");
+    match read_hf_files(path) {
+        Ok(mut m) => {
+            m.warnings = m.warnings.iter().map(|w| one_line(w)).collect();
+            Ok(m)
+        }
+        Err(Error::Format { path, msg }) => Err(Error::Format { path, msg: one_line(&msg) }),
+        Err(e) => Err(e),
+    }
+}
+
+fn read_hf_files(path: &Path) -> Result<HfModel> {
     let (st_path, cfg_path) = hf_paths(path)?;
     let file = std::fs::File::open(&st_path).map_err(|e| Error::io(&st_path, e))?;
     let mut warnings = Vec::new();
@@ -379,6 +392,20 @@ pub fn read_hf(path: &Path) -> Result<HfModel> {
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&st_path, e))?;
     let bytes: &[u8] = &map;
     let st = SafeTensors::deserialize(bytes).map_err(|e| Error::format(&st_path, explain(bytes, &e)))?;
+    // config.json alone decides the shape: before allocating for it, check that the file can
+    // hold that many weights (at least half a byte each, whatever the dtype)
+    let weights = checkpoint::checked_param_count(&cfg).expect("checked in read_config") - (cfg.vp - cfg.v) * cfg.c;
+    if weights / 2 > bytes.len() {
+        return Err(Error::format(
+            &st_path,
+            format!(
+                "{} bytes cannot hold the {weights} weights that {} describes ({}): they do not belong together",
+                bytes.len(),
+                cfg_path.display(),
+                checkpoint::describe(&cfg)
+            ),
+        ));
+    }
 
     // the tensors by name without the prefix; the mask buffers skipped
     let mut by_name: HashMap<String, (String, safetensors::tensor::TensorView<'_>)> = HashMap::new();

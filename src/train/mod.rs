@@ -3,6 +3,7 @@
 //! evaluate/sample/checkpoint where due, stop at N, otherwise do one optimiser step.
 
 pub mod hellaswag;
+pub mod interrupt;
 pub mod log;
 pub mod outlier;
 pub mod sample;
@@ -50,13 +51,16 @@ pub struct TrainArgs {
     /// layers, C channels, C/64 heads) for small models
     #[arg(long, default_value = "d4:c256")]
     pub init: String,
-    /// training token shards (glob, llm.c format)
-    #[arg(long, default_value = "data/shakespeare_train.bin")]
-    pub train: String,
-    /// validation token shards (glob)
-    #[arg(long, default_value = "data/shakespeare_val.bin")]
-    pub val: String,
-    /// tokenizer for printing samples (default: gpt2_tokenizer.bin beside the train shards, else the built-in GPT-2 BPE)
+    /// training token shards (glob, llm.c format) [default: the bundled Shakespeare shards
+    /// (data/shakespeare_train.bin, built into wgpt)]
+    #[arg(long, value_name = "GLOB")]
+    pub train: Option<String>,
+    /// validation token shards (glob) [default: the bundled Shakespeare shards
+    /// (data/shakespeare_val.bin, built into wgpt)]
+    #[arg(long, value_name = "GLOB")]
+    pub val: Option<String>,
+    /// tokenizer for printing samples [default: with --train, gpt2_tokenizer.bin beside the train
+    /// shards if there is one, else the built-in GPT-2 BPE; without --train, the bundled gpt2_tokenizer.bin]
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// micro-batch size B (sequences per forward/backward)
@@ -68,8 +72,9 @@ pub struct TrainArgs {
     /// tokens per optimiser step; a multiple of B·T, the rest is gradient accumulation (0 = B·T)
     #[arg(long, default_value_t = 0)]
     pub total_batch: usize,
-    /// optimiser steps
-    #[arg(long, default_value_t = 250)]
+    /// optimiser steps (the default is sized so that the main job takes about three minutes on a
+    /// 2-core AVX2 CPU; see docs/BENCHMARKS.md)
+    #[arg(long, default_value_t = 180)]
     pub steps: usize,
     /// peak learning rate
     #[arg(long, default_value_t = 2e-3)]
@@ -182,6 +187,8 @@ pub struct TrainSummary {
     pub val_losses: Vec<(usize, f32)>,
     pub sample: Option<String>,
     pub steps_done: usize,
+    /// the signal (SIGINT = 2, SIGTERM = 15) that stopped the run early, after its checkpoint
+    pub interrupted: Option<i32>,
 }
 
 fn check_args(a: &TrainArgs, cfg: &Config) -> Result<usize> {
@@ -228,13 +235,13 @@ pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
     };
     let grad_accum = check_args(a, &cfg)?;
     let opts = LoaderOptions { b: a.batch, t: a.seq_len, rank: 0, world: 1, shuffle: a.shuffle != 0, vocab: cfg.v };
-    let mut train_loader = DataLoader::new(&a.train, "--train", opts.clone())?;
+    let mut train_loader = open_loader(a.train.as_deref(), "--train", opts.clone())?;
     let mut val_loader = if a.val_every > 0 && a.val_batches > 0 {
-        Some(DataLoader::new(&a.val, "--val", LoaderOptions { shuffle: false, ..opts.clone() })?)
+        Some(open_loader(a.val.as_deref(), "--val", LoaderOptions { shuffle: false, ..opts.clone() })?)
     } else {
         None
     };
-    let tokenizer = load_tokenizer(a.tokenizer.as_deref(), &a.train);
+    let tokenizer = load_tokenizer(a.tokenizer.as_deref(), a.train.as_deref());
     let eval_set = match &a.hellaswag {
         Some(p) => {
             let ex = crate::data::evalset::read_eval_file(p)?;
@@ -255,8 +262,21 @@ pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
     drop(params);
 
     let mut start = 0;
+    let mut saved_outliers = None;
     if let (Some(s), Some(dir)) = (resume_step, &a.out) {
         let st = state::read_state(&state::state_path(dir, s), num_params)?;
+        if st.step != s {
+            return Err(Error::format(
+                state::state_path(dir, s),
+                format!("says step {}, but it belongs to the checkpoint of step {s}", st.step),
+            ));
+        }
+        if s > a.steps {
+            return Err(Error::flag(
+                "--steps",
+                format!("{} is before the newest checkpoint in {} (step {s}); give at least --steps {s}", a.steps, dir.display()),
+            ));
+        }
         if (st.extra.b, st.extra.t, st.extra.grad_accum) != (a.batch, a.seq_len, grad_accum) {
             return Err(Error::flag(
                 "--resume",
@@ -269,6 +289,7 @@ pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
         sess.upload_opt_state(&st.m, &st.v)?;
         train_loader.restore(&st.extra.loader)?;
         start = st.step;
+        saved_outliers = st.extra.outliers;
     }
     if let Some(dir) = &a.out {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -281,39 +302,63 @@ pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
     let mut logger = log::Logger::new(a, &cfg, num_params, sess.backend.name(), start, tokens_per_step, mem)?;
     let mut summary = TrainSummary::default();
 
+    // from here on, Ctrl-C / SIGTERM stop after the current step with a checkpoint (a second one
+    // exits at once); before, there is nothing to save and they end the process as usual
+    interrupt::install();
     let mut step = start;
-    // llm.c's outlier windows (not saved in checkpoints: a resumed run refills them)
-    let (mut loss_outliers, mut norm_outliers) = (outlier::OutlierDetector::default(), outlier::OutlierDetector::default());
+    // llm.c's outlier windows; saved in checkpoints (llm.c does not), so a resumed run skips
+    // exactly the updates an uninterrupted one skips
+    let (mut loss_outliers, mut norm_outliers) = saved_outliers.and_then(|w| w.restore()).unwrap_or_default();
+    // the newest checkpoint of this run (the resumed one counts)
+    let mut saved_at = resume_step;
     loop {
         let last = step == a.steps;
-        if let Some(vl) = val_loader.as_mut() {
+        // a Ctrl-C/SIGTERM: no eval or sample, the checkpoint, then stop
+        let stop = interrupt::requested();
+        if let Some(vl) = val_loader.as_mut().filter(|_| stop.is_none()) {
             if step % a.val_every == 0 || last {
                 let loss = evaluate(&mut sess, vl, a.val_batches)?;
                 summary.val_losses.push((step, loss));
                 logger.val(step, loss)?;
             }
         }
-        if let Some(ex) = &eval_set {
+        if let Some(ex) = eval_set.as_ref().filter(|_| stop.is_none()) {
             if step > 0 && ((a.val_every > 0 && step % a.val_every == 0) || last) {
                 let score = hellaswag::evaluate(&mut sess, ex, a.batch, a.seq_len)?;
                 logger.eval(step, score)?;
             }
         }
-        let want_sample = a.gen_tokens > 0 && ((a.sample_every > 0 && step > 0 && step % a.sample_every == 0) || last);
+        let want_sample = stop.is_none() && a.gen_tokens > 0 && ((a.sample_every > 0 && step > 0 && step % a.sample_every == 0) || last);
         if want_sample {
             let text = sample::sample_in_graph(&mut sess, &tokenizer, a.gen_tokens.min(a.seq_len), 1337)?;
             logger.sample(step, &text);
             summary.sample = Some(text);
         }
+        // (a signal during the eval or sample above stops here, before the next step)
+        let stop = stop.or_else(interrupt::requested);
         if let Some(dir) = &a.out {
             let due = (a.checkpoint_every > 0 && step > 0 && step % a.checkpoint_every == 0) || last;
-            if due && resume_step != Some(step) {
-                save_checkpoint(&mut sess, dir, step, a, &train_loader, grad_accum)?;
+            // stopped by a signal: a checkpoint of the steps taken since the start, if any
+            let due = due || (stop.is_some() && step > start);
+            if due && saved_at != Some(step) {
+                let outliers = state::OutlierWindows::save(&loss_outliers, &norm_outliers);
+                save_checkpoint(&mut sess, dir, step, a, &train_loader, grad_accum, outliers)?;
+                saved_at = Some(step);
                 logger.note(&format!("checkpoint written: {}", state::model_path(dir, step).display()));
                 if let Some(old) = state::checkpoint_to_prune(step, a.checkpoint_every, a.keep_checkpoints, a.keep_every) {
                     state::remove_checkpoint(dir, old)?;
                 }
             }
+        }
+        if let Some(sig) = stop {
+            let saved = match (&a.out, saved_at) {
+                (Some(dir), Some(s)) => format!("the newest checkpoint is step {s} in {}; continue with --resume", dir.display()),
+                (Some(_), None) => "no step was taken, nothing to save".to_string(),
+                (None, _) => "nothing saved (no --out)".to_string(),
+            };
+            logger.note(&format!("wgpt: stopped by {} at step {step}; {saved}", interrupt::name(sig)));
+            summary.interrupted = Some(sig);
+            break;
         }
         if last {
             break;
@@ -369,26 +414,68 @@ pub fn evaluate(sess: &mut Session, loader: &mut DataLoader, batches: usize) -> 
     Ok((sum / n as f64) as f32)
 }
 
-fn save_checkpoint(sess: &mut Session, dir: &Path, step: usize, a: &TrainArgs, loader: &DataLoader, grad_accum: usize) -> Result<()> {
+/// Write the checkpoint of `step`: model, state, then `DONE_` (what makes it complete). A failed
+/// write (disk full, read-only folder) is an error naming the file; the files of this incomplete
+/// checkpoint are removed (giving the space back), older checkpoints are untouched.
+fn save_checkpoint(
+    sess: &mut Session,
+    dir: &Path,
+    step: usize,
+    a: &TrainArgs,
+    loader: &DataLoader,
+    grad_accum: usize,
+    outliers: state::OutlierWindows,
+) -> Result<()> {
     let params = sess.download_params()?;
-    write_checkpoint(&state::model_path(dir, step), &sess.graph.cfg, &params, a.checkpoint_precision.into())?;
     let (m, v) = sess.download_opt_state()?;
     let st = state::TrainState {
         step,
         m,
         v,
-        extra: state::StateExtra { loader: loader.state(), b: a.batch, t: a.seq_len, grad_accum, num_params: params.len() },
+        extra: state::StateExtra {
+            loader: loader.state(),
+            b: a.batch,
+            t: a.seq_len,
+            grad_accum,
+            num_params: params.len(),
+            outliers: Some(outliers),
+        },
     };
-    state::write_state(&state::state_path(dir, step), &st, a.shuffle != 0)?;
-    crate::atomic::write_atomic(&state::done_path(dir, step), b"")
+    // a DONE_ marker left by an earlier run in this folder goes first: while its files are
+    // overwritten, the checkpoint must not look complete
+    let done = state::done_path(dir, step);
+    let res = match std::fs::remove_file(&done) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(&done, e)),
+        _ => write_checkpoint(&state::model_path(dir, step), &sess.graph.cfg, &params, a.checkpoint_precision.into())
+            .and_then(|()| state::write_state(&state::state_path(dir, step), &st, a.shuffle != 0))
+            .and_then(|()| crate::atomic::write_atomic(&done, b"")),
+    };
+    if res.is_err() {
+        let _ = state::remove_checkpoint(dir, step);
+    }
+    res
 }
 
-/// The tokenizer for printing samples: an explicit file, else gpt2_tokenizer.bin beside the
-/// train shards, else the built-in GPT-2 BPE.
-pub fn load_tokenizer(explicit: Option<&Path>, train_glob: &str) -> Option<Tokenizer> {
+/// The shards of `--train`/`--val` (`flag`): the files matching `pattern`, else (flag not given)
+/// the bundled Shakespeare shard built into the binary.
+pub fn open_loader(pattern: Option<&str>, flag: &str, opts: LoaderOptions) -> Result<DataLoader> {
+    match (pattern, flag) {
+        (Some(p), _) => DataLoader::new(p, flag, opts),
+        (None, "--val") => crate::data::bundled::val_loader(flag, opts),
+        (None, _) => crate::data::bundled::train_loader(flag, opts),
+    }
+}
+
+/// The tokenizer for printing samples: an explicit file; else, with `--train` given,
+/// gpt2_tokenizer.bin beside the train shards, else the built-in GPT-2 BPE; without `--train`,
+/// the bundled gpt2_tokenizer.bin (the bundled shards' own).
+pub fn load_tokenizer(explicit: Option<&Path>, train_glob: Option<&str>) -> Option<Tokenizer> {
     if let Some(p) = explicit {
         return Tokenizer::read(p).map_err(|e| eprintln!("warning: {e}; samples will be printed as token ids")).ok();
     }
+    let Some(train_glob) = train_glob else {
+        return crate::data::bundled::tokenizer().or_else(|_| Tokenizer::gpt2()).ok();
+    };
     let beside = Path::new(train_glob).parent().map(|d| d.join("gpt2_tokenizer.bin"));
     if let Some(p) = beside.filter(|p| p.exists()) {
         if let Ok(t) = Tokenizer::read(&p) {

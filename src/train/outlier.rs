@@ -35,6 +35,22 @@ impl OutlierDetector {
         }
         (x - mean) / var.sqrt()
     }
+
+    /// The window's values (in slot order) and the slot the next value replaces, for checkpoints.
+    pub fn to_parts(&self) -> (&[f64], usize) {
+        (&self.buf, self.next)
+    }
+
+    /// A detector continuing from [`to_parts`](Self::to_parts); None if the parts cannot come from
+    /// one (more than 128 values, or a slot outside the window).
+    pub fn from_parts(values: &[f64], next: usize) -> Option<Self> {
+        let ok = if values.len() < WINDOW { next == 0 } else { values.len() == WINDOW && next < WINDOW };
+        ok.then(|| {
+            let mut buf = Vec::with_capacity(WINDOW);
+            buf.extend_from_slice(values);
+            OutlierDetector { buf, next }
+        })
+    }
 }
 
 /// Whether a z-score exceeds a threshold (0 = this check is off; NaN never does).

@@ -7,8 +7,14 @@
 //! State file: a 256 × i32 header with llm.c's magic 20240527, version 1, num_processes 1, rank 0,
 //! use_master_weights 0, should_shuffle, step at word 10 (as llm.c); then AdamW m and v (f32, in
 //! checkpoint-parameter order, as llm.c); then — where llm.c stores its shuffle RNG structs — a
-//! u64 length and a JSON object with wgpt's loader state and run shape.
+//! u64 length and a JSON object with wgpt's loader state, run shape and the outlier windows of
+//! `--skip-loss-z`/`--skip-grad-z` (llm.c keeps those only in memory; saving them makes a resumed
+//! run skip exactly the updates the uninterrupted run skips).
+//!
+//! `read_state` trusts nothing in the file: every length is checked against the file size before
+//! anything is allocated, and a malformed loader state or window is a one-line error.
 
+use super::outlier::OutlierDetector;
 use crate::atomic::write_atomic_with;
 use crate::data::shards::LoaderState;
 use crate::error::{Error, Result};
@@ -25,6 +31,39 @@ pub struct StateExtra {
     pub t: usize,
     pub grad_accum: usize,
     pub num_params: usize,
+    /// The outlier windows (absent in state files of older wgpt versions: the windows restart).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outliers: Option<OutlierWindows>,
+}
+
+/// The loss and grad-norm windows of the outlier detectors, as exact f64 bit patterns (JSON
+/// numbers would not round-trip every f64, nor NaN).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct OutlierWindows {
+    pub loss: Vec<u64>,
+    pub loss_next: usize,
+    pub norm: Vec<u64>,
+    pub norm_next: usize,
+}
+
+impl OutlierWindows {
+    pub fn save(loss: &OutlierDetector, norm: &OutlierDetector) -> OutlierWindows {
+        let bits = |d: &OutlierDetector| -> (Vec<u64>, usize) {
+            let (vals, next) = d.to_parts();
+            (vals.iter().map(|x| x.to_bits()).collect(), next)
+        };
+        let ((loss, loss_next), (norm, norm_next)) = (bits(loss), bits(norm));
+        OutlierWindows { loss, loss_next, norm, norm_next }
+    }
+
+    /// The (loss, grad norm) detectors; None if a window is malformed.
+    pub fn restore(&self) -> Option<(OutlierDetector, OutlierDetector)> {
+        let det = |bits: &[u64], next: usize| {
+            let vals: Vec<f64> = bits.iter().map(|&b| f64::from_bits(b)).collect();
+            OutlierDetector::from_parts(&vals, next)
+        };
+        Some((det(&self.loss, self.loss_next)?, det(&self.norm, self.norm_next)?))
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -108,7 +147,7 @@ pub fn read_state(path: &Path, num_params: usize) -> Result<TrainState> {
     if word(1) != STATE_VERSION {
         return Err(fail(format!("unsupported state version {} (expected {STATE_VERSION})", word(1))));
     }
-    let step = word(10).max(0) as usize;
+    let step = usize::try_from(word(10)).map_err(|_| fail(format!("invalid step {} in the header", word(10))))?;
     let mv_bytes = 2 * num_params * 4;
     if bytes.len() < 1024 + mv_bytes + 8 {
         return Err(fail(format!(
@@ -121,11 +160,18 @@ pub fn read_state(path: &Path, num_params: usize) -> Result<TrainState> {
     let m = to_f32(&bytes[1024..1024 + num_params * 4]);
     let v = to_f32(&bytes[1024 + num_params * 4..1024 + mv_bytes]);
     let p = 1024 + mv_bytes;
-    let len = u64::from_le_bytes(bytes[p..p + 8].try_into().unwrap()) as usize;
-    let js = bytes.get(p + 8..p + 8 + len).ok_or_else(|| fail("truncated state file (loader state cut off)".into()))?;
+    let len = u64::from_le_bytes(bytes[p..p + 8].try_into().unwrap());
+    let rest = (bytes.len() - p - 8) as u64;
+    if len > rest {
+        return Err(fail(format!("truncated state file: the loader state needs {len} bytes, {rest} are left")));
+    }
+    let js = &bytes[p + 8..p + 8 + len as usize];
     let extra: StateExtra = serde_json::from_slice(js).map_err(|e| fail(format!("corrupt loader state: {e}")))?;
     if extra.num_params != num_params {
         return Err(fail(format!("state is for {} parameters, the model has {num_params}", extra.num_params)));
+    }
+    if extra.outliers.as_ref().is_some_and(|w| w.restore().is_none()) {
+        return Err(fail("corrupt outlier windows (--skip-loss-z/--skip-grad-z state)".into()));
     }
     Ok(TrainState { step, m, v, extra })
 }

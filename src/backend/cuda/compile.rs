@@ -261,16 +261,10 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
     h
 }
 
-/// `$WGPT_CACHE_DIR/cuda`, `$XDG_CACHE_HOME/wgpt/cuda` or `~/.cache/wgpt/cuda`.
+/// The CUBIN cache: `cuda/` in the cache root of [`crate::cache`] (`$WGPT_CACHE_DIR/cuda`, else
+/// e.g. `~/.cache/wgpt/cuda`); `None` (after one warning) when it cannot be created.
 pub fn cache_dir() -> Option<PathBuf> {
-    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-    if let Some(d) = env("WGPT_CACHE_DIR") {
-        return Some(d.join("cuda"));
-    }
-    if let Some(d) = env("XDG_CACHE_HOME") {
-        return Some(d.join("wgpt").join("cuda"));
-    }
-    env("HOME").map(|h| h.join(".cache").join("wgpt").join("cuda"))
+    crate::cache::cache_dir("cuda")
 }
 
 /// Compile (or fetch from the disk cache) one family for `target`. The cache key covers the
@@ -297,12 +291,8 @@ pub fn compile_cached(family: &str, src: &str, target: Target) -> Result<(Vec<u8
     let (image, _log) = compile_source(&file, src, target)
         .map_err(|log| Error::backend("cuda", format!("{file} ({}): {}", target.arch_flag(), summarize(&log.msg))))?;
     if let Some(p) = &path {
-        // a cache that cannot be written only costs a recompile next time
-        if let Some(d) = p.parent() {
-            if std::fs::create_dir_all(d).is_ok() {
-                let _ = crate::atomic::write_atomic(p, &image);
-            }
-        }
+        // a cache that cannot be written only costs a recompile next time (and one warning)
+        crate::cache::store(p, &image);
     }
     Ok((image, None))
 }

@@ -1,10 +1,13 @@
-//! Several processes, one job: which rank this process is, whichever launcher started it
-//! (`world`), and which device its local rank uses. Data-parallel training itself (the gradient
-//! all-reduce over MPI or NCCL) is not built yet; `wgpt train` refuses a world of several ranks.
+//! Several devices, one job. Across processes: which rank this process is, whichever launcher
+//! started it (`world`), and which device its local rank uses; the gradient all-reduce over MPI
+//! or NCCL is not built yet, so `wgpt train` refuses a world of several ranks. Within one process:
+//! `local`, data-parallel training over several backends (several adapters, or cpu and wgpu
+//! together) with the 1/N_global seed and summed gradients, as a library API.
 //!
 //! `world` is pure (environment maps in, values out); this file adds the two things that look at
 //! the machine: the devices a backend would spread ranks over, and `wgpt info`'s lines.
 
+pub mod local;
 pub mod world;
 
 pub use world::{env_map, place, visible_devices, DevicePerRank, Devices, Launcher, Placement, World};

@@ -104,6 +104,11 @@ impl Session {
         let ids = self.graph.io.grads.ok_or_else(|| not_train("gradients"))?;
         self.download_flat(ids)
     }
+    /// Overwrite the gradients (flat, checkpoint order): an in-process all-reduce uploads the sum.
+    pub fn upload_grads(&mut self, flat: &[f32]) -> Result<()> {
+        let ids = self.graph.io.grads.ok_or_else(|| not_train("gradients"))?;
+        self.upload_flat(ids, flat)
+    }
     /// AdamW (m, v), flat in checkpoint order.
     pub fn download_opt_state(&mut self) -> Result<(Vec<f32>, Vec<f32>)> {
         let (m, v) = (self.graph.io.m.ok_or_else(|| not_train("optimiser state"))?, self.graph.io.v.unwrap());

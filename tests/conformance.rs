@@ -98,6 +98,9 @@ fn a_broken_kernel_fails_the_suite() {
         fn name(&self) -> String {
             "broken cpu".into()
         }
+        fn kind(&self) -> wgpt::backend::BackendKind {
+            self.0.kind()
+        }
         fn supports(&self, dtype: DType) -> bool {
             self.0.supports(dtype)
         }

@@ -28,11 +28,7 @@ const VP: usize = 1536;
 struct Rng(u64);
 impl Rng {
     fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        common::splitmix64(&mut self.0)
     }
     /// uniform in [-1, 1)
     fn uni(&mut self) -> f32 {
@@ -517,16 +513,7 @@ fn clip_scale_clips_only_above_max() {
 }
 
 fn hyper(step: i32, lr: f32, scale: f32) -> Vec<f32> {
-    let (b1, b2) = (0.9f32, 0.999f32);
-    let mut h = vec![0.0f32; Scalars::LEN];
-    h[Scalars::LR] = lr;
-    h[Scalars::BETA1] = b1;
-    h[Scalars::BETA2] = b2;
-    h[Scalars::EPS] = 1e-8;
-    h[Scalars::BC1] = 1.0 - b1.powi(step);
-    h[Scalars::BC2] = 1.0 - b2.powi(step);
-    h[Scalars::GRAD_SCALE] = scale;
-    h
+    common::adam_scalars(lr, 0.9, 0.999, step, scale)
 }
 
 #[test]

@@ -9,6 +9,7 @@
 //! system that refuses them (sysfs, or a tmpfs mounted read-only in a private mount namespace).
 #![cfg(unix)]
 
+mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -47,18 +48,7 @@ fn run(args: &[String]) -> Output {
 }
 
 fn wait_bounded(child: &mut Child) -> std::process::ExitStatus {
-    let t0 = Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        if t0.elapsed() > LIMIT {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("wgpt still running after {LIMIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    common::wait_bounded(child, LIMIT, "wgpt")
 }
 
 fn signal(child: &Child, sig: &str) {

@@ -10,6 +10,7 @@
 //!
 //! `WGPT_SOAK_SEED` changes the kill moments.
 
+mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -39,29 +40,14 @@ fn train_cmd(out: &Path, extra: &[&str], log: Option<&Path>) -> Command {
 
 /// Wait for `child`, killing it (and failing) past `RUN_LIMIT`.
 fn wait_bounded(child: &mut Child, what: &str) -> std::process::ExitStatus {
-    let t0 = Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        if t0.elapsed() > RUN_LIMIT {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what}: still running after {RUN_LIMIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    common::wait_bounded(child, RUN_LIMIT, what)
 }
 
 /// SplitMix64.
 struct Rng(u64);
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        common::splitmix64(&mut self.0)
     }
     /// uniform in [lo, hi)
     fn uniform(&mut self, lo: f64, hi: f64) -> f64 {

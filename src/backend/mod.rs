@@ -38,6 +38,8 @@ pub enum RawBuffer<'a> {
 pub trait Backend: Send {
     /// Short name and device, e.g. "cpu (2 threads)" or "wgpu: NVIDIA H100 (Vulkan)".
     fn name(&self) -> String;
+    /// Which implementation this is (never `Auto`): backends of one kind run the same kernels.
+    fn kind(&self) -> BackendKind;
     /// Whether this backend has kernels and storage for `dtype`.
     fn supports(&self, dtype: DType) -> bool;
     /// Check, before anything is allocated, that the buffers and launches fit this device (sizes,

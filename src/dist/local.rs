@@ -80,7 +80,7 @@ pub fn checksum(flat: &[f32]) -> u64 {
 impl LocalGroup {
     /// A group of the given sessions (rank order), every one a training graph of the same model
     /// and sequence length (micro-batch sizes may differ). The sync policy is `SameUpdate` when
-    /// every backend is the same kind (the name before the first space or colon), else
+    /// every backend is the same kind (`Backend::kind`), else
     /// `BroadcastRank0`.
     pub fn new(ranks: Vec<Session>) -> Result<LocalGroup> {
         let Some(first) = ranks.first() else { return Err(Error::Internal("a local group needs at least one rank".into())) };
@@ -96,9 +96,8 @@ impl LocalGroup {
                 )));
             }
         }
-        let kind = |s: &Session| s.backend.name().split([' ', ':']).next().unwrap_or("").to_string();
-        let k0 = kind(first);
-        let same = ranks.iter().all(|s| kind(s) == k0);
+        let k0 = first.backend.kind();
+        let same = ranks.iter().all(|s| s.backend.kind() == k0);
         Ok(LocalGroup { ranks, sync: if same { SyncPolicy::SameUpdate } else { SyncPolicy::BroadcastRank0 } })
     }
 

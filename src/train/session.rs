@@ -5,7 +5,7 @@
 
 use crate::backend::{Backend, Prepared};
 use crate::error::{Error, Result};
-use crate::graph::{check_token_ids, BufId, Graph, Phase, Scalars};
+use crate::graph::{check_token_ids, Graph, Phase, Scalars};
 use crate::model::{ParamLayout, NUM_PARAM_TENSORS};
 use std::collections::BTreeMap;
 
@@ -175,16 +175,16 @@ impl Session {
     /// One AdamW update with learning rate `lr` at 1-based step `t`. Returns the gradient norm
     /// (before clipping).
     pub fn update(&mut self, lr: f32, adam: AdamConsts, t: usize) -> Result<f32> {
-        let norm = self.queue_grad_norm(lr, adam, t)?;
+        self.queue_grad_norm(lr, adam, t)?;
         self.apply_update()?;
-        self.read_grad_norm(norm)
+        self.read_grad_norm()
     }
 
     /// The first half of `update`: the gradient norm and clip scale only (waits for the device),
     /// so the caller can decide whether to `apply_update` (llm.c's outlier skipping).
     pub fn grad_norm(&mut self, lr: f32, adam: AdamConsts, t: usize) -> Result<f32> {
-        let id = self.queue_grad_norm(lr, adam, t)?;
-        self.read_grad_norm(id)
+        self.queue_grad_norm(lr, adam, t)?;
+        self.read_grad_norm()
     }
 
     /// The second half of `update`, after `grad_norm`: AdamW with the clip scale it left.
@@ -194,7 +194,7 @@ impl Session {
 
     /// Writes the optimiser scalars, then queues the gradient reduction (with several devices)
     /// and the `GradNorm` phase.
-    fn queue_grad_norm(&mut self, lr: f32, adam: AdamConsts, t: usize) -> Result<BufId> {
+    fn queue_grad_norm(&mut self, lr: f32, adam: AdamConsts, t: usize) -> Result<()> {
         if !self.prepared.contains_key(&Phase::Update) {
             return Err(not_train("the optimiser"));
         }
@@ -208,12 +208,12 @@ impl Session {
         h[Scalars::GRAD_SCALE] = 1.0;
         self.upload_scalars()?;
         self.run_phase(Phase::ReduceGrads)?;
-        self.run_phase(Phase::GradNorm)?;
-        Ok(self.graph.io.scalars)
+        self.run_phase(Phase::GradNorm)
     }
 
-    fn read_grad_norm(&mut self, id: BufId) -> Result<f32> {
-        let h = self.backend.download_f32(id)?;
+    /// The gradient norm `GradNorm` left in the scalars (waits for the device).
+    fn read_grad_norm(&mut self) -> Result<f32> {
+        let h = self.backend.download_f32(self.graph.io.scalars)?;
         Ok(h[Scalars::GRAD_NORM])
     }
 

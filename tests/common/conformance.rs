@@ -627,17 +627,7 @@ fn cross_entropy_cases(all: &mut Vec<Build>) {
     }
 }
 
-fn hyper(lr: f32, b1: f32, b2: f32, step: i32, grad_scale: f32) -> Vec<f32> {
-    let mut h = vec![0f32; Scalars::LEN];
-    h[Scalars::LR] = lr;
-    h[Scalars::BETA1] = b1;
-    h[Scalars::BETA2] = b2;
-    h[Scalars::EPS] = 1e-8;
-    h[Scalars::BC1] = 1.0 - b1.powi(step);
-    h[Scalars::BC2] = 1.0 - b2.powi(step);
-    h[Scalars::GRAD_SCALE] = grad_scale;
-    h
-}
+use super::adam_scalars as hyper;
 
 fn optimizer_cases(all: &mut Vec<Build>) {
     // four tensors (the largest 590 KB, one of a single element), norm parts at offset 1, a Zero

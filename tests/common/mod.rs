@@ -7,7 +7,47 @@
 pub mod conformance;
 pub mod reference;
 
-use std::process::{Command, Output};
+use std::process::{Child, Command, ExitStatus, Output};
+use std::time::{Duration, Instant};
+use wgpt::graph::Scalars;
+
+/// One step of SplitMix64 (the generator of the fuzz, soak and cpu-kernel tests).
+pub fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Wait for a child `wgpt`, killing it (and failing, naming `what`) past `limit`.
+pub fn wait_bounded(child: &mut Child, limit: Duration, what: &str) -> ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The device scalars AdamW reads at 1-based `step` (ε = 1e-8).
+pub fn adam_scalars(lr: f32, b1: f32, b2: f32, step: i32, grad_scale: f32) -> Vec<f32> {
+    let mut h = vec![0f32; Scalars::LEN];
+    h[Scalars::LR] = lr;
+    h[Scalars::BETA1] = b1;
+    h[Scalars::BETA2] = b2;
+    h[Scalars::EPS] = 1e-8;
+    h[Scalars::BC1] = 1.0 - b1.powi(step);
+    h[Scalars::BC2] = 1.0 - b2.powi(step);
+    h[Scalars::GRAD_SCALE] = grad_scale;
+    h
+}
 
 /// xorshift64: deterministic test data.
 pub struct Rng(pub u64);

@@ -262,6 +262,10 @@ impl Backend for CpuBackend {
         format!("cpu ({} threads, {})", self.threads(), simd::simd_name())
     }
 
+    fn kind(&self) -> crate::backend::BackendKind {
+        crate::backend::BackendKind::Cpu
+    }
+
     fn supports(&self, dtype: DType) -> bool {
         matches!(dtype, DType::F32 | DType::I32)
     }

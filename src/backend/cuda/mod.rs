@@ -764,6 +764,10 @@ impl Backend for CudaBackend {
         format!("cuda: {} (sm_{}{}, {mm}{jit})", self.info.name, self.info.cc_major, self.info.cc_minor)
     }
 
+    fn kind(&self) -> crate::backend::BackendKind {
+        crate::backend::BackendKind::Cuda
+    }
+
     fn supports(&self, dtype: DType) -> bool {
         // f16/bf16 storage needs kernels specialised for them, which do not exist yet
         matches!(dtype, DType::F32 | DType::I32)

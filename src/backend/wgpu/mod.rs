@@ -562,6 +562,10 @@ impl Backend for WgpuBackend {
         format!("wgpu: {} ({:?})", self.info.name, self.info.backend)
     }
 
+    fn kind(&self) -> crate::backend::BackendKind {
+        crate::backend::BackendKind::Wgpu
+    }
+
     fn supports(&self, dtype: DType) -> bool {
         // f16 storage needs SHADER_F16 *and* f16 kernels, which do not exist yet
         matches!(dtype, DType::F32 | DType::I32)
@@ -632,9 +636,12 @@ impl Backend for WgpuBackend {
         let Some(Some((launches, plan))) = self.plans.get_mut(phase.0).map(Option::take) else {
             return Err(Error::Internal(format!("prepared phase #{} is not on this backend", phase.0)));
         };
+        if launches.is_empty() {
+            self.plans[phase.0] = Some((launches, None));
+            return Ok(());
+        }
         let plan = match plan {
             Some(p) => p,
-            None if launches.is_empty() => Plan::empty(&self.device),
             None => match self.build_plan(&launches) {
                 Ok(p) => p,
                 Err(e) => {
@@ -643,7 +650,7 @@ impl Backend for WgpuBackend {
                 }
             },
         };
-        if !plan.dispatches.is_empty() {
+        {
             let device = &self.device;
             let enc = self
                 .pending
@@ -675,16 +682,6 @@ impl Backend for WgpuBackend {
     fn raw_buffer(&mut self, _id: BufId) -> Result<RawBuffer<'_>> {
         self.flush();
         Ok(RawBuffer::Staged)
-    }
-}
-
-impl Plan {
-    /// A plan with nothing to dispatch (an empty phase).
-    fn empty(device: &wgpu::Device) -> Plan {
-        let tiny = |label| {
-            device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size: 16, usage: wgpu::BufferUsages::STORAGE, mapped_at_creation: false })
-        };
-        Plan { label: String::new(), dispatches: Vec::new(), _params: tiny("params"), _scratch: tiny("scratch") }
     }
 }
 

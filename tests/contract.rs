@@ -295,7 +295,7 @@ fn errors_say_who_can_fix_them() {
     // scalars slots are distinct and inside the buffer
     let slots = [
         Scalars::LR, Scalars::BETA1, Scalars::BETA2, Scalars::EPS, Scalars::BC1, Scalars::BC2, Scalars::GRAD_SCALE,
-        Scalars::GRAD_NORM, Scalars::LOSS_SEED, Scalars::LOSS_SCALE, Scalars::FOUND_INF, Scalars::POS, Scalars::KV_LEN,
+        Scalars::GRAD_NORM, Scalars::LOSS_SEED, Scalars::LOSS_SCALE, Scalars::FOUND_INF,
     ];
     let mut sorted = slots.to_vec();
     sorted.sort();

@@ -38,7 +38,8 @@ impl View {
 /// graph). Everything that changes from step to step lives here, so a prepared phase replays
 /// unchanged: the host writes the optimiser slots before `Update` and the loss seed when the
 /// batch shape or world changes; `ClipScale` writes GRAD_SCALE and GRAD_NORM on the device.
-/// Integer slots (POS, KV_LEN) hold the u32's bits (`f32::from_bits`).
+/// Decoding needs no slot here: each sequence of a batch is at its own position, so positions
+/// and cache slots are per-row i32 buffers (see [`Kernel::EncoderAt`]).
 pub struct Scalars;
 impl Scalars {
     pub const LR: usize = 0;
@@ -60,10 +61,6 @@ impl Scalars {
     pub const LOSS_SCALE: usize = 9;
     /// set non-zero on the device when a gradient is inf/NaN (mixed precision)
     pub const FOUND_INF: usize = 10;
-    /// decoding: the position of the token being decoded (u32 bits)
-    pub const POS: usize = 11;
-    /// decoding: the number of valid rows in the KV cache (u32 bits)
-    pub const KV_LEN: usize = 12;
     pub const LEN: usize = 16;
 }
 
@@ -107,6 +104,24 @@ pub enum Kernel {
     /// dinp = dout·gelu'(x) (writes)
     GeluBackward { dinp: View, inp: View, dout: View, n: usize },
 
+    /// Cached (decoding) forward, row r = token `tokens[r]` of the sequence in cache slot
+    /// `slots[r]` at position `pos[r]` (all i32, n rows; rows need not be contiguous in time):
+    /// out[r,:] = wte[tokens[r],:] + wpe[pos[r],:].
+    EncoderAt { out: View, tokens: View, pos: View, wte: View, wpe: View, n: usize, c: usize },
+    /// Appends row r's key and value to its sequence's cache: kcache[slots[r], pos[r], :] =
+    /// qkv[r, c..2c], vcache[slots[r], pos[r], :] = qkv[r, 2c..3c]. The caches are
+    /// (cache slots, tmax, c); no other row of them changes. Two rows never name the same
+    /// (slot, pos) unless both are padding whose cache row is never read (the builder's spare slot).
+    KvStore { kcache: View, vcache: View, qkv: View, slots: View, pos: View, n: usize, c: usize, tmax: usize },
+    /// Causal attention of row r over its cache: with s = slots[r], p = pos[r], head h (hs = c/nh):
+    /// sc[u] = q_r·kcache[s,u]/√hs for u ≤ p (q_r = qkv[r, h·hs..] of the first c),
+    /// out[r, h·hs..] = Σ_u softmax(sc)[u]·vcache[s,u]. Reads cache rows 0..=p only, so a
+    /// decode step costs O(p) in attention and nothing else grows with position.
+    AttentionCached {
+        out: View, qkv: View, kcache: View, vcache: View, slots: View, pos: View,
+        n: usize, c: usize, nh: usize, tmax: usize,
+    },
+
     /// out = a + b (elementwise, n elements)
     ResidualForward { out: View, a: View, b: View, n: usize },
 
@@ -148,10 +163,10 @@ impl Kernel {
     pub fn family(&self) -> &'static str {
         use Kernel::*;
         match self {
-            EncoderForward { .. } | EncoderBackward { .. } => "encoder",
+            EncoderForward { .. } | EncoderBackward { .. } | EncoderAt { .. } => "encoder",
             LayerNormForward { .. } | LayerNormBackward { .. } => "layernorm",
             MatmulForward { .. } | MatmulBackward { .. } => "matmul",
-            AttentionForward { .. } | AttentionBackward { .. } => "attention",
+            AttentionForward { .. } | AttentionBackward { .. } | KvStore { .. } | AttentionCached { .. } => "attention",
             GeluForward { .. } | GeluBackward { .. } => "gelu",
             ResidualForward { .. } => "residual",
             CrossEntropy { .. } => "classifier",

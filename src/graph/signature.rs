@@ -123,6 +123,28 @@ impl Kernel {
                 Arg { class: Class::F32, ..r("lse", lse, b * nh * t) },
                 r("qkv", qkv, b * t * 3 * c),
             ],
+            EncoderAt { out, tokens, pos, wte, wpe, n, c } => vec![
+                w("out", out, n * c),
+                ids("tokens", tokens, n),
+                ids("pos", pos, n),
+                r("wte", wte, c),
+                r("wpe", wpe, c),
+            ],
+            KvStore { kcache, vcache, qkv, slots, pos, n, c, tmax } => vec![
+                rw("kcache", kcache, tmax * c),
+                rw("vcache", vcache, tmax * c),
+                r("qkv", qkv, n * 3 * c),
+                ids("slots", slots, n),
+                ids("pos", pos, n),
+            ],
+            AttentionCached { out, qkv, kcache, vcache, slots, pos, n, c, tmax, .. } => vec![
+                w("out", out, n * c),
+                r("qkv", qkv, n * 3 * c),
+                r("kcache", kcache, tmax * c),
+                r("vcache", vcache, tmax * c),
+                ids("slots", slots, n),
+                ids("pos", pos, n),
+            ],
             GeluForward { out, inp, n } => vec![w("out", out, n), r("inp", inp, n)],
             GeluBackward { dinp, inp, dout, n } => vec![w("dinp", dinp, n), r("inp", inp, n), r("dout", dout, n)],
             ResidualForward { out, a, b, n } => vec![w("out", out, n), r("a", a, n), r("b", b, n)],
@@ -177,8 +199,13 @@ impl Kernel {
     fn check_sizes(&self) -> std::result::Result<(), String> {
         use Kernel::*;
         match *self {
-            AttentionForward { c, nh, .. } | AttentionBackward { c, nh, .. } if nh == 0 || !c.is_multiple_of(nh) => {
+            AttentionForward { c, nh, .. } | AttentionBackward { c, nh, .. } | AttentionCached { c, nh, .. } if nh == 0 || !c.is_multiple_of(nh) => {
                 Err(format!("channels {c} are not a multiple of heads {nh}"))
+            }
+            KvStore { kcache, vcache, c, tmax, .. } | AttentionCached { kcache, vcache, c, tmax, .. }
+                if kcache.len != vcache.len || !kcache.len.is_multiple_of((tmax * c).max(1)) =>
+            {
+                Err(format!("caches of {} and {} elements are not both (slots, tmax {tmax}, c {c})", kcache.len, vcache.len))
             }
             CrossEntropy { v, vp, .. } if v == 0 || v > vp => Err(format!("vocab {v} must be in [1, padded vocab {vp}]")),
             _ => Ok(()),
@@ -191,6 +218,12 @@ impl Kernel {
             Kernel::EncoderForward { tokens, wte, b, t, c, .. } => vec![(tokens, b * t, wte.len / c.max(1), "token")],
             Kernel::EncoderBackward { tokens, dwte, b, t, c, .. } => vec![(tokens, b * t, dwte.len / c.max(1), "token")],
             Kernel::CrossEntropy { targets, n, v, .. } => vec![(targets, n, v, "target")],
+            Kernel::EncoderAt { tokens, pos, wte, wpe, n, c, .. } => {
+                vec![(tokens, n, wte.len / c.max(1), "token"), (pos, n, wpe.len / c.max(1), "position")]
+            }
+            Kernel::KvStore { kcache, slots, pos, n, c, tmax, .. } | Kernel::AttentionCached { kcache, slots, pos, n, c, tmax, .. } => {
+                vec![(slots, n, kcache.len / (tmax * c).max(1), "cache slot"), (pos, n, tmax, "position")]
+            }
             _ => vec![],
         }
     }

@@ -289,6 +289,7 @@ pub fn cases(dtype: DType) -> Vec<Case> {
     layernorm_cases(&mut all);
     matmul_cases(&mut all);
     attention_cases(&mut all);
+    decode_cases(&mut all);
     elementwise_cases(&mut all);
     cross_entropy_cases(&mut all);
     optimizer_cases(&mut all);
@@ -519,6 +520,50 @@ fn attention_cases(all: &mut Vec<Build>) {
         }
         all.push(k);
     }
+}
+
+/// One cached (decoding) forward step over `rows` = (slot, pos, token): the encoder at those
+/// positions, the KV append and attention over the cache. The caches start full of values (earlier
+/// positions), two rows of one slot at consecutive positions check that a row sees the row
+/// appended beside it (prefill), and the last slot is the spare that padding rows write into.
+fn decode_case(r: &mut Rng, name: &str, slots: usize, tmax: usize, c: usize, nh: usize, rows: &[(i32, i32, i32)]) -> Build {
+    let n = rows.len();
+    let vocab = 300;
+    let mut k = Build::new(format!("decode {name}: slots={slots} tmax={tmax} c={c} nh={nh} hs={} rows={n}", c / nh));
+    let tok = k.i("tokens", rows.iter().map(|r| r.2).collect());
+    let pos = k.i("pos", rows.iter().map(|r| r.1).collect());
+    let slot = k.i("slots", rows.iter().map(|r| r.0).collect());
+    let wte = k.f("wte", r.sym_vec(vocab * c, 1.0));
+    let wpe = k.f("wpe", r.sym_vec(tmax * c + 3, 0.5));
+    let x = k.f("x", vec![0.0; n * c + 5]);
+    let qkv = k.f("qkv", r.sym_vec(n * 3 * c + 1, 1.5));
+    let kc = k.f("kcache", r.sym_vec(slots * tmax * c, 1.5));
+    let vc = k.f("vcache", r.sym_vec(slots * tmax * c, 1.5));
+    let out = k.f("out", r.sym_vec(n * c, 1.0)); // overwritten
+    let (vt, vpos, vs) = (k.all(tok), k.all(pos), k.all(slot));
+    let (vkc, vvc) = (k.all(kc), k.all(vc));
+    k.launch(Kernel::EncoderAt { out: v(x, 5, n * c), tokens: vt, pos: vpos, wte: k.all(wte), wpe: v(wpe, 3, tmax * c), n, c });
+    let vq = v(qkv, 1, n * 3 * c);
+    k.launch(Kernel::KvStore { kcache: vkc, vcache: vvc, qkv: vq, slots: vs, pos: vpos, n, c, tmax });
+    k.launch(Kernel::AttentionCached { out: k.all(out), qkv: vq, kcache: vkc, vcache: vvc, slots: vs, pos: vpos, n, c, nh, tmax });
+    k.check(x, 1e-7, 1e-6);
+    k.check(kc, 0.0, 0.0);
+    k.check(vc, 0.0, 0.0);
+    k.check(out, 2e-5, 2e-4);
+    k
+}
+
+fn decode_cases(all: &mut Vec<Build>) {
+    let mut r = Rng(77);
+    // batch decode: slots at positions 0, 17 and the last; a prefill pair in slot 1; padding (slot 3)
+    let rows = [(0, 0, 5), (1, 7, 299), (1, 8, 0), (2, 40, 17), (3, 0, 1)];
+    all.push(decode_case(&mut r, "mixed", 4, 41, 96, 6, &rows));
+    // head sizes 8 and 128, one row; a long cache read (position 199 of 200)
+    all.push(decode_case(&mut r, "hs8", 2, 23, 24, 3, &[(1, 22, 3)]));
+    all.push(decode_case(&mut r, "hs128", 3, 200, 256, 2, &[(2, 199, 7), (0, 3, 8)]));
+    // a whole prefill chunk of one sequence: positions 0..33 of slot 0
+    let prefill: Vec<(i32, i32, i32)> = (0..33).map(|p| (0, p, (p * 7 % 300) as i32)).collect();
+    all.push(decode_case(&mut r, "prefill", 2, 37, 64, 4, &prefill));
 }
 
 fn elementwise_cases(all: &mut Vec<Build>) {

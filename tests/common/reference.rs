@@ -28,6 +28,33 @@ pub fn encoder_ref<T: Copy + Into<f64>>(tokens: &[i32], wte: &[T], wpe: &[T], b:
     out
 }
 
+/// Attention of each row over its cache slot, rows 0..=pos (two-pass softmax in f64).
+#[allow(clippy::too_many_arguments)]
+pub fn attn_cached_ref(
+    qkv: &[f64], kc: &[f64], vc: &[f64], slots: &[i32], pos: &[i32], n: usize, c: usize, nh: usize, tmax: usize,
+) -> Vec<f64> {
+    let hs = c / nh;
+    let mut out = vec![0.0; n * c];
+    for r in 0..n {
+        let (sl, p) = (slots[r] as usize, pos[r] as usize);
+        for h in 0..nh {
+            let q = &qkv[r * 3 * c + h * hs..r * 3 * c + (h + 1) * hs];
+            let row = |u: usize| (sl * tmax + u) * c + h * hs;
+            let sc: Vec<f64> =
+                (0..=p).map(|u| q.iter().zip(&kc[row(u)..row(u) + hs]).map(|(a, b)| a * b).sum::<f64>() / (hs as f64).sqrt()).collect();
+            let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = sc.iter().map(|x| (x - mx).exp()).collect();
+            let z: f64 = e.iter().sum();
+            for (u, w) in e.iter().enumerate() {
+                for i in 0..hs {
+                    out[r * c + h * hs + i] += w / z * vc[row(u) + i];
+                }
+            }
+        }
+    }
+    out
+}
+
 /// dwte[tokens[r],:] += dout[r,:];  dwpe[r mod t,:] += dout[r,:]  (in place)
 pub fn encoder_backward_ref<T: Copy + Into<f64>>(
     dwte: &mut [f64], dwpe: &mut [f64], dout: &[T], tokens: &[i32], b: usize, t: usize, c: usize,
@@ -334,6 +361,25 @@ fn run_one(s: &mut State, k: &Kernel) {
         AttentionBackward { dqkv, dout, out, lse, qkv, b, t, c, nh } => {
             let d = attn_backward_ref(&s.get(dout), &s.get(out), &s.get(lse), &s.get(qkv), b, t, c, nh);
             s.put(dqkv, &d);
+        }
+        EncoderAt { out, tokens, pos, wte, wpe, n, c } => {
+            let (tk, ps, te, pe) = (s.ids(tokens), s.ids(pos), s.get(wte), s.get(wpe));
+            let o: Vec<f64> = (0..n * c).map(|i| te[tk[i / c] as usize * c + i % c] + pe[ps[i / c] as usize * c + i % c]).collect();
+            s.put(out, &o);
+        }
+        KvStore { kcache, vcache, qkv, slots, pos, n, c, tmax } => {
+            let (q, sl, ps, mut kc, mut vc) = (s.get(qkv), s.ids(slots), s.ids(pos), s.get(kcache), s.get(vcache));
+            for r in 0..n {
+                let dst = (sl[r] as usize * tmax + ps[r] as usize) * c;
+                kc[dst..dst + c].copy_from_slice(&q[r * 3 * c + c..r * 3 * c + 2 * c]);
+                vc[dst..dst + c].copy_from_slice(&q[r * 3 * c + 2 * c..r * 3 * c + 3 * c]);
+            }
+            s.put(kcache, &kc);
+            s.put(vcache, &vc);
+        }
+        AttentionCached { out, qkv, kcache, vcache, slots, pos, n, c, nh, tmax } => {
+            let o = attn_cached_ref(&s.get(qkv), &s.get(kcache), &s.get(vcache), &s.ids(slots), &s.ids(pos), n, c, nh, tmax);
+            s.put(out, &o);
         }
         GeluForward { out, inp, n } => {
             let o: Vec<f64> = s.get(inp)[..n].iter().map(|&x| gelu_ref(x)).collect();

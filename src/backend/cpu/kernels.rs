@@ -622,3 +622,63 @@ multiversion! {
         }
     }
 }
+
+// ----------------------------------------------------------------------------------------------
+// cached (decoding) forward: encoder at given positions, KV-cache append, attention over the cache
+
+/// out[r,:] = wte[tokens[r],:] + wpe[pos[r],:]   (writes out (n, c))
+#[allow(clippy::too_many_arguments)]
+pub fn encoder_at(out: &mut [f32], tokens: &[i32], pos: &[i32], wte: &[f32], wpe: &[f32], n: usize, c: usize) {
+    if n == 0 || c == 0 {
+        return;
+    }
+    out[..n * c].par_chunks_mut(c).with_min_len(rows_per_task(c)).enumerate().for_each(|(r, o)| {
+        let (tok, p) = (tokens[r] as usize, pos[r] as usize);
+        let (we, pe) = (&wte[tok * c..tok * c + c], &wpe[p * c..p * c + c]);
+        for i in 0..c {
+            o[i] = we[i] + pe[i];
+        }
+    });
+}
+
+/// kcache[slots[r], pos[r], :] = qkv[r, c..2c];  vcache[slots[r], pos[r], :] = qkv[r, 2c..3c]
+#[allow(clippy::too_many_arguments)]
+pub fn kv_store(kcache: &mut [f32], vcache: &mut [f32], qkv: &[f32], slots: &[i32], pos: &[i32], n: usize, c: usize, tmax: usize) {
+    // serial: n·2c copies per layer, and padding rows may share a (slot, pos)
+    for r in 0..n {
+        let dst = (slots[r] as usize * tmax + pos[r] as usize) * c;
+        let row = &qkv[r * 3 * c..(r + 1) * 3 * c];
+        kcache[dst..dst + c].copy_from_slice(&row[c..2 * c]);
+        vcache[dst..dst + c].copy_from_slice(&row[2 * c..3 * c]);
+    }
+}
+
+/// Row r, head h: softmax over u ≤ pos[r] of q_r·k[slots[r],u]/√hs, times v[slots[r],u]
+/// (writes out (n, c)).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_cached(
+    out: &mut [f32], qkv: &[f32], kcache: &[f32], vcache: &[f32], slots: &[i32], pos: &[i32],
+    n: usize, c: usize, nh: usize, tmax: usize,
+) {
+    if n == 0 || c == 0 {
+        return;
+    }
+    let hs = c / nh;
+    let scale = 1.0 / (hs as f32).sqrt();
+    out[..n * c].par_chunks_mut(hs).enumerate().for_each(|(rh, o)| {
+        let (r, h) = (rh / nh, rh % nh);
+        let (s, p) = (slots[r] as usize, pos[r] as usize);
+        let q = &qkv[r * 3 * c + h * hs..r * 3 * c + (h + 1) * hs];
+        let base = s * tmax * c + h * hs;
+        let mut sc: Vec<f32> = (0..=p).map(|u| simd::dot(q, &kcache[base + u * c..base + u * c + hs]) * scale).collect();
+        let mx = simd::max(&sc);
+        for x in sc.iter_mut() {
+            *x = simd::exp(*x - mx);
+        }
+        let inv = 1.0 / simd::sum(&sc);
+        o.fill(0.0);
+        for (u, &e) in sc.iter().enumerate() {
+            simd::axpy(o, e * inv, &vcache[base + u * c..base + u * c + hs]);
+        }
+    });
+}

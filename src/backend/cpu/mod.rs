@@ -237,6 +237,14 @@ fn dispatch(k: &Kernel, o: &mut [&mut [f32]], i: &[In]) {
         Kernel::AttentionBackward { b, t, c, nh, .. } => {
             kn::attention_backward(o[0], i[0].f32(), i[1].f32(), i[2].f32(), i[3].f32(), *b, *t, *c, *nh)
         }
+        Kernel::EncoderAt { n, c, .. } => kn::encoder_at(o[0], i[0].i32(), i[1].i32(), i[2].f32(), i[3].f32(), *n, *c),
+        Kernel::KvStore { n, c, tmax, .. } => {
+            let [kc, vc] = o else { unreachable!() };
+            kn::kv_store(kc, vc, i[0].f32(), i[1].i32(), i[2].i32(), *n, *c, *tmax)
+        }
+        Kernel::AttentionCached { n, c, nh, tmax, .. } => {
+            kn::attention_cached(o[0], i[0].f32(), i[1].f32(), i[2].f32(), i[3].i32(), i[4].i32(), *n, *c, *nh, *tmax)
+        }
         Kernel::GeluForward { n, .. } => kn::gelu_forward(&mut o[0][..*n], &i[0].f32()[..*n]),
         Kernel::GeluBackward { n, .. } => kn::gelu_backward(&mut o[0][..*n], &i[0].f32()[..*n], &i[1].f32()[..*n]),
         Kernel::ResidualForward { n, .. } => kn::residual_forward(&mut o[0][..*n], &i[0].f32()[..*n], &i[1].f32()[..*n]),

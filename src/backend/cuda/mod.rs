@@ -465,6 +465,9 @@ impl CudaBackend {
         let label = l.label.as_str();
         let i32_ = |v: usize| v as i32;
         match &l.kernel {
+            EncoderAt { .. } | KvStore { .. } | AttentionCached { .. } => {
+                Err(Error::Unsupported { backend: "cuda".into(), msg: format!("no {} kernel for decoding yet", l.kernel.family()) })
+            }
             EncoderForward { out, tokens, wte, wpe, b, t, c } => {
                 let (b, t, c) = (*b, *t, *c);
                 let n = b * t;

@@ -392,6 +392,9 @@ impl Compiler<'_> {
     fn launch(&mut self, k: &Kernel) -> Result<()> {
         use Kernel::*;
         match k {
+            EncoderAt { .. } | KvStore { .. } | AttentionCached { .. } => {
+                Err(crate::error::Error::Unsupported { backend: "wgpu".into(), msg: format!("no {} kernel for decoding yet", k.family()) })
+            }
             EncoderForward { out, tokens, wte, wpe, b, t, c } => self.encoder_forward(out, tokens, wte, wpe, *b, *t, *c),
             EncoderBackward { dwte, dwpe, dout, tokens, b, t, c } => {
                 self.encoder_backward(dwte, dwpe, dout, tokens, *b, *t, *c)

@@ -7,6 +7,10 @@
 // attn_backward_d: D[b,h,t] = Σ_i dout[b,t,h·hs+i]·out[b,t,h·hs+i]
 // attn_backward_dq: p = exp(q_t·k_u·scale − lse_t), dp = dout_t·v_u, ds = p·(dp − D_t); dq_t = scale·Σ_{u≤t} ds·k_u
 // attn_backward_dkv: same p, ds; dk_u = scale·Σ_{t≥u} ds·q_t;  dv_u = Σ_{t≥u} p·dout_t
+// Decoding (KV cache; caches are (slots, tmax, c); row r has slot slots[r] and position pos[r]; here
+// p.b = rows of this dispatch and p.t = tmax; these two use p.hs, not HS, and no key tiles):
+// kv_store:    kcache[slots[r], pos[r], :] = qkv[r, c..2c];  vcache[slots[r], pos[r], :] = qkv[r, 2c..3c]
+// attn_cached: s_u = q_r·kcache[slot, u]·scale (u ≤ pos[r]); out[r, h·hs..] = Σ_u softmax(s)_u·vcache[slot, u]
 
 const HS: u32 = 64u;
 const BK: u32 = 32u;
@@ -27,6 +31,10 @@ struct P {
     o_dqkv: u32,
     scale: f32,
     hs: u32,
+    o_kc: u32,
+    o_vc: u32,
+    o_slots: u32,
+    o_pos: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: P;
@@ -39,6 +47,12 @@ struct P {
 @group(0) @binding(7) var<storage, read_write> dqkv: array<f32>;
 @group(0) @binding(8) var<storage, read_write> dd_w: array<f32>;
 @group(0) @binding(9) var<storage, read> dd_r: array<f32>;
+@group(0) @binding(10) var<storage, read_write> kc_w: array<f32>;
+@group(0) @binding(11) var<storage, read_write> vc_w: array<f32>;
+@group(0) @binding(12) var<storage, read> kc_r: array<f32>;
+@group(0) @binding(13) var<storage, read> vc_r: array<f32>;
+@group(0) @binding(14) var<storage, read> slot_ids: array<i32>;
+@group(0) @binding(15) var<storage, read> pos_ids: array<i32>;
 
 var<workgroup> ks: array<vec4<f32>, BK * HS4>;
 var<workgroup> vs: array<vec4<f32>, BK * HS4>;
@@ -317,5 +331,141 @@ fn attn_backward_dkv(@builtin(local_invocation_index) lid: u32, @builtin(workgro
             store_dqkv4(obase + p.c, i * 4u, dk[i]);
             store_dqkv4(obase + 2u * p.c, i * 4u, dv[i]);
         }
+    }
+}
+
+// ---- decoding over a KV cache ----
+
+// cache position of row r (clamped into the cache; ids are checked at upload)
+fn row_pos(r: u32) -> u32 {
+    return u32(clamp(pos_ids[p.o_pos + r], 0, i32(p.t) - 1));
+}
+
+fn row_slot(r: u32) -> u32 {
+    return u32(max(slot_ids[p.o_slots + r], 0));
+}
+
+// one invocation per (row, channel), grid-stride
+@compute @workgroup_size(256)
+fn kv_store(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let total = p.b * p.c;
+    let stride = nwg.x * 256u;
+    for (var e = gid.x; e < total; e += stride) {
+        let r = e / p.c;
+        let i = e - r * p.c;
+        let dst = (row_slot(r) * p.t + row_pos(r)) * p.c + i;
+        let src = p.o_qkv + r * 3u * p.c + p.c + i;
+        kc_w[p.o_kc + dst] = qkv[src];
+        vc_w[p.o_vc + dst] = qkv[src + p.c];
+    }
+}
+
+const DWG: u32 = 256u;
+// head features per invocation in the value sum: head sizes up to DMAXF·DWG
+const DMAXF: u32 = 4u;
+const DMAXHS: u32 = DMAXF * DWG;
+
+//#include block_reduce f32
+
+var<workgroup> dc_q: array<f32, DMAXHS>;
+var<workgroup> dc_p: array<f32, DWG>;
+var<workgroup> dc_acc: array<f32, DWG>;
+var<workgroup> dc_slot: u32;
+var<workgroup> dc_pos: u32;
+
+// grid: (nh, rows); one workgroup per (row, head). Positions are taken DWG at a time: invocation j
+// scores position u0 + j, a workgroup max/sum updates the running softmax (online, f32), then the
+// invocations split into `groups` of `lanes` over the head features, each group summing a strided
+// part of the chunk's positions; the groups are added in a fixed order at the end.
+@compute @workgroup_size(256)
+fn attn_cached(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    let h = wid.x;
+    let r = wid.y;
+    if (lid == 0u) {
+        dc_slot = row_slot(r);
+        dc_pos = row_pos(r);
+    }
+    let qbase = p.o_qkv + r * 3u * p.c + h * p.hs;
+    for (var i = lid; i < p.hs; i += DWG) {
+        dc_q[i] = qkv[qbase + i] * p.scale;
+    }
+    // uniform across the workgroup (and a barrier that publishes dc_q)
+    let slot = workgroupUniformLoad(&dc_slot);
+    let last = workgroupUniformLoad(&dc_pos);
+    let hbase = slot * p.t * p.c + h * p.hs;
+    var lanes = p.hs;
+    var groups = DWG / max(p.hs, 1u);
+    if (p.hs > DWG) {
+        lanes = DWG;
+        groups = 1u;
+    }
+    let grp = lid / lanes;
+    let il = lid - grp * lanes;
+    var acc: array<f32, DMAXF>;
+    var mx = NEG;
+    var l = 0.0;
+    let nchunks = last / DWG + 1u;
+    for (var ch = 0u; ch < nchunks; ch++) {
+        let u0 = ch * DWG;
+        let u = u0 + lid;
+        var sc = NEG;
+        if (u <= last) {
+            let kb = p.o_kc + hbase + u * p.c;
+            var d = 0.0;
+            for (var i = 0u; i < p.hs; i++) {
+                d += dc_q[i] * kc_r[kb + i];
+            }
+            sc = d;
+        }
+        let nm = max(mx, block_max(sc, lid));
+        let corr = exp(mx - nm);
+        var e = 0.0;
+        if (u <= last) {
+            e = exp(sc - nm);
+        }
+        dc_p[lid] = e;
+        // block_sum's barriers also publish dc_p
+        l = l * corr + block_sum(e, lid);
+        mx = nm;
+        let cnt = min(DWG, last + 1u - u0);
+        if (grp < groups) {
+            for (var f = 0u; f < DMAXF; f++) {
+                acc[f] *= corr;
+            }
+            for (var j = grp; j < cnt; j += groups) {
+                let pj = dc_p[j];
+                let vb = p.o_vc + hbase + (u0 + j) * p.c;
+                for (var f = 0u; f < DMAXF; f++) {
+                    let i = il + f * lanes;
+                    if (i < p.hs) {
+                        acc[f] += pj * vc_r[vb + i];
+                    }
+                }
+            }
+        }
+        // dc_p is rewritten by the next chunk
+        workgroupBarrier();
+    }
+    let inv = 1.0 / l;
+    let obase = p.o_out + r * p.c + h * p.hs;
+    if (groups == 1u) {
+        if (grp == 0u) {
+            for (var f = 0u; f < DMAXF; f++) {
+                let i = il + f * lanes;
+                if (i < p.hs) {
+                    out_w[obase + i] = acc[f] * inv;
+                }
+            }
+        }
+    } else {
+        dc_acc[lid] = acc[0];
+    }
+    workgroupBarrier();
+    if (groups > 1u && lid < lanes) {
+        var s = 0.0;
+        for (var g = 0u; g < groups; g++) {
+            s += dc_acc[g * lanes + lid];
+        }
+        out_w[obase + lid] = s * inv;
     }
 }

@@ -4,6 +4,7 @@
 // encoder_links:        links[r] = min{r' > r : tokens[r'] = tokens[r]} or NONE;  links[n + r] = 1 if no r' < r has tokens[r], else 0
 // encoder_backward_wte: for each first occurrence r of a token in this chunk: dwte[tok − row0, i] += Σ_{r' ∈ chain(r)} dout[r', i]
 // encoder_backward_wpe: dwpe[pos, i] += Σ_b dout[b·t + pos, i]
+// encoder_at:           out[r,i] = wte[tokens[r] − row0, i] + wpe[pos[r], i]   (decoding: per-row positions; rows whose token lies in this chunk)
 // (The chains make dwte deterministic without float atomics: one invocation owns each (token, i).)
 
 struct P {
@@ -18,6 +19,7 @@ struct P {
     o_wte: u32,
     o_wpe: u32,
     o_dout: u32,
+    o_pos: u32,
 }
 
 const NONE: u32 = 0xffffffffu;
@@ -30,6 +32,7 @@ const NONE: u32 = 0xffffffffu;
 @group(0) @binding(5) var<storage, read> dout: array<f32>;
 @group(0) @binding(6) var<storage, read_write> links_w: array<u32>;
 @group(0) @binding(7) var<storage, read> links_r: array<u32>;
+@group(0) @binding(8) var<storage, read> pos_ids: array<i32>;
 
 var<workgroup> tile: array<i32, 256>;
 
@@ -135,5 +138,23 @@ fn encoder_backward_wpe(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(
             s += dout[p.o_dout + (bb * p.t + pos) * p.c + i];
         }
         dst[p.o_out + e] = dst[p.o_out + e] + s;
+    }
+}
+
+@compute @workgroup_size(256)
+fn encoder_at(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let stride = nwg.x * 256u;
+    let total = p.n * p.c;
+    for (var e = gid.x; e < total; e += stride) {
+        let r = e / p.c;
+        let i = e - r * p.c;
+        let tok = tokens[p.o_tok + r];
+        if (tok >= 0) {
+            let rel = u32(tok) - p.row0;
+            if (u32(tok) >= p.row0 && rel < p.rows) {
+                let pos = u32(max(pos_ids[p.o_pos + r], 0));
+                dst[p.o_out + e] = wte[p.o_wte + rel * p.c + i] + wpe[p.o_wpe + pos * p.c + i];
+            }
+        }
     }
 }

@@ -6,6 +6,7 @@ pub mod data;
 pub mod dist;
 pub mod error;
 pub mod graph;
+pub mod infer;
 pub mod info;
 pub mod model;
 pub mod rng;

@@ -9,7 +9,7 @@ pub mod build;
 pub mod kernels;
 pub mod signature;
 
-pub use build::{build_forward, build_train_step, GraphIo, TrainOptions};
+pub use build::{add_decoder, build_decoder, build_forward, build_train_step, DecodeIo, DecodeOptions, GraphIo, TrainOptions};
 pub use kernels::{BufId, Kernel, Launch, Scalars, View};
 pub use signature::{check_token_ids, validate, Access, Arg};
 
@@ -80,6 +80,8 @@ pub enum Role {
     Scalars,
     /// small reduction scratch (norm parts)
     Scratch,
+    /// a layer's keys or values for every (cache slot, position) being decoded
+    KvCache,
 }
 
 impl Role {
@@ -165,9 +167,9 @@ pub enum Phase {
     Update,
     /// forward and loss only (logits kept, losses written)
     Eval,
-    /// inference: process a prompt and fill the KV cache (reserved)
+    /// inference: a chunk of prompt rows (slot, position, token) into the KV caches, no logits
     Prefill,
-    /// inference: one token per sequence at the position held in the scalars (reserved)
+    /// inference: one row per cache slot at its own position; the logits of every row
     Decode,
 }
 
@@ -188,6 +190,8 @@ pub struct Graph {
     pub buffers: BufferTable,
     pub io: GraphIo,
     pub phases: BTreeMap<Phase, Vec<Launch>>,
+    /// the decoding buffers, when the graph has `Prefill`/`Decode` ([`add_decoder`])
+    pub decode: Option<DecodeIo>,
 }
 
 impl Graph {

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod conformance;
+pub mod decode;
 pub mod reference;
 
 use std::process::{Child, Command, ExitStatus, Output};

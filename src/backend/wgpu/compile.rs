@@ -392,8 +392,12 @@ impl Compiler<'_> {
     fn launch(&mut self, k: &Kernel) -> Result<()> {
         use Kernel::*;
         match k {
-            EncoderAt { .. } | KvStore { .. } | AttentionCached { .. } => {
-                Err(crate::error::Error::Unsupported { backend: "wgpu".into(), msg: format!("no {} kernel for decoding yet", k.family()) })
+            EncoderAt { out, tokens, pos, wte, wpe, n, c } => self.encoder_at(out, tokens, pos, wte, wpe, *n as u64, *c as u64),
+            KvStore { kcache, vcache, qkv, slots, pos, n, c, tmax } => {
+                self.kv_store(kcache, vcache, qkv, slots, pos, *n as u64, *c as u64, *tmax as u64)
+            }
+            AttentionCached { out, qkv, kcache, vcache, slots, pos, n, c, nh, tmax } => {
+                self.attention_cached(out, qkv, kcache, vcache, slots, pos, *n as u64, *c as u64, *nh as u64, *tmax as u64)
             }
             EncoderForward { out, tokens, wte, wpe, b, t, c } => self.encoder_forward(out, tokens, wte, wpe, *b, *t, *c),
             EncoderBackward { dwte, dwpe, dout, tokens, b, t, c } => {
@@ -902,6 +906,128 @@ impl Compiler<'_> {
                 }
             }
             b0 += bs;
+        }
+        Ok(())
+    }
+
+    /// out[r,:] = wte[tokens[r],:] + wpe[pos[r],:], in row blocks of out and wte row chunks.
+    #[allow(clippy::too_many_arguments)]
+    fn encoder_at(&mut self, out: &View, tokens: &View, pos: &View, wte: &View, wpe: &View, n: u64, c: u64) -> Result<()> {
+        if n == 0 || c == 0 {
+            return Ok(());
+        }
+        let vocab = wte.len as u64 / c;
+        let wpe_len = wpe.len as u64 / c * c;
+        let row_blocks: Vec<_> = self.row_blocks("an encoder output row", n, c)?.collect();
+        let wte_blocks: Vec<_> = self.row_blocks("wte", vocab, c)?.collect();
+        for &(r0, rs) in &row_blocks {
+            for &(w0, ws) in &wte_blocks {
+                let mut call = Call::new("encoder", "encoder_at");
+                let o_out = self.bind_view(&mut call, 1, out, r0 * c, rs * c, true)?;
+                let o_tok = self.bind_view(&mut call, 2, tokens, r0, rs, false)?;
+                let o_wte = self.bind_view(&mut call, 3, wte, w0 * c, ws * c, false)?;
+                let o_wpe = self.bind_view(&mut call, 4, wpe, 0, wpe_len, false)?;
+                let o_pos = self.bind_view(&mut call, 8, pos, r0, rs, false)?;
+                call.params(&[rs as u32, c as u32, 0, 0, w0 as u32, ws as u32, o_out, o_tok, o_wte, o_wpe, 0, o_pos]);
+                call.groups = self.stride_groups(rs * c, ELEMWISE_WG);
+                self.push(call);
+            }
+        }
+        Ok(())
+    }
+
+    /// A KV cache is bound whole (rows are addressed by slot and position): a clear error if it
+    /// cannot be.
+    fn whole_cache(&self, what: &str, v: &View) -> Result<()> {
+        if v.len as u64 > self.max_elems() {
+            let name = &self.table.get(v.buf).name;
+            return Err(Error::OutOfMemory(format!(
+                "launch '{}': {what} '{name}' ({}) must fit one storage binding but this adapter binds at most {} \
+                 (max_storage_buffer_binding_size): lower the cache slots (batch) or the maximum sequence length",
+                self.label,
+                mib(v.len as u64 * 4),
+                mib(self.caps.max_binding)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Rows per decoding dispatch: qkv rows that fit one binding, and at most one grid dimension.
+    fn decode_rows(&self, c: u64) -> Result<u64> {
+        Ok(self.rows_per_binding("a qkv row", 3 * c)?.min(self.caps.max_groups as u64))
+    }
+
+    /// kcache/vcache[slots[r], pos[r], :] = the k/v parts of qkv row r, in row blocks.
+    #[allow(clippy::too_many_arguments)]
+    fn kv_store(
+        &mut self, kcache: &View, vcache: &View, qkv: &View, slots: &View, pos: &View, n: u64, c: u64, tmax: u64,
+    ) -> Result<()> {
+        if n == 0 || c == 0 {
+            return Ok(());
+        }
+        self.whole_cache("the key cache", kcache)?;
+        self.whole_cache("the value cache", vcache)?;
+        let rows = self.decode_rows(c)?;
+        for r0 in (0..n).step_by(rows as usize) {
+            let rs = rows.min(n - r0);
+            let mut call = Call::new("attention", "kv_store");
+            let mut w = [0u32; 15];
+            w[0] = rs as u32;
+            w[1] = tmax as u32;
+            w[2] = c as u32;
+            w[4] = self.bind_view(&mut call, 1, qkv, r0 * 3 * c, rs * 3 * c, false)?;
+            w[11] = self.bind_view(&mut call, 10, kcache, 0, kcache.len as u64, true)?;
+            w[12] = self.bind_view(&mut call, 11, vcache, 0, vcache.len as u64, true)?;
+            w[13] = self.bind_view(&mut call, 14, slots, r0, rs, false)?;
+            w[14] = self.bind_view(&mut call, 15, pos, r0, rs, false)?;
+            call.params(&w);
+            call.groups = self.stride_groups(rs * c, ELEMWISE_WG);
+            self.push(call);
+        }
+        Ok(())
+    }
+
+    /// Each row attends over its cache slot's positions 0..=pos[r]: one workgroup per (row, head).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_cached(
+        &mut self, out: &View, qkv: &View, kcache: &View, vcache: &View, slots: &View, pos: &View, n: u64, c: u64,
+        nh: u64, tmax: u64,
+    ) -> Result<()> {
+        if n == 0 || c == 0 {
+            return Ok(());
+        }
+        // heads divide channels (graph::validate)
+        let hs = c / nh;
+        const MAX_HS: u64 = 1024; // DMAXHS in shaders/attention.wgsl
+        if hs > MAX_HS {
+            return Err(Error::backend("wgpu", format!("cached attention: head size {hs} is over the {MAX_HS} supported")));
+        }
+        if nh > self.caps.max_groups as u64 {
+            return Err(Error::backend("wgpu", format!("cached attention: {nh} heads exceed this adapter's grid dimension")));
+        }
+        self.whole_cache("the key cache", kcache)?;
+        self.whole_cache("the value cache", vcache)?;
+        let scale = 1.0 / (hs as f32).sqrt();
+        let rows = self.decode_rows(c)?;
+        for r0 in (0..n).step_by(rows as usize) {
+            let rs = rows.min(n - r0);
+            let mut call = Call::new("attention", "attn_cached");
+            let mut w = [0u32; 15];
+            w[0] = rs as u32;
+            w[1] = tmax as u32;
+            w[2] = c as u32;
+            w[3] = nh as u32;
+            w[4] = self.bind_view(&mut call, 1, qkv, r0 * 3 * c, rs * 3 * c, false)?;
+            w[5] = self.bind_view(&mut call, 2, out, r0 * c, rs * c, true)?;
+            w[9] = f(scale);
+            w[10] = hs as u32;
+            w[11] = self.bind_view(&mut call, 12, kcache, 0, kcache.len as u64, false)?;
+            w[12] = self.bind_view(&mut call, 13, vcache, 0, vcache.len as u64, false)?;
+            w[13] = self.bind_view(&mut call, 14, slots, r0, rs, false)?;
+            w[14] = self.bind_view(&mut call, 15, pos, r0, rs, false)?;
+            call.params(&w);
+            call.groups = [nh as u32, rs as u32, 1];
+            self.push(call);
         }
         Ok(())
     }

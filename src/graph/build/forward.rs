@@ -96,7 +96,8 @@ pub(super) fn forward(net: &Net) -> Vec<Launch> {
         out: a.encoded, tokens: net.io.tokens, wte: p.whole(idx::WTE), wpe: p.whole(idx::WPE), b, t, c,
     });
     for (l, blk) in a.blocks.iter().enumerate() {
-        block_forward(&mut out, l, blk, &p.block(l), net.d);
+        let attn = Kernel::AttentionForward { out: blk.atty, lse: blk.lse, qkv: blk.qkv, b, t, c, nh: net.d.nh };
+        block_forward(&mut out, l, blk, &p.block(l), net.d, vec![("attn", attn)]);
     }
     launch(&mut out, "lnf.fwd", Kernel::LayerNormForward {
         out: a.lnf, mean: a.lnf_mean, rstd: a.lnf_rstd, inp: a.last(), weight: p.whole(idx::LNFW), bias: p.whole(idx::LNFB), n, c,
@@ -105,16 +106,20 @@ pub(super) fn forward(net: &Net) -> Vec<Launch> {
 }
 
 /// Block `l`: x → ln1 → qkv → attention → attproj → res2 = x + attproj → ln2 → fc → gelu → fcproj
-/// → res3 = res2 + fcproj, with weights `w`.
-fn block_forward(out: &mut Vec<Launch>, l: usize, blk: &Block, w: &LayerTensors, d: Dims) {
-    let Dims { b, t, n, c, nh, .. } = d;
+/// → res3 = res2 + fcproj, with weights `w`, over `d.n` rows. `attention` is the attention launch
+/// (causal over whole sequences when training; over the KV cache when decoding), which reads
+/// `blk.qkv` and writes `blk.atty`: (label suffix, kernel) launches run between the two.
+pub(super) fn block_forward(out: &mut Vec<Launch>, l: usize, blk: &Block, w: &LayerTensors, d: Dims, attention: Vec<(&str, Kernel)>) {
+    let Dims { n, c, .. } = d;
     launch(out, format!("l{l}.ln1.fwd"), Kernel::LayerNormForward {
         out: blk.ln1, mean: blk.ln1_mean, rstd: blk.ln1_rstd, inp: blk.inp, weight: w.ln1w, bias: w.ln1b, n, c,
     });
     launch(out, format!("l{l}.qkv.fwd"), Kernel::MatmulForward {
         out: blk.qkv, inp: blk.ln1, weight: w.qkvw, bias: Some(w.qkvb), n, c, oc: 3 * c,
     });
-    launch(out, format!("l{l}.attn.fwd"), Kernel::AttentionForward { out: blk.atty, lse: blk.lse, qkv: blk.qkv, b, t, c, nh });
+    for (name, k) in attention {
+        launch(out, format!("l{l}.{name}.fwd"), k);
+    }
     launch(out, format!("l{l}.attproj.fwd"), Kernel::MatmulForward {
         out: blk.attproj, inp: blk.atty, weight: w.attprojw, bias: Some(w.attprojb), n, c, oc: c,
     });

@@ -8,7 +8,9 @@
 //! * `ReduceGrads` — empty here (one device); a data-parallel run fills it;
 //! * `GradNorm` — the global gradient norm and the clip scale, into the scalars;
 //! * `Update` — AdamW, reading the per-step scalars;
-//! * `Eval` — forward and loss only (logits are kept; `losses` are written).
+//! * `Eval` — forward and loss only (logits are kept; `losses` are written);
+//! * `Prefill`, `Decode` — generation with a KV cache, added by `decode.rs` ([`add_decoder`]) to
+//!   any of these graphs or alone ([`build_decoder`]).
 //!
 //! The classifier (logits = lnf·wteᵀ, B·T × Vp) is processed in row chunks of at most
 //! `LOGITS_CHUNK_ELEMS` elements: GPT-2 124M's logits at B=4, T=1024 are 824 MB in f32, over the
@@ -23,8 +25,11 @@
 //! * `optim.rs`    — `ZeroGrad`, `GradNorm` and `Update`.
 
 mod backward;
+mod decode;
 mod forward;
 mod optim;
+
+pub use decode::{add_decoder, DecodeIo, DecodeOptions};
 
 use super::{BufId, BufferTable, DType, Graph, Kernel, Launch, Phase, Role, Scalars, View};
 use crate::model::params::idx;
@@ -79,6 +84,28 @@ pub fn build_train_step(cfg: &Config, opts: &TrainOptions) -> Graph {
 /// Inference only: the `Eval` phase (no gradients, no optimiser state).
 pub fn build_forward(cfg: &Config, b: usize, t: usize) -> Graph {
     build(cfg, b, t, None)
+}
+
+/// Inference by KV cache only: the parameters and the `Prefill` and `Decode` phases (see
+/// `decode.rs`). Its `io.targets`/`io.losses` are one-element buffers no phase uses.
+pub fn build_decoder(cfg: &Config, opts: DecodeOptions) -> Graph {
+    let mut g = build_params_only(cfg);
+    add_decoder(&mut g, opts);
+    g
+}
+
+/// A graph with the parameters, the scalars and 1-element host buffers, and no phases.
+fn build_params_only(cfg: &Config) -> Graph {
+    let layout = ParamLayout::new(cfg);
+    let mut g = Builder { table: BufferTable::default() };
+    let params = Tensors::add(&mut g, &layout, cfg.l, "", Role::Param);
+    let tokens = g.table.add("tokens", 1, DType::I32, Role::Tokens);
+    let targets = g.table.add("targets", 1, DType::I32, Role::Targets);
+    let losses = g.table.add("losses", 1, DType::F32, Role::Losses);
+    let logits = g.table.add("logits", 1, DType::F32, Role::Activation);
+    let scalars = g.table.add("scalars", Scalars::LEN, DType::F32, Role::Scalars);
+    let io = GraphIo { params: params.ids(), grads: None, m: None, v: None, tokens, targets, losses, logits, logits_rows: 0, scalars };
+    Graph { cfg: *cfg, b: 1, t: 1, grad_accum: 1, buffers: g.table, io, phases: BTreeMap::new(), decode: None }
 }
 
 /// Rows of logits per classifier chunk: all rows when they fit in `LOGITS_CHUNK_ELEMS`, else the
@@ -286,5 +313,5 @@ fn build(cfg: &Config, b: usize, t: usize, train: Option<&TrainOptions>) -> Grap
         logits_rows: net.acts.chunk_rows,
         scalars,
     };
-    Graph { cfg: *cfg, b, t, grad_accum: train.map(|o| o.grad_accum.max(1)).unwrap_or(1), buffers: g.table, io, phases }
+    Graph { cfg: *cfg, b, t, grad_accum: train.map(|o| o.grad_accum.max(1)).unwrap_or(1), buffers: g.table, io, phases, decode: None }
 }

@@ -1,10 +1,11 @@
 // attention.cu: causal multi-head self-attention, flash style (fp32): no (T,T) matrix is stored.
 // qkv is (B, T, 3C) = [q | k | v]; head h uses features [h·hs, (h+1)·hs), hs = C/NH ≤ 128.
-// Every kernel: block of 256 threads = 8 warps; a block owns 32 rows (4 per warp) of one (b, h) and
-// streams tiles of 32 rows of the other operand through shared memory (padded rows, no bank
-// conflicts). Lanes index the streamed rows for dot products and the feature dimension
-// (lane + 32·k, k < 4) for accumulations. Grid: (⌈T/32⌉, B·NH). Dynamic shared memory:
-// (2·32·hs + 2·32·(hs+1)) floats for the backward kernels, (32·hs + 2·32·(hs+1)) for the forward.
+// The training kernels (the cached decoding ones are described at the end): block of 256 threads
+// = 8 warps; a block owns 32 rows (4 per warp) of one (b, h) and streams tiles of 32 rows of the
+// other operand through shared memory (padded rows, no bank conflicts). Lanes index the streamed
+// rows for dot products and the feature dimension (lane + 32·k, k < 4) for accumulations.
+// Grid: (⌈T/32⌉, B·NH). Dynamic shared memory: (2·32·hs + 2·32·(hs+1)) floats for the backward
+// kernels, (32·hs + 2·32·(hs+1)) for the forward.
 
 #define TILE 32
 #define RPW 4   // rows per warp
@@ -300,5 +301,144 @@ extern "C" __global__ void __launch_bounds__(256, 2) attention_backward_dkv(floa
         float* row = dqkv + ((long long)b * T + u) * stride + h * hs;
         store_features(row + C, dk[r], scale, lane, hs);
         store_features(row + 2 * C, dv[r], 1.0f, lane, hs);
+    }
+}
+
+// ---------------------------------------------------------------- cached (decoding) attention
+// The caches are (nslots, tmax, C): row r of a launch belongs to the sequence in cache slot
+// slots[r] at position pos[r] (i32). A slot or position out of range writes nothing (kv_store) or
+// NaN (attention_cached); the graph checks ids at upload, so that is a guard, not a feature.
+
+#define DEC_NT 256  // threads per block of attention_cached (8 warps), and its tile of cache positions
+
+// kcache[slots[r], pos[r], :] = qkv[r, C..2C];  vcache[slots[r], pos[r], :] = qkv[r, 2C..3C].
+// Launch: 1-D grid-stride loop over N·C, any block size.
+extern "C" __global__ void kv_store(float* __restrict__ kcache, float* __restrict__ vcache,
+                                    const float* __restrict__ qkv, const int* __restrict__ slots,
+                                    const int* __restrict__ pos, int N, int C, int tmax, int nslots) {
+    long long total = (long long)N * C;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        int r = (int)(i / C);
+        int d = (int)(i - (long long)r * C);
+        int s = slots[r], p = pos[r];
+        if (s < 0 || s >= nslots || p < 0 || p >= tmax) continue;
+        long long dst = ((long long)s * tmax + p) * C + d;
+        const float* row = qkv + (long long)r * 3 * C;
+        kcache[dst] = row[C + d];
+        vcache[dst] = row[2 * C + d];
+    }
+}
+
+// max / Σ of v over the block (blockDim.x == DEC_NT), the same value in every thread (a fixed
+// combination order). `buf` holds DEC_NT/32 floats; the leading barrier makes it reusable.
+__device__ __forceinline__ float dec_block_max(float v, float* buf) {
+    v = warp_max(v);
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) buf[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float r = buf[0];
+#pragma unroll
+    for (int w = 1; w < DEC_NT / 32; w++) r = fmaxf(r, buf[w]);
+    return r;
+}
+__device__ __forceinline__ float dec_block_sum(float v, float* buf) {
+    v = warp_sum(v);
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) buf[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float r = buf[0];
+#pragma unroll
+    for (int w = 1; w < DEC_NT / 32; w++) r += buf[w];
+    return r;
+}
+
+// Row r, head h (hs = C/NH ≤ 128), s = slots[r], p = pos[r]:
+// sc[u] = q_r·kcache[s,u,h·hs..]/√hs for u ≤ p (q_r = qkv[r, h·hs..]),
+// out[r, h·hs..] = Σ_u softmax(sc)[u]·vcache[s,u,h·hs..]. Reads cache rows 0..=p only.
+// Launch: grid N·NH (block = r·NH + h), DEC_NT threads, no dynamic shared memory; 4 blocks per SM
+// in the launch bounds (≤ 64 registers: plain __launch_bounds__(DEC_NT) made ptxas 12 spill on sm_80/90). The cache
+// positions stream in tiles of DEC_NT with an online softmax (running max m and sum l): one
+// thread per position for the scores, then threads over (group g, feature d) accumulate
+// Σ p·v, group g taking the tile's positions j ≡ g (mod DEC_NT/hs); the groups add up at the end.
+extern "C" __global__ void __launch_bounds__(DEC_NT, 4) attention_cached(float* __restrict__ out,
+                                                                    const float* __restrict__ qkv,
+                                                                    const float* __restrict__ kcache,
+                                                                    const float* __restrict__ vcache,
+                                                                    const int* __restrict__ slots,
+                                                                    const int* __restrict__ pos, int N, int C,
+                                                                    int NH, int tmax, int nslots) {
+    __shared__ __align__(16) float qs[32 * NDL];  // the query's head slice
+    __shared__ float ps[DEC_NT];       // this tile's unnormalised softmax weights
+    __shared__ float part[DEC_NT];     // part[g·hs + d]: group g's share of out[d]
+    __shared__ float red[DEC_NT / 32];
+    int r = blockIdx.x / NH, h = blockIdx.x - r * NH;
+    int hs = C / NH;
+    int tid = threadIdx.x;
+    int s = slots[r], p = pos[r];
+    float* o = out + (long long)r * C + h * hs;
+    if (s < 0 || s >= nslots || p < 0 || p >= tmax) {  // uniform over the block
+        for (int d = tid; d < hs; d += DEC_NT) o[d] = __int_as_float(0x7fc00000);
+        return;
+    }
+    const float* q = qkv + (long long)r * 3 * C + h * hs;
+    for (int d = tid; d < hs; d += DEC_NT) qs[d] = q[d];
+    __syncthreads();
+
+    long long base = (long long)s * tmax * C + h * hs;
+    const float* kb = kcache + base;
+    const float* vb = vcache + base;
+    float scale = 1.0f / sqrtf((float)hs);
+    int groups = DEC_NT / hs;
+    int g = tid / hs, d = tid - g * hs;
+    bool accum = g < groups;
+    // every key row 16-byte aligned: float4 loads
+    bool vec = ((unsigned long long)kb & 15ULL) == 0 && (C & 3) == 0 && (hs & 3) == 0;
+
+    float m = NEG_INF, l = 0.0f, acc = 0.0f;
+    for (int u0 = 0; u0 <= p; u0 += DEC_NT) {
+        int u = u0 + tid;
+        float sc = NEG_INF;
+        if (u <= p) {
+            const float* k = kb + (long long)u * C;
+            float dot = 0.0f;
+            if (vec) {
+                const float4* k4 = reinterpret_cast<const float4*>(k);
+                const float4* q4 = reinterpret_cast<const float4*>(qs);
+#pragma unroll 2
+                for (int e = 0; e < (hs >> 2); e++) {
+                    float4 kv = k4[e], qv = q4[e];
+                    dot += qv.x * kv.x;
+                    dot += qv.y * kv.y;
+                    dot += qv.z * kv.z;
+                    dot += qv.w * kv.w;
+                }
+            } else {
+                for (int e = 0; e < hs; e++) dot += qs[e] * k[e];
+            }
+            sc = dot * scale;
+        }
+        // the tile holds u0 ≤ p, so its max (and mnew) is finite; corr is 0 on the first tile.
+        // ps is safe to write: every thread has passed dec_block_max's barriers, so none still
+        // reads the previous tile's weights
+        float mnew = fmaxf(m, dec_block_max(sc, red));
+        float e = u <= p ? expf(sc - mnew) : 0.0f;
+        ps[tid] = e;
+        float corr = expf(m - mnew);
+        l = l * corr + dec_block_sum(e, red);  // its barriers also publish ps
+        m = mnew;
+        int cnt = min(DEC_NT, p - u0 + 1);
+        if (accum) {
+            float a = 0.0f;
+            for (int j = g; j < cnt; j += groups) a += ps[j] * vb[(long long)(u0 + j) * C + d];
+            acc = acc * corr + a;
+        }
+    }
+    if (accum) part[tid] = acc;
+    __syncthreads();
+    if (tid < hs) {
+        float t = 0.0f;
+        for (int k = 0; k < groups; k++) t += part[k * hs + tid];
+        o[tid] = t / l;
     }
 }

@@ -1,4 +1,5 @@
-// matmul.cu: helpers around the cuBLAS matmuls, and a fallback SGEMM used when cuBLAS is absent (fp32).
+// matmul.cu: helpers around the cuBLAS matmuls, and the built-in GEMM used when cuBLAS is absent or
+// the weight is f16 (f32 arithmetic throughout).
 
 // out[r,o] += bias[o] for r < N, o < OC   (after the GEMM wrote out = inp·Wᵀ)
 extern "C" __global__ void add_bias(float* out, const float* __restrict__ bias, int N, int OC) {
@@ -39,17 +40,36 @@ extern "C" __global__ void bias_grad_finish(float* dbias, const float* __restric
     dbias[o] += s;
 }
 
-// Fallback GEMM (row-major, arbitrary strides):
+// An f16 (IEEE binary16) weight, stored as its 16 bits, to f32: exact for every value (normals,
+// subnormals, ±0, ±inf, NaN). Plain integer and float arithmetic, no header and no PTX, so the GPU
+// and the CUDA emulator (tests/cuda_emu) run the same code: exponent and mantissa shifted into
+// place, then ×2^112 rebiases the exponent (15 → 127; a subnormal f16 becomes a normal f32, exact
+// since NVRTC keeps f32 denormals without --use_fast_math); exponent 31 (inf/NaN) is set to 255.
+__device__ __forceinline__ float f16_bits_to_f32(unsigned short h) {
+    unsigned int bits = (unsigned int)(h & 0x7fffu) << 13;
+    float mag = __int_as_float((int)bits) * 0x1p112f;
+    if ((h & 0x7c00u) == 0x7c00u) mag = __int_as_float((int)(bits | 0x7f800000u));
+    return __int_as_float(__float_as_int(mag) | (int)((unsigned int)(h & 0x8000u) << 16));
+}
+__device__ __forceinline__ float load_f32(const float* __restrict__ p, long long i) { return p[i]; }
+__device__ __forceinline__ float load_f32(const unsigned short* __restrict__ p, long long i) {
+    return f16_bits_to_f32(p[i]);
+}
+
+// Built-in GEMM (row-major, arbitrary strides), used when cuBLAS is absent, and for every matmul
+// whose weight is f16 (cuBLAS' GemmEx cannot take an f16 B with an f32 A; converting the input to
+// f16 would round it, which the contract does not allow):
 //   Cm[i,j] = alpha·Σ_k A[i·sam + k·sak]·B[k·sbk + j·sbn] + beta·Cm[i·ldc + j]
-// 64×64 output tile per block of 256 threads, 4×4 outputs per thread, K in steps of 16.
+// 64×64 output tile per block of 256 threads, 4×4 outputs per thread, K in steps of 16. The B
+// operand is f32 (TB = float) or f16 (TB = unsigned short, each value converted to f32 as the tile
+// is staged in shared memory; the products and sums are f32 either way).
 #define TM 64
 #define TN 64
 #define TK 16
-extern "C" __global__ void __launch_bounds__(256) sgemm_fallback(float* Cm, const float* __restrict__ A,
-                                                                 const float* __restrict__ B, int M, int N, int K,
-                                                                 long long sam, long long sak, long long sbk,
-                                                                 long long sbn, long long ldc, float alpha,
-                                                                 float beta) {
+template <class TB>
+__device__ __forceinline__ void gemm_tiles(float* Cm, const float* __restrict__ A, const TB* __restrict__ B,
+                                           int M, int N, int K, long long sam, long long sak, long long sbk,
+                                           long long sbn, long long ldc, float alpha, float beta) {
     __shared__ __align__(16) float As[TK][TM + 4];
     __shared__ __align__(16) float Bs[TK][TN + 4];
     int tid = threadIdx.x;
@@ -75,7 +95,7 @@ extern "C" __global__ void __launch_bounds__(256) sgemm_fallback(float* Cm, cons
             else { kk = e & (TK - 1); nn = e >> 4; }            // k contiguous (or neither)
             int gn = n0 + nn;
             gk = k0 + kk;
-            Bs[kk][nn] = (gn < N && gk < K) ? B[gk * sbk + gn * sbn] : 0.0f;
+            Bs[kk][nn] = (gn < N && gk < K) ? load_f32(B, gk * sbk + gn * sbn) : 0.0f;
         }
         __syncthreads();
 #pragma unroll
@@ -104,4 +124,22 @@ extern "C" __global__ void __launch_bounds__(256) sgemm_fallback(float* Cm, cons
             Cm[idx] = beta != 0.0f ? v + beta * Cm[idx] : v;
         }
     }
+}
+
+// B f32: every matmul shape (forward, dinp, dweight) without cuBLAS
+extern "C" __global__ void __launch_bounds__(256) sgemm_fallback(float* Cm, const float* __restrict__ A,
+                                                                 const float* __restrict__ B, int M, int N, int K,
+                                                                 long long sam, long long sak, long long sbk,
+                                                                 long long sbn, long long ldc, float alpha,
+                                                                 float beta) {
+    gemm_tiles(Cm, A, B, M, N, K, sam, sak, sbk, sbn, ldc, alpha, beta);
+}
+
+// B f16 (the weight of an inference matmul forward: B = W, its rows k-contiguous), with or without cuBLAS
+extern "C" __global__ void __launch_bounds__(256) sgemm_fallback_f16b(float* Cm, const float* __restrict__ A,
+                                                                      const unsigned short* __restrict__ B, int M,
+                                                                      int N, int K, long long sam, long long sak,
+                                                                      long long sbk, long long sbn, long long ldc,
+                                                                      float alpha, float beta) {
+    gemm_tiles(Cm, A, B, M, N, K, sam, sak, sbk, sbn, ldc, alpha, beta);
 }

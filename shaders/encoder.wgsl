@@ -6,6 +6,8 @@
 // encoder_backward_wpe: dwpe[pos, i] += Σ_b dout[b·t + pos, i]
 // encoder_at:           out[r,i] = wte[tokens[r] − row0, i] + wpe[pos[r], i]   (decoding: per-row positions; rows whose token lies in this chunk)
 // (The chains make dwte deterministic without float atomics: one invocation owns each (token, i).)
+// wte and wpe have element types WteT and WpeT: f32 as written; the host specialises them to f16
+// for decoding with f16 weights (`enable f16;`), each value converted to f32 as it is read.
 
 struct P {
     n: u32,
@@ -24,11 +26,15 @@ struct P {
 
 const NONE: u32 = 0xffffffffu;
 
+// element types of the embeddings (bindings 3 and 4)
+alias WteT = f32;
+alias WpeT = f32;
+
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read_write> dst: array<f32>;
 @group(0) @binding(2) var<storage, read> tokens: array<i32>;
-@group(0) @binding(3) var<storage, read> wte: array<f32>;
-@group(0) @binding(4) var<storage, read> wpe: array<f32>;
+@group(0) @binding(3) var<storage, read> wte: array<WteT>;
+@group(0) @binding(4) var<storage, read> wpe: array<WpeT>;
 @group(0) @binding(5) var<storage, read> dout: array<f32>;
 @group(0) @binding(6) var<storage, read_write> links_w: array<u32>;
 @group(0) @binding(7) var<storage, read> links_r: array<u32>;
@@ -48,7 +54,7 @@ fn encoder_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
             let rel = u32(tok) - p.row0;
             if (u32(tok) >= p.row0 && rel < p.rows) {
                 let pos = r % p.t;
-                dst[p.o_out + e] = wte[p.o_wte + rel * p.c + i] + wpe[p.o_wpe + pos * p.c + i];
+                dst[p.o_out + e] = f32(wte[p.o_wte + rel * p.c + i]) + f32(wpe[p.o_wpe + pos * p.c + i]);
             }
         }
     }
@@ -153,7 +159,7 @@ fn encoder_at(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
             let rel = u32(tok) - p.row0;
             if (u32(tok) >= p.row0 && rel < p.rows) {
                 let pos = u32(max(pos_ids[p.o_pos + r], 0));
-                dst[p.o_out + e] = wte[p.o_wte + rel * p.c + i] + wpe[p.o_wpe + pos * p.c + i];
+                dst[p.o_out + e] = f32(wte[p.o_wte + rel * p.c + i]) + f32(wpe[p.o_wpe + pos * p.c + i]);
             }
         }
     }

@@ -14,8 +14,10 @@
 //   (64×64 tiles, 64 invocations; needs subgroups of ≥ 8 lanes laid out along local_invocation_index)
 // mm_splitk_reduce: C[i,j] (= | +=) Σ_z part[z][i][j] (+ bias[j])   — when few tiles share a long k, the
 //   tiled kernels run k in slices (grid z; sam = k per slice, sak = slices) writing partial C to part
-// Tiled kernels need k (nt, nn), m (tn) and n (nn, tn) multiples of 4 and 16-byte aligned views; the
+// Tiled kernels need k (nt, nn), m (tn) and n (nn, tn) multiples of 4 and vec4-aligned views; the
 // host falls back to mm_naive otherwise.
+// B's element type is WeightT: f32 as written; the host specialises it to f16 for the forward with
+// f16 weights (inference; `enable f16;`), every B load converting to f32 (accumulation is f32).
 
 struct P {
     m: u32,
@@ -36,13 +38,16 @@ struct P {
     sbn: u32,
 }
 
+// the element type of B (binding 2 and 6)
+alias WeightT = f32;
+
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read> a4: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> b4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> b4: array<vec4<WeightT>>;
 @group(0) @binding(3) var<storage, read_write> cm: array<f32>;
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
 @group(0) @binding(5) var<storage, read> a1: array<f32>;
-@group(0) @binding(6) var<storage, read> b1: array<f32>;
+@group(0) @binding(6) var<storage, read> b1: array<WeightT>;
 @group(0) @binding(7) var<storage, read_write> part_w: array<f32>;
 @group(0) @binding(8) var<storage, read> part_r: array<f32>;
 @group(0) @binding(9) var<storage, read_write> dbias: array<f32>;
@@ -89,7 +94,7 @@ fn load_b_kc(n0: u32, k0: u32, lid: u32) {
         let gk = k0 + kv * 4u;
         var v = vec4<f32>(0.0);
         if (gn < p.n && gk < p.k) {
-            v = b4[p.o_b + gn * (p.ldb / 4u) + gk / 4u];
+            v = vec4<f32>(b4[p.o_b + gn * (p.ldb / 4u) + gk / 4u]);
         }
         let col = r / 4u;
         let comp = r % 4u;
@@ -124,7 +129,7 @@ fn load_b_nc(n0: u32, k0: u32, lid: u32) {
         let gn = n0 + nv * 4u;
         var v = vec4<f32>(0.0);
         if (gk < p.k && gn < p.n) {
-            v = b4[p.o_b + gk * (p.ldb / 4u) + gn / 4u];
+            v = vec4<f32>(b4[p.o_b + gk * (p.ldb / 4u) + gn / 4u]);
         }
         Bs[kr * BV + nv] = v;
     }
@@ -270,8 +275,8 @@ fn load_b_row8(k: u32, nb: u32) -> array<vec4<f32>, 2> {
     let c0 = min(nb, p.n - 4u) / 4u;
     let c1 = min(nb + 4u, p.n - 4u) / 4u;
     let z = vec4<f32>(0.0);
-    let v0 = select(z, b4[base + c0], k < p.k && nb < p.n);
-    let v1 = select(z, b4[base + c1], k < p.k && nb + 4u < p.n);
+    let v0 = select(z, vec4<f32>(b4[base + c0]), k < p.k && nb < p.n);
+    let v1 = select(z, vec4<f32>(b4[base + c1]), k < p.k && nb + 4u < p.n);
     return array<vec4<f32>, 2>(v0, v1);
 }
 
@@ -309,7 +314,7 @@ fn mm_naive(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     var s = 0.0;
     for (var k = 0u; k < p.k; k++) {
-        s += a1[p.o_a + i * p.sam + k * p.sak] * b1[p.o_b + k * p.sbk + j * p.sbn];
+        s += a1[p.o_a + i * p.sam + k * p.sak] * f32(b1[p.o_b + k * p.sbk + j * p.sbn]);
     }
     if (p.has_bias != 0u) {
         s += bias[p.o_bias + j];
@@ -415,7 +420,8 @@ fn mm_nt_sg(
     for (var k4 = kr.x / 4u; k4 < kr.y / 4u; k4++) {
         let ar = shared_a_rows(a4[abase + k4], lane0);
         let bv = array<vec4<f32>, 8>(
-            b4[b0 + k4], b4[b1 + k4], b4[b2 + k4], b4[b3 + k4], b4[b4_ + k4], b4[b5 + k4], b4[b6 + k4], b4[b7 + k4],
+            vec4<f32>(b4[b0 + k4]), vec4<f32>(b4[b1 + k4]), vec4<f32>(b4[b2 + k4]), vec4<f32>(b4[b3 + k4]),
+            vec4<f32>(b4[b4_ + k4]), vec4<f32>(b4[b5 + k4]), vec4<f32>(b4[b6 + k4]), vec4<f32>(b4[b7 + k4]),
         );
         fma_dot(&acc, ar, bv);
     }

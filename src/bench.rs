@@ -46,6 +46,17 @@ pub struct BenchArgs {
     /// print one JSON object as the last line of stdout
     #[arg(long)]
     pub json: bool,
+    /// time generation instead of training: prefill and decode through the KV cache, --batch
+    /// sequences at once (tokens/s, ms per token at positions 16 and 1000, and the full-forward
+    /// recompute that generation without a cache would cost per token at T=256)
+    #[arg(long)]
+    pub decode: bool,
+    /// --decode: prompt tokens per sequence (the prefill that is timed)
+    #[arg(long, default_value_t = 128)]
+    pub prompt_len: usize,
+    /// --decode: weight storage (f16 where the backend has it)
+    #[arg(long, value_enum, default_value_t = crate::infer::WeightDtype::F32)]
+    pub dtype: crate::infer::WeightDtype,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -118,6 +129,107 @@ pub fn run_step(a: &BenchArgs) -> Result<BenchReport> {
         ms_all: times,
         tokens_per_s: n as f64 / (ms / 1e3),
         tflops: flops_per_token * n as f64 / (ms / 1e3) / 1e12,
+    })
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DecodeReport {
+    pub backend: String,
+    pub model: String,
+    /// the weights' storage dtype
+    pub dtype: String,
+    pub batch: usize,
+    pub prompt_len: usize,
+    pub params: usize,
+    /// prompt tokens per second (all sequences)
+    pub prefill_tokens_per_s: f64,
+    /// generated tokens per second (all sequences), decoding from position 16
+    pub decode_tokens_per_s: f64,
+    /// one decode step (every sequence one token) at position 16 and at `long_pos`
+    pub ms_per_token_pos16: f64,
+    pub ms_per_token_pos1000: f64,
+    /// the position of the long-context figure (1000, or the model's maxT − 8 if shorter)
+    pub long_pos: usize,
+    /// without a cache, every new token is a forward pass over the whole window: this is one such
+    /// pass at T = 256 (batch 1), what the sampler before the KV cache paid per token
+    pub recompute_ms_per_token_t256: f64,
+    /// weight bytes read per decode step / its time (batch 1 is bound by this)
+    pub weight_gb_per_s: f64,
+}
+
+/// Median milliseconds of `steps` calls of `f` after `warmup` untimed ones.
+fn time_ms(warmup: usize, steps: usize, mut f: impl FnMut(usize) -> Result<()>) -> Result<f64> {
+    let mut times = Vec::new();
+    for i in 0..warmup + steps {
+        let t0 = Instant::now();
+        f(i)?;
+        if i >= warmup {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(median(&mut times))
+}
+
+/// `wgpt bench --decode`: prefill and decode speed through the KV cache.
+pub fn run_decode(a: &BenchArgs) -> Result<DecodeReport> {
+    use crate::graph::{build_decoder_with, build_forward, DecodeOptions};
+    use crate::infer::{decode, prefill, Row};
+    if a.batch == 0 || a.steps == 0 {
+        return Err(Error::flag("--batch/--steps", "must be at least 1"));
+    }
+    let (cfg, params) = load_or_init(&a.model, 42).map_err(|e| match e {
+        Error::Flag { msg, .. } => Error::flag("--model", msg),
+        e => e,
+    })?;
+    let long_pos = 1000.min(cfg.max_t.saturating_sub(8));
+    if a.prompt_len == 0 || a.prompt_len + 8 > cfg.max_t || long_pos <= 24 {
+        return Err(Error::flag("--prompt-len", format!("must be in 1..={} (the model's context is {})", cfg.max_t.saturating_sub(8), cfg.max_t)));
+    }
+    let backend = a.backend.create()?;
+    let opts = DecodeOptions { slots: a.batch, max_t: cfg.max_t, prefill_rows: 64.min(cfg.max_t) };
+    let weights = crate::infer::weight_dtype(backend.as_ref(), a.dtype);
+    let mut sess = Session::new(backend, build_decoder_with(&cfg, opts, weights))?;
+    sess.upload_params(&params)?;
+    let mut r = crate::rng::XorShift(12345);
+    let mut tok = move || r.next_u32() % cfg.v as u32;
+    let prompt: Vec<Row> = (0..a.batch).flat_map(|slot| (0..a.prompt_len).map(move |pos| (slot, pos))).map(|(slot, pos)| Row { slot, pos, token: tok() }).collect();
+    let prefill_ms = time_ms(1, a.steps.min(3), |_| {
+        prefill(&mut sess, &prompt)?;
+        sess.backend.sync()
+    })?;
+    let step_at = |sess: &mut Session, pos: usize| -> Result<()> {
+        let rows: Vec<Row> = (0..a.batch).map(|slot| Row { slot, pos, token: (pos * 7 + slot) as u32 % cfg.v as u32 }).collect();
+        decode(sess, &rows).map(|_| ())
+    };
+    let steps = a.steps.max(5);
+    let ms16 = time_ms(a.warmup.max(1), steps, |i| step_at(&mut sess, 16 + i))?;
+    let ms_long = time_ms(a.warmup.max(1), steps, |i| step_at(&mut sess, long_pos - 2 * steps + i))?;
+    let backend_name = sess.backend.name();
+    let sess_weight_bytes: f64 = sess.graph.buffers.iter().filter(|(_, d)| matches!(d.role, crate::graph::Role::Param(_))).map(|(_, d)| d.bytes() as f64).sum();
+    drop(sess);
+    // the cacheless sampler's cost per token: one forward pass over a 256-token window
+    let t = 256.min(cfg.max_t);
+    let mut fwd = Session::new(a.backend.create()?, build_forward(&cfg, 1, t))?;
+    fwd.upload_params(&params)?;
+    let x: Vec<i32> = (0..t as i32).map(|i| i % cfg.v as i32).collect();
+    let recompute = time_ms(1, 3.min(steps), |_| fwd.eval(&x, &x).map(|_| ()))?;
+    // weights a decode step reads: every parameter once (the encoder reads a few rows of wte,
+    // the classifier all of it)
+    let weight_bytes = sess_weight_bytes;
+    Ok(DecodeReport {
+        backend: backend_name,
+        model: a.model.clone(),
+        dtype: weights.name().to_string(),
+        batch: a.batch,
+        prompt_len: a.prompt_len,
+        params: params.len(),
+        prefill_tokens_per_s: prompt.len() as f64 / (prefill_ms / 1e3),
+        decode_tokens_per_s: a.batch as f64 / (ms16 / 1e3),
+        ms_per_token_pos16: ms16,
+        ms_per_token_pos1000: ms_long,
+        long_pos,
+        recompute_ms_per_token_t256: recompute,
+        weight_gb_per_s: weight_bytes / (ms16 / 1e3) / 1e9,
     })
 }
 

@@ -10,5 +10,6 @@ pub mod infer;
 pub mod info;
 pub mod model;
 pub mod rng;
+pub mod serve;
 pub mod train;
 pub mod verify;

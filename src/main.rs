@@ -34,6 +34,8 @@ enum Cmd {
     Info,
     /// Compile the CUDA kernels with NVRTC for the given architectures (no GPU needed)
     Kernels(KernelsArgs),
+    /// Serve a model over HTTP with the OpenAI completions API (/v1/completions, /v1/models, /health)
+    Serve(wgpt::serve::ServeArgs),
     /// Convert between Hugging Face GPT-2 (folder or model.safetensors) and llm.c checkpoints
     Convert(ConvertArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
@@ -65,6 +67,8 @@ struct ManArgs {
 }
 
 #[derive(clap::Args)]
+#[command(after_help = "Generation runs the model's KV-cache decode phases: the prompt is prefilled once, then each new \
+token costs one decode step. Tokens are printed as they come (--json: one JSON line at the end).")]
 struct SampleArgs {
     /// model: an llm.c checkpoint (.bin), or a Hugging Face GPT-2 folder or model.safetensors
     #[arg(long)]
@@ -72,7 +76,7 @@ struct SampleArgs {
     /// text to continue (default: start from <|endoftext|>)
     #[arg(long, default_value = "")]
     prompt: String,
-    /// tokens to generate
+    /// tokens to generate at most (max tokens)
     #[arg(long, default_value_t = 64)]
     tokens: usize,
     /// softmax temperature (0 = greedy)
@@ -81,12 +85,28 @@ struct SampleArgs {
     /// keep only the K most likely tokens (0 = all)
     #[arg(long, default_value_t = 0)]
     top_k: usize,
-    /// sampler seed
+    /// nucleus sampling: keep the most likely tokens up to this total probability (1 = all)
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// sampler seed (the same seed gives the same text on the same backend)
     #[arg(long, default_value_t = 1337)]
     seed: u64,
-    /// context window used for generation (default: min(maxT, prompt + tokens))
+    /// stop before this text (repeatable)
+    #[arg(long)]
+    stop: Vec<String>,
+    /// keep going after <|endoftext|> instead of stopping there
+    #[arg(long)]
+    ignore_eos: bool,
+    /// context (KV-cache length) [default: min(maxT, prompt + tokens)]
     #[arg(long)]
     seq_len: Option<usize>,
+    /// print one JSON line {prompt_token_ids, token_ids, text, finish_reason} instead of streaming
+    #[arg(long)]
+    json: bool,
+    /// weight storage: f16 halves the memory and the bytes read per token (f32 accumulation);
+    /// where the backend has no f16 it says so and uses f32
+    #[arg(long, value_enum, default_value_t = wgpt::infer::WeightDtype::F32)]
+    dtype: wgpt::infer::WeightDtype,
     /// tokenizer file (default: the built-in GPT-2 BPE)
     #[arg(long)]
     tokenizer: Option<PathBuf>,
@@ -180,6 +200,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             None => Ok(ExitCode::SUCCESS),
         },
         Cmd::Sample(a) => sample(&a),
+        Cmd::Serve(a) => wgpt::serve::run(&a).map(|()| ExitCode::SUCCESS),
         Cmd::Eval(a) => eval(&a),
         Cmd::Verify(mut a) => {
             if a.expected.is_none() {
@@ -204,6 +225,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Bench(a) => {
             match a.kernel {
+                BenchKernel::Step if a.decode => {
+                    let r = wgpt::bench::run_decode(&a)?;
+                    println!(
+                        "{} | {} {} weights, batch={} prompt={} | prefill {:.0} tokens/s | decode {:.1} tokens/s | {:.1} ms/token at position 16, \
+{:.1} at {} | a full forward at T=256 (no cache): {:.1} ms/token | weights read at {:.1} GB/s",
+                        r.backend, r.model, r.dtype, r.batch, r.prompt_len, r.prefill_tokens_per_s, r.decode_tokens_per_s, r.ms_per_token_pos16,
+                        r.ms_per_token_pos1000, r.long_pos, r.recompute_ms_per_token_t256, r.weight_gb_per_s
+                    );
+                    if a.json {
+                        println!("{}", serde_json::to_string(&r).unwrap());
+                    }
+                }
                 BenchKernel::Step => {
                     let r = wgpt::bench::run_step(&a)?;
                     println!(
@@ -332,26 +365,65 @@ fn eval(a: &EvalArgs) -> Result<ExitCode> {
 }
 
 fn sample(a: &SampleArgs) -> Result<ExitCode> {
+    use std::io::Write;
     use wgpt::data::tokenizer::Tokenizer;
-    use wgpt::train::{sample, session::Session};
+    use wgpt::infer::{engine, Engine, GenRequest, SamplingParams};
     let (cfg, params) = wgpt::model::hf::load_model(&a.model)?;
     let tok = match &a.tokenizer {
         Some(p) => Tokenizer::read(p)?,
         None => Tokenizer::gpt2()?,
     };
-    let prompt = if a.prompt.is_empty() { vec![] } else { tok.encode(&a.prompt) };
+    let mut prompt = if a.prompt.is_empty() { vec![] } else { tok.encode(&a.prompt) };
     if let Some(&bad) = prompt.iter().find(|&&id| id as usize >= cfg.v) {
         return Err(Error::flag("--prompt", format!("token id {bad} is outside the model's vocabulary of {}", cfg.v)));
     }
-    let want = prompt.len().max(1) + a.tokens;
+    if prompt.is_empty() {
+        prompt.push(tok.eot().min(cfg.v as u32 - 1));
+    }
+    if a.temperature < 0.0 || !a.temperature.is_finite() {
+        return Err(Error::flag("--temperature", format!("{} must be 0 (greedy) or positive", a.temperature)));
+    }
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        return Err(Error::flag("--top-p", format!("{} must be in (0, 1]", a.top_p)));
+    }
+    let want = prompt.len() + a.tokens;
     let t = a.seq_len.unwrap_or(want.min(cfg.max_t));
     if t == 0 || t > cfg.max_t {
         return Err(Error::flag("--seq-len", format!("must be in 1..={}", cfg.max_t)));
     }
+    if want > t {
+        return Err(Error::flag(
+            "--tokens",
+            format!("{} prompt tokens + {} new tokens exceed the context of {t} (--seq-len, at most the model's {})", prompt.len(), a.tokens, cfg.max_t),
+        ));
+    }
     let backend = a.backend.create()?;
-    let mut sess = Session::new(backend, wgpt::graph::build_forward(&cfg, 1, t))?;
+    let opts = wgpt::graph::DecodeOptions { slots: 1, max_t: t, prefill_rows: t.min(64) };
+    let weights = wgpt::infer::weight_dtype(backend.as_ref(), a.dtype);
+    let mut sess = wgpt::train::session::Session::new(backend, wgpt::graph::build_decoder_with(&cfg, opts, weights))?;
     sess.upload_params(&params)?;
-    let ids = sample::generate(&mut sess, &prompt, a.tokens, a.temperature, a.top_k, a.seed)?;
-    println!("{}{}", a.prompt, tok.decode(&ids));
+    let mut eng = Engine::new(sess, Some(tok))?;
+    let sampling = SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
+    let req = GenRequest { prompt: prompt.clone(), max_tokens: a.tokens, sampling, stop: a.stop.clone(), stop_at_eot: !a.ignore_eos, logprobs: None };
+    let mut out = std::io::stdout().lock();
+    if !a.json {
+        let _ = write!(out, "{}", a.prompt);
+        let _ = out.flush();
+    }
+    let mut streamed = 0;
+    let (ids, text, reason) = engine::generate(&mut eng, req, |t| {
+        if !a.json && !t.text.is_empty() {
+            streamed += t.text.len();
+            let _ = write!(out, "{}", t.text);
+            let _ = out.flush();
+        }
+    })?;
+    if a.json {
+        let j = serde_json::json!({ "prompt_token_ids": prompt, "token_ids": ids, "text": text, "finish_reason": reason.as_str() });
+        let _ = writeln!(out, "{j}");
+    } else {
+        // the text held back (a possible stop string, a partial UTF-8 character) comes at the end
+        let _ = writeln!(out, "{}", &text[streamed..]);
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -205,6 +205,20 @@ fn matmuls_match_cpu_with_the_builtin_gemm() {
     }
 }
 
+// ---------------------------------------------------------------- generation
+
+/// KV-cache decoding on the device: 200 greedy tokens after three prompts of different lengths,
+/// decoded in one batch, pick the full forward pass's tokens with logits within 1e-4.
+#[test]
+fn greedy_decode_matches_the_full_forward_pass() {
+    if gpu(dflt()).is_none() {
+        return;
+    }
+    let make = || -> Box<dyn wgpt::backend::Backend> { Box::new(gpu(dflt()).unwrap()) };
+    common::decode::check_greedy_matches_full_forward(&make, 200, 1e-4);
+    println!("decode on cuda: 200 greedy tokens match the full forward pass");
+}
+
 // ---------------------------------------------------------------- the whole training step
 
 /// The tiny fixture (L=2, C=64, NH=4, V=500; B=4, T=32): 10 AdamW steps on one batch, every kernel
@@ -368,7 +382,7 @@ fn device_tests_on_the_cuda_emulator() {
         skip_note(&format!("(on the emulator) {l}"));
     }
     assert!(stdout.contains("CUDA emulator"), "the child did not run on the emulator:\n{stdout}");
-    for must in ["tiny fixture on", "verify --backend cuda", "attention", "matmul", "norm/clip/adamw", "CUDA 11.4 driver + NVRTC 12", "host wait", "1 GiB GPU", "resume on cuda", "cuBLAS failing"] {
+    for must in ["tiny fixture on", "decode on cuda", "verify --backend cuda", "attention", "matmul", "norm/clip/adamw", "CUDA 11.4 driver + NVRTC 12", "host wait", "1 GiB GPU", "resume on cuda", "cuBLAS failing"] {
         assert!(stdout.contains(must), "`{must}` missing from the emulated run:\n{stdout}");
     }
     // the conformance suite ran twice there: every case with cuBLAS, the matmuls on the built-in GEMM

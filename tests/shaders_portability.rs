@@ -1,7 +1,10 @@
 //! Portability proof: every `shaders/*.wgsl`, as written and as the wgpu backend compiles it
-//! (subgroup / read-write / head-size variants), is parsed and validated by naga and translated to
-//! SPIR-V (Vulkan), MSL (Metal) and HLSL (DX12). Any error fails the test, so a shader that would
-//! break on Metal or DX12 shows up on machines that have neither.
+//! (subgroup / read-write / head-size / f16-weight variants), is parsed and validated by naga and
+//! translated to SPIR-V (Vulkan), MSL (Metal) and HLSL (DX12). Any error fails the test, so a shader
+//! that would break on Metal or DX12 shows up on machines that have neither. The f16-weight
+//! variants (`enable f16;`) are validated with naga's SHADER_FLOAT16 capability, as wgpu does on
+//! an adapter with SHADER_F16, and translated to HLSL shader model 6.2 (16-bit types); every
+//! other shader must validate without it and translate to shader model 6.0.
 
 use naga::back::{hlsl, msl, spv};
 use naga::valid::{Capabilities, ValidationFlags, Validator};
@@ -18,7 +21,11 @@ fn check(name: &str, src: &str) -> Vec<String> {
     if module.entry_points.is_empty() {
         errs.push(format!("{name}: no entry points"));
     }
-    let caps = Capabilities::SUBGROUP;
+    // f16 only where the module enables it (so no f32 shader needs SHADER_F16)
+    let f16 = module.types.iter().any(|(_, t)| {
+        matches!(t.inner, naga::TypeInner::Scalar(s) | naga::TypeInner::Vector { scalar: s, .. } if s == naga::Scalar::F16)
+    });
+    let caps = if f16 { Capabilities::SUBGROUP | Capabilities::SHADER_FLOAT16 } else { Capabilities::SUBGROUP };
     let info = match Validator::new(ValidationFlags::all(), caps).validate(&module) {
         Ok(i) => i,
         Err(e) => return vec![format!("{name}: validation error:\n{}", e.emit_to_string(src))],
@@ -55,7 +62,8 @@ fn check(name: &str, src: &str) -> Vec<String> {
 
     // HLSL shader model 6.0 (wave intrinsics), per entry point as wgpu's DX12 back end does
     for ep in &module.entry_points {
-        let opts = hlsl::Options { shader_model: hlsl::ShaderModel::V6_0, fake_missing_bindings: true, ..Default::default() };
+        let shader_model = if f16 { hlsl::ShaderModel::V6_2 } else { hlsl::ShaderModel::V6_0 };
+        let opts = hlsl::Options { shader_model, fake_missing_bindings: true, ..Default::default() };
         let po = hlsl::PipelineOptions { entry_point: Some((ep.stage, ep.name.clone())) };
         let mut out = String::new();
         let mut w = hlsl::Writer::new(&mut out, &opts, &po);
@@ -113,7 +121,33 @@ fn every_compiled_variant_validates_and_translates() {
             let code: String = src.lines().map(|l| l.split("//").next().unwrap()).collect();
             assert!(!code.contains("subgroup"), "{}: subgroup code left in a non-subgroup variant", v.describe());
         }
+        if v.uses_f16() {
+            assert!(src.starts_with("enable f16;"), "{}: an f16 variant must enable f16", v.describe());
+        } else {
+            assert!(!src.lines().any(|l| l.trim().starts_with("enable f16")), "{}: f16 enabled in an f32 variant", v.describe());
+        }
         errs.extend(check(&v.describe(), &src));
     }
     assert!(errs.is_empty(), "{} shader error(s):\n{}", errs.len(), errs.join("\n"));
+}
+
+/// The f16-weight modules the backend compiles for inference are among the variants checked
+/// above: the matmul (tiled, 128×128, subgroup) with an f16 B operand and the encoder with f16
+/// embeddings; and specialising reads them as f16 (the alias lines are replaced, not left f32).
+#[test]
+fn f16_weight_variants_are_checked() {
+    let variants = all_variants();
+    let f16: Vec<_> = variants.iter().filter(|v| v.uses_f16()).collect();
+    for (family, subgroup, large) in [("matmul", false, false), ("matmul", true, false), ("matmul", false, true), ("encoder", false, false)] {
+        assert!(
+            f16.iter().any(|v| v.family == family && v.subgroup == subgroup && v.consts.is_empty() != large),
+            "no f16-weight {family} variant (subgroup {subgroup}, large tiles {large}) is validated"
+        );
+    }
+    for v in f16 {
+        let src = preprocess(v).unwrap();
+        for (name, ty) in &v.types {
+            assert!(src.contains(&format!("alias {name} = {ty};")), "{}: alias {name} not specialised", v.describe());
+        }
+    }
 }

@@ -123,8 +123,13 @@ pub trait Backend: Send {
         }
         self.download_bytes(view)
     }
-    /// Copy host f32 data into a whole f32 buffer (`data.len()` must equal its length).
+    /// Copy host f32 data into a whole f32 buffer (`data.len()` must equal its length), or into
+    /// an f16 buffer, rounding each value to the nearest f16.
     fn upload_f32(&mut self, id: BufId, data: &[f32]) -> Result<()> {
+        if buffer_desc(self.table(), id, "upload_f32")?.dtype == DType::F16 {
+            let h: Vec<u8> = data.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect();
+            return self.upload(id, &h);
+        }
         expect_dtype(self.table(), id, DType::F32, "upload_f32")?;
         self.upload(id, bytemuck::cast_slice(data))
     }
@@ -133,14 +138,17 @@ pub trait Backend: Send {
         expect_dtype(self.table(), id, DType::I32, "upload_i32")?;
         self.upload(id, bytemuck::cast_slice(data))
     }
-    /// Read a whole f32 buffer back (waits for pending work).
+    /// Read a whole f32 (or f16) buffer back as f32 (waits for pending work).
     fn download_f32(&mut self, id: BufId) -> Result<Vec<f32>> {
-        expect_dtype(self.table(), id, DType::F32, "download_f32")?;
-        let view = self.table().view(id);
-        Ok(bytemuck::pod_collect_to_vec(&self.download(view)?))
+        let view = buffer_desc(self.table(), id, "download_f32").map(|_| self.table().view(id))?;
+        self.download_view(view)
     }
-    /// Read part of an f32 buffer back (waits for pending work).
+    /// Read part of an f32 (or f16) buffer back as f32 (waits for pending work).
     fn download_view(&mut self, view: View) -> Result<Vec<f32>> {
+        if buffer_desc(self.table(), view.buf, "download_view")?.dtype == DType::F16 {
+            let b = self.download(view)?;
+            return Ok(b.chunks_exact(2).map(|h| half::f16::from_le_bytes([h[0], h[1]]).to_f32()).collect());
+        }
         expect_dtype(self.table(), view.buf, DType::F32, "download_view")?;
         Ok(bytemuck::pod_collect_to_vec(&self.download(view)?))
     }

@@ -9,7 +9,7 @@ pub mod build;
 pub mod kernels;
 pub mod signature;
 
-pub use build::{add_decoder, build_decoder, build_forward, build_train_step, DecodeIo, DecodeOptions, GraphIo, TrainOptions};
+pub use build::{add_decoder, build_decoder, build_decoder_with, build_forward, build_train_step, DecodeIo, DecodeOptions, GraphIo, TrainOptions, WEIGHT_TENSORS};
 pub use kernels::{BufId, Kernel, Launch, Scalars, View};
 pub use signature::{check_token_ids, validate, Access, Arg};
 

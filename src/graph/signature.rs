@@ -27,6 +27,9 @@ pub enum Class {
     Float,
     /// f32 whatever the precision: device scalars, statistics the kernels keep in f32
     F32,
+    /// a weight read by a forward kernel: f32, or f16 where [`Kernel::weight_dtypes`] has it
+    /// (inference with f16 weights: the kernel converts each value to f32 and accumulates in f32)
+    Weight,
     /// i32 token or target ids
     I32,
     /// any dtype (`Zero` clears f32 losses and low-precision gradients alike)
@@ -59,6 +62,9 @@ fn w(name: &'static str, view: View, need: usize) -> Arg {
 }
 fn rw(name: &'static str, view: View, need: usize) -> Arg {
     Arg { name, view, access: Access::ReadWrite, class: Class::Float, need }
+}
+fn wt(name: &'static str, view: View, need: usize) -> Arg {
+    Arg { name, view, access: Access::Read, class: Class::Weight, need }
 }
 fn ids(name: &'static str, view: View, need: usize) -> Arg {
     Arg { name, view, access: Access::Read, class: Class::I32, need }
@@ -101,7 +107,7 @@ impl Kernel {
                 Arg { class: Class::F32, ..r("rstd", rstd, n) },
             ],
             MatmulForward { out, inp, weight, bias, n, c, oc } => {
-                let mut v = vec![w("out", out, n * oc), r("inp", inp, n * c), r("weight", weight, oc * c)];
+                let mut v = vec![w("out", out, n * oc), r("inp", inp, n * c), wt("weight", weight, oc * c)];
                 v.extend(bias.map(|b| r("bias", b, oc)));
                 v
             }
@@ -127,8 +133,8 @@ impl Kernel {
                 w("out", out, n * c),
                 ids("tokens", tokens, n),
                 ids("pos", pos, n),
-                r("wte", wte, c),
-                r("wpe", wpe, c),
+                wt("wte", wte, c),
+                wt("wpe", wpe, c),
             ],
             KvStore { kcache, vcache, qkv, slots, pos, n, c, tmax } => vec![
                 rw("kcache", kcache, tmax * c),
@@ -193,6 +199,15 @@ impl Kernel {
     /// that lacks one of them says so through [`crate::backend::Backend::supports`].
     pub fn precisions(&self) -> &'static [DType] {
         &[DType::F32]
+    }
+
+    /// The dtypes a [`Class::Weight`] view may have: f16 weights exist for the forward kernels
+    /// that inference runs (the matmul and the cached encoder), every backend having f16.
+    pub fn weight_dtypes(&self) -> &'static [DType] {
+        match self {
+            Kernel::MatmulForward { .. } | Kernel::EncoderAt { .. } => &[DType::F32, DType::F16],
+            _ => &[DType::F32],
+        }
     }
 
     /// Constraints between size arguments that no view length expresses.
@@ -266,6 +281,7 @@ fn validate_one(table: &BufferTable, l: &Launch) -> Result<()> {
         let ok = match a.class {
             Class::I32 => buf.dtype == DType::I32,
             Class::F32 => buf.dtype == DType::F32,
+            Class::Weight => k.weight_dtypes().contains(&buf.dtype),
             Class::Float => k.precisions().contains(&buf.dtype),
             Class::Any => true,
         };
@@ -273,6 +289,7 @@ fn validate_one(table: &BufferTable, l: &Launch) -> Result<()> {
             let want = match a.class {
                 Class::I32 => "i32".to_string(),
                 Class::F32 => "f32".to_string(),
+                Class::Weight => k.weight_dtypes().iter().map(|d| d.name()).collect::<Vec<_>>().join("/"),
                 Class::Float => k.precisions().iter().map(|d| d.name()).collect::<Vec<_>>().join("/"),
                 Class::Any => unreachable!("any dtype is accepted"),
             };

@@ -26,6 +26,28 @@ pub struct Row {
     pub token: u32,
 }
 
+/// `--dtype` of generation: the weights' storage type (activations and accumulation are f32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum WeightDtype {
+    F32,
+    /// f16 matmul weights and embeddings (half the memory and bytes read per token)
+    F16,
+}
+
+/// The weight dtype to build with on `backend`: f16 where it has f16 buffers, else f32 with a
+/// note on stderr saying so (e.g. a wgpu adapter without SHADER_F16).
+pub fn weight_dtype(backend: &dyn crate::backend::Backend, want: WeightDtype) -> crate::graph::DType {
+    use crate::graph::DType;
+    match want {
+        WeightDtype::F32 => DType::F32,
+        WeightDtype::F16 if backend.supports(DType::F16) => DType::F16,
+        WeightDtype::F16 => {
+            eprintln!("note: {} has no f16 buffers (on wgpu: the adapter lacks SHADER_F16); using f32 weights", backend.name());
+            DType::F32
+        }
+    }
+}
+
 fn decode_io(sess: &Session) -> Result<DecodeIo> {
     sess.graph.decode.clone().ok_or_else(|| Error::Internal("the graph has no decoding phases (graph::add_decoder)".into()))
 }

@@ -252,10 +252,13 @@ pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
     };
 
     let backend = a.backend.create()?;
-    let graph = build_train_step(
+    let mut graph = build_train_step(
         &cfg,
         &TrainOptions { b: a.batch, t: a.seq_len, grad_accum, weight_decay: a.weight_decay, decay_all: false, grad_clip: a.grad_clip },
     );
+    if a.gen_tokens > 0 {
+        crate::graph::add_decoder(&mut graph, sample::decode_options(&cfg, a.gen_tokens.min(a.seq_len)));
+    }
     let mut sess = Session::new(backend, graph)?;
     sess.upload_params(&params)?;
     let num_params = params.len();

@@ -168,11 +168,17 @@ struct Build {
     checks: Vec<Check>,
     repeat: usize,
     tags: Vec<&'static str>,
+    /// the dtype of the weight views (`Class::Weight`); default: the case's dtype
+    weights: Option<DType>,
 }
 
 impl Build {
     fn new(name: impl Into<String>) -> Build {
-        Build { name: name.into(), bufs: Vec::new(), launches: Vec::new(), checks: Vec::new(), repeat: 1, tags: Vec::new() }
+        Build { name: name.into(), bufs: Vec::new(), launches: Vec::new(), checks: Vec::new(), repeat: 1, tags: Vec::new(), weights: None }
+    }
+    fn weights(mut self, dtype: DType) -> Build {
+        self.weights = Some(dtype);
+        self
     }
     fn f(&mut self, name: &str, data: Vec<f32>) -> BufId {
         self.bufs.push((name.to_string(), Data::F(data)));
@@ -214,6 +220,7 @@ impl Build {
             for a in l.kernel.args() {
                 let want = match a.class {
                     Class::Float => dtype,
+                    Class::Weight => self.weights.unwrap_or(dtype),
                     Class::F32 => DType::F32,
                     Class::I32 => DType::I32,
                     // `Zero` clears f32 and float buffers alike (losses, norm parts, gradients)
@@ -290,6 +297,7 @@ pub fn cases(dtype: DType) -> Vec<Case> {
     matmul_cases(&mut all);
     attention_cases(&mut all);
     decode_cases(&mut all);
+    f16_weight_cases(&mut all);
     elementwise_cases(&mut all);
     cross_entropy_cases(&mut all);
     optimizer_cases(&mut all);
@@ -551,6 +559,28 @@ fn decode_case(r: &mut Rng, name: &str, slots: usize, tmax: usize, c: usize, nh:
     k.check(vc, 0.0, 0.0);
     k.check(out, 2e-5, 2e-4);
     k
+}
+
+/// Inference with f16 weights: the matmul forward and the cached encoder reading f16 weights
+/// (f32 activations, bias and accumulation). The data are rounded to f16 when stored, so the
+/// float64 reference sees the same weights.
+fn f16_weight_cases(all: &mut Vec<Build>) {
+    let mut r = Rng(91);
+    for (n, cc, oc, bias) in [(1, 768, 2304, true), (8, 96, 1536, false), (5, 37, 131, true), (33, 64, 256, true), (74, 96, 384, true)] {
+        let mut k = Build::new(format!("f16 weights: matmul n={n} c={cc} oc={oc} bias={bias}"));
+        let out = k.f("out", vec![0.0; n * oc]);
+        let inp = k.f("inp", r.sym_vec(n * cc + 3, 1.0));
+        let w = k.f("weight", r.sym_vec(oc * cc + 1, 0.5));
+        let b = k.f("bias", r.sym_vec(oc, 0.5));
+        k.launch(Kernel::MatmulForward {
+            out: k.all(out), inp: v(inp, 3, n * cc), weight: v(w, 1, oc * cc), bias: bias.then(|| k.all(b)), n, c: cc, oc,
+        });
+        k.check(out, 1e-5, 1e-4);
+        all.push(k.weights(DType::F16));
+    }
+    let mut d = decode_case(&mut r, "f16 weights", 3, 29, 96, 6, &[(0, 0, 5), (1, 28, 299), (2, 3, 17)]);
+    d.name = "f16 weights: decode step".into();
+    all.push(d.weights(DType::F16));
 }
 
 fn decode_cases(all: &mut Vec<Build>) {
@@ -893,7 +923,14 @@ fn runnable<'a>(cases: &'a [Case], names: &[(&str, &dyn Backend)], out: &mut Out
         let mut n_missing = 0;
         for c in of {
             let m = c.missing_kernels();
-            if m.is_empty() {
+            // a case with buffers of another dtype (f16 weights in an f32 case)
+            let lacking = c.table.dtypes().into_iter().find(|d| names.iter().any(|(_, b)| !b.supports(*d)));
+            if let Some(d) = lacking.filter(|_| m.is_empty()) {
+                let who = names.iter().find(|(_, b)| !b.supports(d)).map_or("", |n| n.0);
+                let m = format!("skipped: conformance case '{}': {who} has no {d} buffers", c.name);
+                note(&m);
+                out.skipped.push(m);
+            } else if m.is_empty() {
                 run.push(c);
             } else {
                 n_missing += 1;

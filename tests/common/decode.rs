@@ -118,3 +118,40 @@ pub fn check_greedy_matches_full_forward(make: &dyn Fn() -> Box<dyn Backend>, ne
         assert_eq!(ids, got[i].0[prompts[i].len()..], "engine sequence {i}");
     }
 }
+
+/// f16 weights against f32 weights on the tiny fixture (L=2, C=64, V=500, maxT=64): greedy
+/// decoding of `steps` tokens after a 3-token prompt gives the same tokens, and every step's
+/// logits are within `tol` of the f32 ones. Returns the worst logit difference.
+pub fn check_f16_weights_match_f32(make: &dyn Fn() -> Box<dyn Backend>, steps: usize, tol: f32) -> f32 {
+    use wgpt::graph::{build_decoder_with, DType};
+    let (cfg, params) = wgpt::model::checkpoint::read_checkpoint(std::path::Path::new("tests/data/tiny/model.bin")).unwrap();
+    let prompt: Vec<u32> = vec![11, 222, 333];
+    assert!(prompt.len() + steps <= cfg.max_t);
+    let opts = DecodeOptions { slots: 2, max_t: cfg.max_t, prefill_rows: 8 };
+    let run = |dtype: DType| -> (Vec<u32>, Vec<Vec<f32>>) {
+        let mut sess = Session::new(make(), build_decoder_with(&cfg, opts, dtype)).expect("decoder graph");
+        sess.upload_params(&params).unwrap();
+        let rows: Vec<wgpt::infer::Row> =
+            prompt[..prompt.len() - 1].iter().enumerate().map(|(pos, &token)| wgpt::infer::Row { slot: 1, pos, token }).collect();
+        wgpt::infer::prefill(&mut sess, &rows).unwrap();
+        let mut seq = prompt.clone();
+        let mut logits = Vec::new();
+        for _ in 0..steps {
+            let row = wgpt::infer::Row { slot: 1, pos: seq.len() - 1, token: *seq.last().unwrap() };
+            let out = wgpt::infer::decode(&mut sess, &[row]).unwrap();
+            seq.push(wgpt::infer::sampler::argmax(&out));
+            logits.push(out);
+        }
+        (seq, logits)
+    };
+    let (s32, l32) = run(DType::F32);
+    let (s16, l16) = run(DType::F16);
+    let mut worst = 0f32;
+    for (k, (a, b)) in l32.iter().zip(&l16).enumerate() {
+        let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        worst = worst.max(d);
+        assert!(d <= tol, "step {k}: f16-weight logits differ from f32 by {d} (tolerance {tol})");
+    }
+    assert_eq!(s16, s32, "f16 weights changed the greedy tokens");
+    worst
+}

@@ -274,8 +274,11 @@ impl Backend for CpuBackend {
         crate::backend::BackendKind::Cpu
     }
 
+    /// f16 buffers (the weights of f16 inference) are kept as f32 holding exactly the f16
+    /// values (rounded on upload), so a kernel reading them computes what a GPU kernel that
+    /// converts each f16 to f32 computes: the reference for f16 weights, not a faster path.
     fn supports(&self, dtype: DType) -> bool {
-        matches!(dtype, DType::F32 | DType::I32)
+        matches!(dtype, DType::F32 | DType::F16 | DType::I32)
     }
 
     fn alloc(&mut self, table: &BufferTable) -> Result<()> {
@@ -297,7 +300,13 @@ impl Backend for CpuBackend {
     }
 
     fn upload_bytes(&mut self, id: BufId, bytes: &[u8]) -> Result<()> {
+        let f16 = self.table.get(id).dtype == DType::F16;
         match &mut self.bufs[id.0 as usize] {
+            Buf::F32(v) if f16 => {
+                for (x, h) in v.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *x = half::f16::from_le_bytes([h[0], h[1]]).to_f32();
+                }
+            }
             Buf::F32(v) => bytemuck::cast_slice_mut(v).copy_from_slice(bytes),
             Buf::I32(v) => bytemuck::cast_slice_mut(v).copy_from_slice(bytes),
         }
@@ -306,7 +315,9 @@ impl Backend for CpuBackend {
 
     fn download_bytes(&mut self, view: View) -> Result<Vec<u8>> {
         let r = view.offset..view.offset + view.len;
+        let f16 = self.table.get(view.buf).dtype == DType::F16;
         Ok(match &self.bufs[view.buf.0 as usize] {
+            Buf::F32(v) if f16 => v[r].iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
             Buf::F32(v) => bytemuck::cast_slice(&v[r]).to_vec(),
             Buf::I32(v) => bytemuck::cast_slice(&v[r]).to_vec(),
         })
@@ -335,6 +346,9 @@ impl Backend for CpuBackend {
     }
 
     fn raw_buffer(&mut self, id: BufId) -> Result<RawBuffer<'_>> {
+        if self.table.try_get(id).is_some_and(|d| d.dtype == DType::F16) {
+            return Err(Error::Internal("raw_buffer: the cpu backend keeps f16 buffers as f32".into()));
+        }
         let b = self.bufs.get_mut(id.0 as usize).ok_or_else(|| Error::Internal(format!("raw_buffer: unknown buffer id {}", id.0)))?;
         Ok(RawBuffer::Host(match b {
             Buf::F32(v) => bytemuck::cast_slice_mut(v),

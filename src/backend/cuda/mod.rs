@@ -37,6 +37,8 @@ const BACKEND: &str = "cuda";
 const ATTN_THREADS: u32 = 256;
 const ATTN_TILE: usize = 32;
 const ATTN_MAX_HS: usize = 128;
+/// Threads per block of `attention_cached` (DEC_NT in cuda/attention.cu).
+const DEC_THREADS: u32 = 256;
 /// Blocks of the first sum-of-squares stage (fixed per size: deterministic).
 const SUMSQ_MAX_BLOCKS: usize = 1024;
 
@@ -83,6 +85,8 @@ struct Funcs {
     encoder_forward: CudaFunction,
     encoder_backward_wpe: CudaFunction,
     encoder_backward_wte: CudaFunction,
+    /// `encoder_at` by (wte, wpe) dtype: [f32 f32, f16 f16, f16 f32, f32 f16]
+    encoder_at: [CudaFunction; 4],
     layernorm_forward: CudaFunction,
     layernorm_backward_dinp: CudaFunction,
     layernorm_backward_params_partial: CudaFunction,
@@ -91,9 +95,13 @@ struct Funcs {
     bias_grad_partial: CudaFunction,
     bias_grad_finish: CudaFunction,
     sgemm_fallback: CudaFunction,
+    /// the built-in GEMM with an f16 B operand (the weight of an f16 matmul forward)
+    sgemm_fallback_f16b: CudaFunction,
     attention_forward: CudaFunction,
     attention_backward_dq: CudaFunction,
     attention_backward_dkv: CudaFunction,
+    kv_store: CudaFunction,
+    attention_cached: CudaFunction,
     gelu_forward: CudaFunction,
     gelu_backward: CudaFunction,
     residual_forward: CudaFunction,
@@ -221,6 +229,12 @@ impl CudaBackend {
             encoder_forward: get("encoder", "encoder_forward")?,
             encoder_backward_wpe: get("encoder", "encoder_backward_wpe")?,
             encoder_backward_wte: get("encoder", "encoder_backward_wte")?,
+            encoder_at: [
+                get("encoder", "encoder_at")?,
+                get("encoder", "encoder_at_f16")?,
+                get("encoder", "encoder_at_f16_wte")?,
+                get("encoder", "encoder_at_f16_wpe")?,
+            ],
             layernorm_forward: get("layernorm", "layernorm_forward")?,
             layernorm_backward_dinp: get("layernorm", "layernorm_backward_dinp")?,
             layernorm_backward_params_partial: get("layernorm", "layernorm_backward_params_partial")?,
@@ -229,9 +243,12 @@ impl CudaBackend {
             bias_grad_partial: get("matmul", "bias_grad_partial")?,
             bias_grad_finish: get("matmul", "bias_grad_finish")?,
             sgemm_fallback: get("matmul", "sgemm_fallback")?,
+            sgemm_fallback_f16b: get("matmul", "sgemm_fallback_f16b")?,
             attention_forward: get("attention", "attention_forward")?,
             attention_backward_dq: get("attention", "attention_backward_dq")?,
             attention_backward_dkv: get("attention", "attention_backward_dkv")?,
+            kv_store: get("attention", "kv_store")?,
+            attention_cached: get("attention", "attention_cached")?,
             gelu_forward: get("gelu", "gelu_forward")?,
             gelu_backward: get("gelu", "gelu_backward")?,
             residual_forward: get("residual", "residual_forward")?,
@@ -293,10 +310,17 @@ impl CudaBackend {
         self.ctx.bind_to_thread().map_err(|e| drv_err("binding the CUDA context", e))
     }
 
-    /// Device address of a view (validated by `graph::validate` when its phase was prepared).
+    /// Device address of a view (validated by `graph::validate` when its phase was prepared):
+    /// the element offset times its buffer's element size (2 bytes for f16).
     fn dp(&self, v: &View) -> u64 {
         let b = &self.bufs[v.buf.0 as usize];
         b.mem.ptr + (v.offset * b.dtype.size()) as u64
+    }
+
+    /// Whether a view's buffer holds f16 (a weight of f16 inference; `validate` allows it only
+    /// where `Kernel::weight_dtypes` does).
+    fn is_f16(&self, v: &View) -> bool {
+        self.bufs[v.buf.0 as usize].dtype == DType::F16
     }
 
     /// The scratch area for a launch that needs `floats` f32s. `prepare` sized it for every
@@ -411,36 +435,60 @@ impl CudaBackend {
             }
             .map_err(|e| berr(format!("{label}: cublasSgemm: {e:?}")))
         } else {
-            // Cm[i,j] = Σ_k A[i·sam + k·sak]·B[k·sbk + j·sbn]
-            let (mm, nn, kk, a, sam, sak, bb, sbk, sbn, ldc) = match kind {
-                0 => (n, oc, c, x, c, 1, w, 1, c, oc),
-                1 => (n, c, oc, x, oc, 1, w, c, 1, c),
-                _ => (oc, c, n, x, 1, oc, w, c, 1, c),
-            };
-            let grid = (nn.div_ceil(64) as u32, mm.div_ceil(64) as u32, 1);
-            self.launch(
-                &self.f.sgemm_fallback,
-                grid,
-                (256, 1, 1),
-                0,
-                &[
-                    A::P(c_ptr),
-                    A::P(a),
-                    A::P(bb),
-                    A::I(mm as i32),
-                    A::I(nn as i32),
-                    A::I(kk as i32),
-                    A::L(sam as i64),
-                    A::L(sak as i64),
-                    A::L(sbk as i64),
-                    A::L(sbn as i64),
-                    A::L(ldc as i64),
-                    A::F(alpha),
-                    A::F(beta),
-                ],
-                label,
-            )
+            self.builtin_gemm(&self.f.sgemm_fallback, kind, c_ptr, x, w, n, c, oc, label)
         }
+    }
+
+    /// out(n,oc) = inp(n,c)·Wᵀ with W f16 (f16 inference): always the built-in GEMM, which
+    /// converts each weight to f32 as it stages it, the sums f32. cuBLAS has no GemmEx with an
+    /// f16 B and an f32 A, and converting the input to f16 for an f16×f16 GemmEx would round the
+    /// activations, which the contract (f32 everywhere but the weights) does not allow.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_f16_weight(&self, out: u64, x: u64, w: u64, n: usize, c: usize, oc: usize, label: &str) -> Result<()> {
+        if n == 0 || c == 0 || oc == 0 {
+            return Ok(());
+        }
+        if n.max(c).max(oc) > i32::MAX as usize {
+            return Err(berr(format!("{label}: matmul dimension too large")));
+        }
+        self.builtin_gemm(&self.f.sgemm_fallback_f16b, 0, out, x, w, n, c, oc, label)
+    }
+
+    /// The built-in GEMM kernel `f` (`sgemm_fallback` or its f16-B twin) for matmul shape `kind`
+    /// (as in [`Self::gemm`]); the sizes are nonzero and fit in i32.
+    #[allow(clippy::too_many_arguments)]
+    fn builtin_gemm(&self, f: &CudaFunction, kind: u8, c_ptr: u64, x: u64, w: u64, n: usize, c: usize, oc: usize, label: &str) -> Result<()> {
+        let beta: f32 = if kind == 2 { 1.0 } else { 0.0 };
+        let alpha: f32 = 1.0;
+        // Cm[i,j] = Σ_k A[i·sam + k·sak]·B[k·sbk + j·sbn]
+        let (mm, nn, kk, a, sam, sak, bb, sbk, sbn, ldc) = match kind {
+            0 => (n, oc, c, x, c, 1, w, 1, c, oc),
+            1 => (n, c, oc, x, oc, 1, w, c, 1, c),
+            _ => (oc, c, n, x, 1, oc, w, c, 1, c),
+        };
+        let grid = (nn.div_ceil(64) as u32, mm.div_ceil(64) as u32, 1);
+        self.launch(
+            f,
+            grid,
+            (256, 1, 1),
+            0,
+            &[
+                A::P(c_ptr),
+                A::P(a),
+                A::P(bb),
+                A::I(mm as i32),
+                A::I(nn as i32),
+                A::I(kk as i32),
+                A::L(sam as i64),
+                A::L(sak as i64),
+                A::L(sbk as i64),
+                A::L(sbn as i64),
+                A::L(ldc as i64),
+                A::F(alpha),
+                A::F(beta),
+            ],
+            label,
+        )
     }
 
     /// Rows per chunk for the two-stage column reductions (≤ 256 chunks).
@@ -465,8 +513,72 @@ impl CudaBackend {
         let label = l.label.as_str();
         let i32_ = |v: usize| v as i32;
         match &l.kernel {
-            EncoderAt { .. } | KvStore { .. } | AttentionCached { .. } => {
-                Err(Error::Unsupported { backend: "cuda".into(), msg: format!("no {} kernel for decoding yet", l.kernel.family()) })
+            EncoderAt { out, tokens, pos, wte, wpe, n, c } => {
+                let (n, c) = (*n, *c);
+                if n == 0 || c == 0 {
+                    return Ok(());
+                }
+                let args = [
+                    A::P(self.dp(out)),
+                    A::P(self.dp(tokens)),
+                    A::P(self.dp(pos)),
+                    A::P(self.dp(wte)),
+                    A::P(self.dp(wpe)),
+                    A::I(i32_(n)),
+                    A::I(i32_(c)),
+                    A::I(i32_(wte.len / c)),
+                    A::I(i32_(wpe.len / c)),
+                ];
+                let f = match (self.is_f16(wte), self.is_f16(wpe)) {
+                    (false, false) => &self.f.encoder_at[0],
+                    (true, true) => &self.f.encoder_at[1],
+                    (true, false) => &self.f.encoder_at[2],
+                    (false, true) => &self.f.encoder_at[3],
+                };
+                self.launch1(f, n * c, &args, label)
+            }
+            KvStore { kcache, vcache, qkv, slots, pos, n, c, tmax } => {
+                let (n, c, tmax) = (*n, *c, *tmax);
+                if n == 0 || c == 0 || tmax == 0 {
+                    return Ok(());
+                }
+                let args = [
+                    A::P(self.dp(kcache)),
+                    A::P(self.dp(vcache)),
+                    A::P(self.dp(qkv)),
+                    A::P(self.dp(slots)),
+                    A::P(self.dp(pos)),
+                    A::I(i32_(n)),
+                    A::I(i32_(c)),
+                    A::I(i32_(tmax)),
+                    A::I(i32_(kcache.len / (tmax * c))),
+                ];
+                self.launch1(&self.f.kv_store, n * c, &args, label)
+            }
+            AttentionCached { out, qkv, kcache, vcache, slots, pos, n, c, nh, tmax } => {
+                let (n, c, nh, tmax) = (*n, *c, *nh, *tmax);
+                Self::head_size(c, nh, label)?;
+                if n == 0 || tmax == 0 {
+                    return Ok(());
+                }
+                if n * nh > i32::MAX as usize {
+                    return Err(berr(format!("{label}: {n} rows × {nh} heads is too many blocks")));
+                }
+                let args = [
+                    A::P(self.dp(out)),
+                    A::P(self.dp(qkv)),
+                    A::P(self.dp(kcache)),
+                    A::P(self.dp(vcache)),
+                    A::P(self.dp(slots)),
+                    A::P(self.dp(pos)),
+                    A::I(i32_(n)),
+                    A::I(i32_(c)),
+                    A::I(i32_(nh)),
+                    A::I(i32_(tmax)),
+                    A::I(i32_(kcache.len / (tmax * c))),
+                ];
+                // one block per (row, head); the cache streams through in tiles (static shared memory only)
+                self.launch(&self.f.attention_cached, ((n * nh) as u32, 1, 1), (DEC_THREADS, 1, 1), 0, &args, label)
             }
             EncoderForward { out, tokens, wte, wpe, b, t, c } => {
                 let (b, t, c) = (*b, *t, *c);
@@ -572,7 +684,11 @@ impl CudaBackend {
                 let o = self.dp(out);
                 let x = self.dp(inp);
                 let w = self.dp(weight);
-                self.gemm(0, o, x, w, n, c, oc, label)?;
+                if self.is_f16(weight) {
+                    self.gemm_f16_weight(o, x, w, n, c, oc, label)?;
+                } else {
+                    self.gemm(0, o, x, w, n, c, oc, label)?;
+                }
                 if let Some(bias) = bias {
                     if n * oc > 0 {
                         let bp = self.dp(bias);
@@ -772,8 +888,10 @@ impl Backend for CudaBackend {
     }
 
     fn supports(&self, dtype: DType) -> bool {
-        // f16/bf16 storage needs kernels specialised for them, which do not exist yet
-        matches!(dtype, DType::F32 | DType::I32)
+        // f16: the weights of f16 inference (every GPU since sm_53 loads 16-bit values; ours are
+        // sm_70+), read by the kernels specialised for them (the matmul forward and the cached
+        // encoder, `Kernel::weight_dtypes`). bf16 storage has no kernels yet.
+        matches!(dtype, DType::F32 | DType::F16 | DType::I32)
     }
 
     fn alloc(&mut self, table: &BufferTable) -> Result<()> {

@@ -6,9 +6,9 @@
 //! Views are bound as 256-byte-aligned sub-ranges (`min_storage_buffer_offset_alignment`); the
 //! remaining element offset (< 64) travels in the parameter words (`o_*` fields of the shaders).
 
-use super::shaders::{attention_tiles, attention_variant, Variant};
+use super::shaders::{attention_tiles, attention_variant, weight_type, Variant};
 use crate::error::{Error, Result};
-use crate::graph::{BufId, BufferDesc, BufferTable, Kernel, Launch, Scalars, View};
+use crate::graph::{BufId, BufferDesc, BufferTable, DType, Kernel, Launch, Scalars, View};
 
 /// What a binding points at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -254,28 +254,72 @@ fn f(x: f32) -> u32 {
 }
 
 impl Compiler<'_> {
-    /// Elements one binding may hold (leaving room for the alignment residual).
+    /// 4-byte elements one binding may hold (leaving room for the alignment residual).
     fn max_elems(&self) -> u64 {
-        (self.caps.max_binding / 4).saturating_sub(self.caps.storage_align / 4 + 16)
+        self.max_elems_of(4)
+    }
+
+    /// Elements of `elem` bytes one binding may hold (leaving room for the alignment residual).
+    fn max_elems_of(&self, elem: u64) -> u64 {
+        (self.caps.max_binding / elem).saturating_sub(self.caps.storage_align / elem + 16)
+    }
+
+    /// Bytes per element of a table buffer.
+    fn elem_bytes(&self, id: BufId) -> u64 {
+        self.table.get(id).dtype.size() as u64
     }
 
     fn oom(&self, what: &str, elems: u64) -> Error {
+        self.oom_bytes(what, elems * 4)
+    }
+
+    fn oom_bytes(&self, what: &str, bytes: u64) -> Error {
         Error::OutOfMemory(format!(
             "launch '{}': {what} needs a {} binding but this adapter binds at most {} \
              (max_storage_buffer_binding_size): lower --batch or --seq-len",
             self.label,
-            mib(elems * 4),
+            mib(bytes),
             mib(self.caps.max_binding)
         ))
     }
 
-    /// Most rows of `row_elems` elements one binding holds; an error if not even one.
+    /// Most rows of `row_elems` 4-byte elements one binding holds; an error if not even one.
     fn rows_per_binding(&self, what: &str, row_elems: u64) -> Result<u64> {
-        let r = self.max_elems() / row_elems.max(1);
+        self.rows_per_binding_of(what, row_elems, 4)
+    }
+
+    /// Most rows of `row_elems` elements of `elem` bytes one binding holds; an error if not even one.
+    fn rows_per_binding_of(&self, what: &str, row_elems: u64, elem: u64) -> Result<u64> {
+        let r = self.max_elems_of(elem) / row_elems.max(1);
         if r == 0 {
-            return Err(self.oom(what, row_elems));
+            return Err(self.oom_bytes(what, row_elems * elem));
         }
         Ok(r)
+    }
+
+    /// The element type (`alias` specialisation) a weight-reading shader needs for `v`: an error,
+    /// never a misread, for a dtype it cannot read.
+    fn weight_type_of(&self, what: &str, v: BufId) -> Result<&'static str> {
+        let d = self.table.get(v);
+        weight_type(d.dtype).ok_or_else(|| {
+            Error::Internal(format!("wgpu compile: {what} '{}' is {}, which no wgpu kernel reads", d.name, d.dtype))
+        })
+    }
+
+    /// An error unless buffer `v` is f32 (the operands that have no f16 form).
+    fn expect_f32(&self, what: &str, v: BufId) -> Result<()> {
+        let d = self.table.get(v);
+        if d.dtype != DType::F32 {
+            return Err(Error::Internal(format!("wgpu compile: {what} '{}' is {}, the kernel reads f32", d.name, d.dtype)));
+        }
+        Ok(())
+    }
+
+    /// The encoder module for these embedding tables' element types.
+    fn encoder_variant(&self, wte: &View, wpe: &View) -> Result<Variant> {
+        Ok(Variant::plain("encoder")
+            .with_type("WteT", self.weight_type_of("wte", wte.buf)?)
+            .with_type("WpeT", self.weight_type_of("wpe", wpe.buf)?))
     }
 
     /// Bind elements [off, off+len) of `target` at `slot`; returns the residual element offset.
@@ -303,7 +347,7 @@ impl Compiler<'_> {
                 )));
             }
             if size > self.caps.max_binding {
-                return Err(self.oom(&format!("buffer '{}'", d.name), len));
+                return Err(self.oom_bytes(&format!("buffer '{}'", d.name), len * elem));
             }
             // the range may extend past the view (to 16 bytes) but never past the buffer
             let size = size.min(avail - base);
@@ -385,7 +429,12 @@ impl Compiler<'_> {
     /// (first row, rows) of the row blocks covering `n` rows of `row_elems` elements, each block
     /// small enough for one binding; an error naming `what` if not even one row fits.
     fn row_blocks(&self, what: &str, n: u64, row_elems: u64) -> Result<impl Iterator<Item = (u64, u64)>> {
-        let rows = self.rows_per_binding(what, row_elems)?;
+        self.row_blocks_of(what, n, row_elems, 4)
+    }
+
+    /// As `row_blocks`, for elements of `elem` bytes.
+    fn row_blocks_of(&self, what: &str, n: u64, row_elems: u64, elem: u64) -> Result<impl Iterator<Item = (u64, u64)>> {
+        let rows = self.rows_per_binding_of(what, row_elems, elem)?;
         Ok((0..n).step_by(rows as usize).map(move |r0| (r0, rows.min(n - r0))))
     }
 
@@ -526,8 +575,10 @@ impl Compiler<'_> {
             return Ok(());
         }
         let vocab = wte.len as u64 / c;
-        for (r0, rs) in self.row_blocks("wte", vocab, c)? {
-            let mut call = Call::new("encoder", "encoder_forward");
+        let variant = self.encoder_variant(wte, wpe)?;
+        let wte_elem = self.elem_bytes(wte.buf);
+        for (r0, rs) in self.row_blocks_of("wte", vocab, c, wte_elem)? {
+            let mut call = Call::with_variant(variant.clone(), "encoder_forward");
             let o_out = self.bind_view(&mut call, 1, out, 0, n * c, true)?;
             let o_tok = self.bind_view(&mut call, 2, tokens, 0, n, false)?;
             let o_wte = self.bind_view(&mut call, 3, wte, r0 * c, rs * c, false)?;
@@ -657,29 +708,31 @@ impl Compiler<'_> {
             }
             return Ok(());
         }
-        let me = self.max_elems();
-        let lim = |ld: u64, what: &str| -> Result<u64> {
-            let r = me / ld.max(1);
-            if r == 0 {
-                return Err(self.oom(what, ld));
-            }
-            Ok(r)
-        };
+        // A, C (and bias) are f32; B (the weight of the forward) may be f16 (inference), read
+        // by the WeightT-specialised module
+        self.expect_f32("a matmul input", a.buf)?;
+        self.expect_f32("a matmul output", c.buf)?;
+        if let Some((bias, _)) = bias {
+            self.expect_f32("a matmul bias", bias)?;
+        }
+        let eb = self.elem_bytes(b.buf);
+        // rows of ld elements (of `elem` bytes) one binding holds
+        let lim = |ld: u64, elem: u64, what: &str| self.rows_per_binding_of(what, ld, elem);
         let round = |x: u64, full: u64, q: u64| if x >= full { full } else { (x / q * q).max(q.min(x)) };
-        let mut ms = lim(c.ld, "a matmul output row")?;
+        let mut ms = lim(c.ld, 4, "a matmul output row")?;
         let mut ns = u64::MAX;
         let mut ks = u64::MAX;
         match layout {
             Layout::Nt => {
-                ms = ms.min(lim(a.ld, "a matmul input row")?);
-                ns = lim(b.ld, "a weight row")?;
+                ms = ms.min(lim(a.ld, 4, "a matmul input row")?);
+                ns = lim(b.ld, eb, "a weight row")?;
             }
             Layout::Nn => {
-                ms = ms.min(lim(a.ld, "a matmul input row")?);
-                ks = lim(b.ld, "a weight row")?;
+                ms = ms.min(lim(a.ld, 4, "a matmul input row")?);
+                ks = lim(b.ld, eb, "a weight row")?;
             }
             Layout::Tn => {
-                ks = lim(a.ld, "a matmul input row")?.min(lim(b.ld, "a matmul input row")?);
+                ks = lim(a.ld, 4, "a matmul input row")?.min(lim(b.ld, eb, "a matmul input row")?);
             }
         }
         // rows of the grid are limited per dimension too
@@ -734,11 +787,14 @@ impl Compiler<'_> {
             && a_start.is_multiple_of(4)
             && b_start.is_multiple_of(4);
         let has_bias = bias.is_some() as u32;
+        // B's element type: every matmul module (tiled, large, subgroup, naive) has an f16-B form
+        let wt = self.weight_type_of("a matmul weight", b.buf)?;
         if vec4 {
             let large = self.caps.matmul == MatmulMode::TiledLarge && mc >= 128 && nc >= 128;
             let tile = if large { 128 } else { 64 };
             let base = if large { super::shaders::matmul_large_variant(false) } else { Variant::plain("matmul") };
-            let sgv = Variant { subgroup: true, ..Variant::plain("matmul") };
+            let base = base.with_type("WeightT", wt);
+            let sgv = Variant { subgroup: true, ..Variant::plain("matmul") }.with_type("WeightT", wt);
             let (variant, entry) = match (layout, self.caps.matmul == MatmulMode::Subgroup) {
                 (Layout::Nt, false) => (base, "mm_nt"),
                 (Layout::Nn, false) => (base, "mm_nn"),
@@ -797,7 +853,7 @@ impl Compiler<'_> {
                 Layout::Nn => (a.ld, 1, b.ld, 1),
                 Layout::Tn => (1, a.ld, b.ld, 1),
             };
-            let mut call = Call::new("matmul", "mm_naive");
+            let mut call = Call::with_variant(Variant::plain("matmul").with_type("WeightT", wt), "mm_naive");
             let ra = self.bind(&mut call, 5, Target::Table(a.buf), a_start, a_ext, false)?;
             let rb = self.bind(&mut call, 6, Target::Table(b.buf), b_start, b_ext, false)?;
             let rc = self.bind(&mut call, 3, Target::Table(c.buf), c_start, c_ext, true)?;
@@ -918,11 +974,12 @@ impl Compiler<'_> {
         }
         let vocab = wte.len as u64 / c;
         let wpe_len = wpe.len as u64 / c * c;
+        let variant = self.encoder_variant(wte, wpe)?;
         let row_blocks: Vec<_> = self.row_blocks("an encoder output row", n, c)?.collect();
-        let wte_blocks: Vec<_> = self.row_blocks("wte", vocab, c)?.collect();
+        let wte_blocks: Vec<_> = self.row_blocks_of("wte", vocab, c, self.elem_bytes(wte.buf))?.collect();
         for &(r0, rs) in &row_blocks {
             for &(w0, ws) in &wte_blocks {
-                let mut call = Call::new("encoder", "encoder_at");
+                let mut call = Call::with_variant(variant.clone(), "encoder_at");
                 let o_out = self.bind_view(&mut call, 1, out, r0 * c, rs * c, true)?;
                 let o_tok = self.bind_view(&mut call, 2, tokens, r0, rs, false)?;
                 let o_wte = self.bind_view(&mut call, 3, wte, w0 * c, ws * c, false)?;

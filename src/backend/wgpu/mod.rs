@@ -10,6 +10,9 @@
 //!   syncs — so a training step (zero_grad, forward, backward, update) is one encoder and one submit,
 //!   with no waits between kernels. Only downloads wait.
 //! * The adapter's own limits are requested; `plan` says before allocating whether a graph fits.
+//! * f16 buffers (weights for inference) where the adapter has SHADER_F16: 2 bytes an element,
+//!   allocations rounded up to 4 bytes; the matmul and encoder modules are specialised for an f16
+//!   weight element type (`shaders.rs`, `alias WeightT`/`WteT`/`WpeT`), converting to f32.
 
 pub mod compile;
 pub mod shaders;
@@ -202,7 +205,8 @@ impl WgpuBackend {
         let adapter = list.swap_remove(idx);
         let info = adapter.get_info();
         let limits = adapter.limits();
-        let features = adapter.features() & (wgpu::Features::SUBGROUP);
+        // SHADER_F16: f16 weights (inference), read by the f16-specialised matmul and encoder
+        let features = adapter.features() & (wgpu::Features::SUBGROUP | wgpu::Features::SHADER_F16);
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("wgpt"),
             required_features: features,
@@ -566,9 +570,15 @@ impl Backend for WgpuBackend {
         crate::backend::BackendKind::Wgpu
     }
 
+    /// f16 buffers (the weights of f16 inference: `Class::Weight` views of the matmul forward
+    /// and the cached encoder, read by shaders specialised for f16 and converted to f32) where
+    /// the adapter has SHADER_F16; no bf16.
     fn supports(&self, dtype: DType) -> bool {
-        // f16 storage needs SHADER_F16 *and* f16 kernels, which do not exist yet
-        matches!(dtype, DType::F32 | DType::I32)
+        match dtype {
+            DType::F32 | DType::I32 => true,
+            DType::F16 => self.features.contains(wgpu::Features::SHADER_F16),
+            DType::BF16 => false,
+        }
     }
 
     fn check_fits(&self, table: &BufferTable, phases: &[&[Launch]]) -> Result<()> {

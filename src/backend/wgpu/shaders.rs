@@ -5,6 +5,10 @@
 //!   dispatch binds the same buffer as input and output (WebGPU forbids read-only + writable usage
 //!   of one buffer within a dispatch);
 //! * `const NAME: u32 = …;` lines can be specialised (attention's head size and tile sizes);
+//! * `alias NAME = f32;` lines can be specialised to another element type (the weight element
+//!   type of f16 inference: `WeightT` in matmul.wgsl, `WteT`/`WpeT` in encoder.wgsl); a variant
+//!   with any `f16` type starts with `enable f16;` (it needs `wgpu::Features::SHADER_F16`). The
+//!   shaders load such arrays through `f32(…)` / `vec4<f32>(…)`, the identity for f32;
 //! * `//#include <lib> <type>` pastes `shaders/lib/<lib>.wgsl` with its `ELEM` set to that type
 //!   (WGSL has neither includes nor generics; the workgroup reductions live there once).
 
@@ -67,11 +71,26 @@ pub struct Variant {
     pub rw: bool,
     /// specialised `const NAME: u32` values
     pub consts: Vec<(&'static str, u32)>,
+    /// specialised `alias NAME = <type>;` element types (`"f16"`; f32 as written is never listed)
+    pub types: Vec<(&'static str, &'static str)>,
 }
 
 impl Variant {
     pub fn plain(family: &'static str) -> Variant {
-        Variant { family, subgroup: false, rw: false, consts: Vec::new() }
+        Variant { family, subgroup: false, rw: false, consts: Vec::new(), types: Vec::new() }
+    }
+    /// This variant with `alias name` set to `ty` (f32, the type as written, leaves it unlisted).
+    pub fn with_type(mut self, name: &'static str, ty: &'static str) -> Variant {
+        self.types.retain(|(n, _)| *n != name);
+        if ty != "f32" {
+            self.types.push((name, ty));
+            self.types.sort();
+        }
+        self
+    }
+    /// Whether the module needs `enable f16;` (and so the SHADER_F16 feature).
+    pub fn uses_f16(&self) -> bool {
+        self.types.iter().any(|(_, t)| *t == "f16")
     }
     pub fn describe(&self) -> String {
         let mut s = self.family.to_string();
@@ -84,6 +103,9 @@ impl Variant {
         for (k, v) in &self.consts {
             s += &format!("+{k}={v}");
         }
+        for (k, t) in &self.types {
+            s += &format!("+{k}={t}");
+        }
         s
     }
 }
@@ -93,9 +115,14 @@ pub fn preprocess(variant: &Variant) -> Result<String> {
     let src = source(variant.family)
         .ok_or_else(|| Error::backend("wgpu", format!("no shader family '{}'", variant.family)))?;
     let src = expand_includes(&format!("shaders/{}.wgsl", variant.family), src)?;
-    let mut out = String::with_capacity(src.len());
+    let mut out = String::with_capacity(src.len() + 16);
+    if variant.uses_f16() {
+        // before any declaration (the comment block at the top may stay after it)
+        out += "enable f16;\n";
+    }
     let mut skipping = false;
     let mut seen = vec![false; variant.consts.len()];
+    let mut seen_types = vec![false; variant.types.len()];
     for line in src.lines() {
         let t = line.trim();
         if t == "//#if subgroup" {
@@ -118,6 +145,14 @@ pub fn preprocess(variant: &Variant) -> Result<String> {
                 continue;
             }
         }
+        if let Some(rest) = t.strip_prefix("alias ") {
+            let name = rest.split(|c: char| c == '=' || c.is_whitespace()).next().unwrap_or("");
+            if let Some(i) = variant.types.iter().position(|(n, _)| *n == name) {
+                out += &format!("alias {name} = {};\n", variant.types[i].1);
+                seen_types[i] = true;
+                continue;
+            }
+        }
         if variant.rw {
             out += &line.replace("var<storage, read>", "var<storage, read_write>");
         } else {
@@ -129,6 +164,12 @@ pub fn preprocess(variant: &Variant) -> Result<String> {
         return Err(Error::backend(
             "wgpu",
             format!("shaders/{}.wgsl has no `const {}` to specialise", variant.family, variant.consts[i].0),
+        ));
+    }
+    if let Some(i) = seen_types.iter().position(|s| !s) {
+        return Err(Error::backend(
+            "wgpu",
+            format!("shaders/{}.wgsl has no `alias {}` to specialise", variant.family, variant.types[i].0),
         ));
     }
     Ok(out)
@@ -155,12 +196,34 @@ pub fn attention_hs(hs: u32) -> u32 {
 /// The attention variant for head size `hs`.
 pub fn attention_variant(hs: u32, workgroup_bytes: u32, rw: bool) -> Variant {
     let (bk, bqt) = attention_tiles(hs, workgroup_bytes);
-    Variant { family: "attention", subgroup: false, rw, consts: vec![("HS", attention_hs(hs)), ("BK", bk), ("BQT", bqt)] }
+    Variant {
+        family: "attention",
+        subgroup: false,
+        rw,
+        consts: vec![("HS", attention_hs(hs)), ("BK", bk), ("BQT", bqt)],
+        types: Vec::new(),
+    }
 }
 
 /// The matmul module specialised for 128×128 tiles (256 invocations, k-slices of 8).
 pub fn matmul_large_variant(rw: bool) -> Variant {
-    Variant { family: "matmul", subgroup: false, rw, consts: vec![("BM", 128), ("BN", 128), ("BK", 8), ("WG", 256)] }
+    Variant {
+        family: "matmul",
+        subgroup: false,
+        rw,
+        consts: vec![("BM", 128), ("BN", 128), ("BK", 8), ("WG", 256)],
+        types: Vec::new(),
+    }
+}
+
+/// The WGSL element type of a buffer of `dtype` as the weight-specialised shaders read it:
+/// `Some("f32")` / `Some("f16")`, `None` for a dtype no shader reads as a weight.
+pub fn weight_type(dtype: crate::graph::DType) -> Option<&'static str> {
+    match dtype {
+        crate::graph::DType::F32 => Some("f32"),
+        crate::graph::DType::F16 => Some("f16"),
+        _ => None,
+    }
 }
 
 /// Every variant the backend may compile for the usual shapes (head sizes of the GPT-2 family and
@@ -180,10 +243,21 @@ pub fn all_variants() -> Vec<Variant> {
                     if sg && fam != "matmul" {
                         continue;
                     }
-                    v.push(Variant { family: fam, subgroup: sg, rw, consts: Vec::new() });
+                    v.push(Variant { subgroup: sg, rw, ..Variant::plain(fam) });
                 }
                 if fam == "matmul" {
                     v.push(matmul_large_variant(rw));
+                    // f16 weights (inference): every matmul variant with an f16 B operand
+                    for sg in [false, true] {
+                        v.push(Variant { subgroup: sg, rw, ..Variant::plain(fam) }.with_type("WeightT", "f16"));
+                    }
+                    v.push(matmul_large_variant(rw).with_type("WeightT", "f16"));
+                }
+                if fam == "encoder" {
+                    // f16 token and/or position embeddings (decoding with f16 weights)
+                    for (wte, wpe) in [("f16", "f16"), ("f16", "f32"), ("f32", "f16")] {
+                        v.push(Variant { rw, ..Variant::plain(fam) }.with_type("WteT", wte).with_type("WpeT", wpe));
+                    }
                 }
             }
         }

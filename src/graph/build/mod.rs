@@ -31,6 +31,7 @@ mod optim;
 
 pub use decode::{add_decoder, DecodeIo, DecodeOptions};
 
+
 use super::{BufId, BufferTable, DType, Graph, Kernel, Launch, Phase, Role, Scalars, View};
 use crate::model::params::idx;
 use crate::model::{Config, ParamLayout, NUM_PARAM_TENSORS, PARAM_NAMES};
@@ -89,16 +90,26 @@ pub fn build_forward(cfg: &Config, b: usize, t: usize) -> Graph {
 /// Inference by KV cache only: the parameters and the `Prefill` and `Decode` phases (see
 /// `decode.rs`). Its `io.targets`/`io.losses` are one-element buffers no phase uses.
 pub fn build_decoder(cfg: &Config, opts: DecodeOptions) -> Graph {
-    let mut g = build_params_only(cfg);
+    build_decoder_with(cfg, opts, DType::F32)
+}
+
+/// [`build_decoder`] with the weights in `weights`: with F16, the matmul weights and the embeddings (wte, wpe, qkvw, attprojw, fcw,
+/// fcprojw: all but 0.1% of GPT-2's parameters) are f16; biases and layernorms stay f32.
+pub fn build_decoder_with(cfg: &Config, opts: DecodeOptions, weights: DType) -> Graph {
+    let mut g = build_params_only(cfg, weights);
     add_decoder(&mut g, opts);
     g
 }
 
+/// The parameter tensors stored in the weight dtype of inference (see [`build_decoder`]).
+pub const WEIGHT_TENSORS: [usize; 6] = [idx::WTE, idx::WPE, idx::QKVW, idx::ATTPROJW, idx::FCW, idx::FCPROJW];
+
 /// A graph with the parameters, the scalars and 1-element host buffers, and no phases.
-fn build_params_only(cfg: &Config) -> Graph {
+fn build_params_only(cfg: &Config, weights: DType) -> Graph {
     let layout = ParamLayout::new(cfg);
     let mut g = Builder { table: BufferTable::default() };
-    let params = Tensors::add(&mut g, &layout, cfg.l, "", Role::Param);
+    let dtype = |i| if WEIGHT_TENSORS.contains(&i) { weights } else { DType::F32 };
+    let params = Tensors::add_typed(&mut g, &layout, cfg.l, "", Role::Param, &dtype);
     let tokens = g.table.add("tokens", 1, DType::I32, Role::Tokens);
     let targets = g.table.add("targets", 1, DType::I32, Role::Targets);
     let losses = g.table.add("losses", 1, DType::F32, Role::Losses);
@@ -158,7 +169,16 @@ struct Tensors {
 impl Tensors {
     /// Adds the 16 buffers, named `{prefix}{PARAM_NAMES[i]}` with role `role(i)`.
     fn add(g: &mut Builder, layout: &ParamLayout, layers: usize, prefix: &str, role: fn(usize) -> Role) -> Tensors {
-        let views = std::array::from_fn(|i| g.buf(format!("{prefix}{}", PARAM_NAMES[i]), layout.sizes[i], role(i)));
+        Tensors::add_typed(g, layout, layers, prefix, role, &|_| DType::F32)
+    }
+    /// The same with tensor `i` in `dtype(i)`.
+    fn add_typed(
+        g: &mut Builder, layout: &ParamLayout, layers: usize, prefix: &str, role: fn(usize) -> Role, dtype: &dyn Fn(usize) -> DType,
+    ) -> Tensors {
+        let views = std::array::from_fn(|i| {
+            let id = g.table.add(format!("{prefix}{}", PARAM_NAMES[i]), layout.sizes[i], dtype(i), role(i));
+            g.table.view(id)
+        });
         Tensors { views, layers }
     }
     /// The buffer ids, for [`GraphIo`].

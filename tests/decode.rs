@@ -150,3 +150,33 @@ fn wgpu_f16_weights_follow_f32() {
     let worst = common::decode::check_f16_weights_match_f32(&make, 40, 1e-3);
     eprintln!("wgpu f16 weights: worst logit difference {worst:.2e}");
 }
+
+/// `wgpt sample`: --json gives the ids and text; the streamed text is the same text; the same
+/// seed gives the same output; bad flags are one-line errors.
+#[test]
+fn sample_cli_streams_and_prints_json() {
+    let model = "tests/data/tiny/model.bin";
+    let run = |extra: &[&str]| {
+        let mut args = vec!["sample", "--backend", "cpu", "--model", model, "--tokens", "24", "--prompt", "", "--ignore-eos"];
+        args.extend_from_slice(extra);
+        common::wgpt(&args)
+    };
+    let j = run(&["--json", "--seed", "9"]);
+    assert!(j.status.success(), "{}", String::from_utf8_lossy(&j.stderr));
+    let stdout = String::from_utf8_lossy(&j.stdout);
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let ids = v["token_ids"].as_array().unwrap();
+    assert_eq!(ids.len(), 24);
+    assert_eq!(v["finish_reason"], "length");
+    assert_eq!(v["prompt_token_ids"].as_array().unwrap().len(), 1, "an empty prompt starts from <|endoftext|>");
+    let again = run(&["--json", "--seed", "9"]);
+    assert_eq!(again.stdout, j.stdout, "the same seed gives the same sample");
+    let streamed = run(&["--seed", "9"]);
+    assert!(streamed.status.success());
+    assert_eq!(String::from_utf8_lossy(&streamed.stdout).trim_end_matches('\n'), v["text"].as_str().unwrap());
+    for (flag, value, want) in [("--temperature=-1", "", "--temperature"), ("--top-p", "0", "--top-p"), ("--seq-len", "20", "--tokens")] {
+        let o = if value.is_empty() { run(&[flag]) } else { run(&[flag, value]) };
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.trim().lines().count() == 1 && err.contains(want), "{flag} {value}: {err}");
+    }
+}

@@ -566,17 +566,26 @@ fn decode_case(r: &mut Rng, name: &str, slots: usize, tmax: usize, c: usize, nh:
 /// float64 reference sees the same weights.
 fn f16_weight_cases(all: &mut Vec<Build>) {
     let mut r = Rng(91);
-    for (n, cc, oc, bias) in [(1, 768, 2304, true), (8, 96, 1536, false), (5, 37, 131, true), (33, 64, 256, true), (74, 96, 384, true)] {
-        let mut k = Build::new(format!("f16 weights: matmul n={n} c={cc} oc={oc} bias={bias}"));
+    // (n, c, oc, bias, offset of inp and weight): unaligned views take a backend's scalar path,
+    // aligned ones its tiled kernels; the long-k and the large one also run split along k and
+    // under 64 KiB bindings
+    let shapes = [
+        (1, 768, 2304, true, 1, ""), (8, 96, 1536, false, 1, ""), (5, 37, 131, true, 1, ""), (33, 64, 256, true, 1, ""),
+        (74, 96, 384, true, 1, ""), (8, 768, 2304, true, 0, SPLIT_BINDINGS), (74, 96, 384, true, 0, ""),
+        (40, 1100, 136, true, 0, LONG_K),
+    ];
+    for (n, cc, oc, bias, off, tag) in shapes {
+        let mut k = Build::new(format!("f16 weights: matmul n={n} c={cc} oc={oc} bias={bias} offset={off}"));
         let out = k.f("out", vec![0.0; n * oc]);
-        let inp = k.f("inp", r.sym_vec(n * cc + 3, 1.0));
-        let w = k.f("weight", r.sym_vec(oc * cc + 1, 0.5));
+        let inp = k.f("inp", r.sym_vec(n * cc + 3 * off, 1.0));
+        let w = k.f("weight", r.sym_vec(oc * cc + off, 0.5));
         let b = k.f("bias", r.sym_vec(oc, 0.5));
         k.launch(Kernel::MatmulForward {
-            out: k.all(out), inp: v(inp, 3, n * cc), weight: v(w, 1, oc * cc), bias: bias.then(|| k.all(b)), n, c: cc, oc,
+            out: k.all(out), inp: v(inp, 3 * off, n * cc), weight: v(w, off, oc * cc), bias: bias.then(|| k.all(b)), n, c: cc, oc,
         });
         k.check(out, 1e-5, 1e-4);
-        all.push(k.weights(DType::F16));
+        let k = k.weights(DType::F16);
+        all.push(if tag.is_empty() { k } else { k.tag(tag) });
     }
     let mut d = decode_case(&mut r, "f16 weights", 3, 29, 96, 6, &[(0, 0, 5), (1, 28, 299), (2, 3, 17)]);
     d.name = "f16 weights: decode step".into();
@@ -591,8 +600,10 @@ fn decode_cases(all: &mut Vec<Build>) {
     // head sizes 8 and 128, one row; a long cache read (position 199 of 200)
     all.push(decode_case(&mut r, "hs8", 2, 23, 24, 3, &[(1, 22, 3)]));
     all.push(decode_case(&mut r, "hs128", 3, 200, 256, 2, &[(2, 199, 7), (0, 3, 8)]));
+    // several 256-position tiles (positions 255, 256, 699), an odd C and head size (45, hs 15)
+    all.push(decode_case(&mut r, "long", 3, 700, 45, 3, &[(0, 699, 1), (1, 256, 2), (0, 255, 3)]));
     // a whole prefill chunk of one sequence: positions 0..33 of slot 0
-    let prefill: Vec<(i32, i32, i32)> = (0..33).map(|p| (0, p, (p * 7 % 300) as i32)).collect();
+    let prefill: Vec<(i32, i32, i32)> = (0..33).map(|p| (0, p, p * 7 % 300)).collect();
     all.push(decode_case(&mut r, "prefill", 2, 37, 64, 4, &prefill));
 }
 

@@ -4,7 +4,9 @@
 //! adapter's `max_storage_buffer_binding_size` into several dispatches, and the memory plan.
 //!
 //! Views are bound as 256-byte-aligned sub-ranges (`min_storage_buffer_offset_alignment`); the
-//! remaining element offset (< 64) travels in the parameter words (`o_*` fields of the shaders).
+//! remaining element offset (< 64 f32, < 128 f16 elements) travels in the parameter words (`o_*`
+//! fields of the shaders). Element sizes, binding sizes and rows per binding come from each
+//! buffer's dtype (f16 weights: 2 bytes, so a binding holds twice as many weight rows).
 
 use super::shaders::{attention_tiles, attention_variant, weight_type, Variant};
 use crate::error::{Error, Result};

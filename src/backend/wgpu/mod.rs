@@ -16,6 +16,8 @@
 
 pub mod compile;
 pub mod shaders;
+#[cfg(test)]
+mod tests;
 
 pub use compile::{plan_memory, DeviceCaps, MatmulMode, MemoryPlan};
 

@@ -1,5 +1,6 @@
 //! The CUDA backend: `cuda/*.cu` compiled at start-up by NVRTC for the exact GPU (CUBIN, cached on
-//! disk), matmuls through cuBLAS (or a built-in GEMM kernel where libcublas is absent), all on one
+//! disk), matmuls through cuBLAS (or a built-in GEMM kernel where libcublas is absent, and for
+//! every matmul with an f16 weight: f16 inference converts each weight to f32), all on one
 //! stream with no host synchronisation inside `run`. Every NVIDIA library is loaded at run time
 //! through cudarc, so the binary builds and runs without a CUDA toolkit; see `dl` for how the
 //! libraries are found and `probe` for `wgpt info`.

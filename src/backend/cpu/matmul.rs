@@ -120,6 +120,20 @@ pub fn matmul_forward(out: &mut [f32], inp: &[f32], weight: &[f32], bias: Option
         return;
     }
     let out = &mut out[..n * oc];
+    if n <= FEW_ROWS {
+        // outᵀ (oc×n) = W (oc×c) · inpᵀ (c×n): blocks of weight rows, so each task reads its part
+        // of W once for every input row
+        let mut t = vec![0f32; oc * n];
+        let w = Operand { data: &weight[..oc * c], rs: c, cs: 1 };
+        let xt = Operand { data: &inp[..n * c], rs: 1, cs: c };
+        gemm_blocked(&mut t, n, oc, n, c, false, w, xt);
+        out.par_chunks_mut(oc).enumerate().for_each(|(i, row)| {
+            for (j, o) in row.iter_mut().enumerate() {
+                *o = t[j * n + i] + bias.map_or(0.0, |b| b[j]);
+            }
+        });
+        return;
+    }
     if let Some(bias) = bias {
         let bias = &bias[..oc];
         out.par_chunks_mut(oc).with_min_len(rows_per_task(oc)).for_each(|r| r.copy_from_slice(bias));
@@ -129,6 +143,9 @@ pub fn matmul_forward(out: &mut [f32], inp: &[f32], weight: &[f32], bias: Option
     let wt = Operand { data: &weight[..oc * c], rs: 1, cs: c };
     gemm_blocked(out, oc, n, oc, c, bias.is_some(), x, wt);
 }
+
+/// At most this many rows (decoding: one per sequence) take the transposed product.
+const FEW_ROWS: usize = 16;
 
 /// dinp (n,c) = dout (n,oc) · weight (writes);  dweight (oc,c) += doutᵀ·inp;  dbias (oc) += Σ_rows dout
 #[allow(clippy::too_many_arguments)]

@@ -173,13 +173,17 @@ fn serve_refuses_bad_flags_with_one_line() {
     let model = dir.path().join("model.bin");
     write_model(&model);
     let m = model.to_str().unwrap();
+    // a port in use (no name lookup needed, unlike a bad --host)
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_port = busy.local_addr().unwrap().port().to_string();
     for (args, needle) in [
-        (vec!["--max-batch", "0"], "--max-batch"),
-        (vec!["--max-seq-len", "129"], "--max-seq-len"),
-        (vec!["--max-seq-len", "1"], "--max-seq-len"),
-        (vec!["--host", "not a host"], "--port"),
+        (vec!["--port", "0", "--max-batch", "0"], "--max-batch"),
+        (vec!["--port", "0", "--max-seq-len", "129"], "--max-seq-len"),
+        (vec!["--port", "0", "--max-seq-len", "1"], "--max-seq-len"),
+        (vec!["--port", "0", "--served-model-name", ""], "--served-model-name"),
+        (vec!["--host", "127.0.0.1", "--port", &busy_port], "--port"),
     ] {
-        let mut all = vec!["serve", "--backend", "cpu", "--model", m, "--port", "0"];
+        let mut all = vec!["serve", "--backend", "cpu", "--model", m];
         all.extend_from_slice(&args);
         let mut c = Command::new(env!("CARGO_BIN_EXE_wgpt")).args(&all).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
         let status = wait_bounded(&mut c, Duration::from_secs(60), "wgpt serve with a bad flag");
@@ -189,8 +193,8 @@ fn serve_refuses_bad_flags_with_one_line() {
         assert!(!err.contains("panicked"), "{err}");
         assert!(err.lines().any(|l| l.starts_with("error") && l.contains(needle)), "{args:?}: no error line naming {needle} in {err:?}");
     }
+    drop(busy);
     let o = common::wgpt(&["serve", "--backend", "cpu", "--model", dir.path().join("nope.bin").to_str().unwrap(), "--port", "0"]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("nope.bin"));
 }
-

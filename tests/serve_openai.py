@@ -298,6 +298,25 @@ def a_client_that_disconnects_frees_its_slot():
 
 
 @test
+def a_client_that_gives_up_on_a_whole_completion_frees_its_slots():
+    cancelled = metric("wgpt_requests_cancelled_total")
+    body = json.dumps({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 120, "n": 8, "ignore_eos": True, "temperature": 1})
+    s = socket.create_connection((HOST, PORT), timeout=30)
+    s.sendall(
+        f"POST /v1/completions HTTP/1.1\r\nHost: {HOST}:{PORT}\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode()
+    )
+    deadline = time.time() + 20
+    while metric("wgpt_requests_running") == 0:  # started
+        assert time.time() < deadline
+        time.sleep(0.005)
+    s.close()
+    while metric("wgpt_requests_cancelled_total") < cancelled + 8 or metric("wgpt_requests_running") != 0:
+        assert time.time() < deadline, "the abandoned request's sequences were not cancelled"
+        time.sleep(0.02)
+
+
+@test
 def http10_stream_ends_with_the_connection():
     s = stream_request("Hello world", 6, version="HTTP/1.0")
     data = b""
@@ -308,7 +327,8 @@ def http10_stream_ends_with_the_connection():
         data += chunk
     s.close()
     head, _, body = data.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.0 200") and b"text/event-stream" in head, head
+    assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head and b"Connection: close" in head, head
+    assert b"chunked" not in head, head  # HTTP/1.0 has no chunked framing: the body ends with the connection
     events = [e for e in body.decode().split("\n\n") if e]
     assert events[-1] == "data: [DONE]", events
     text = "".join(json.loads(e[len("data: "):])["choices"][0]["text"] for e in events[:-1])

@@ -101,9 +101,29 @@ pub struct CompletionRequest {
 /// The fields a completions body may have; any other is refused (so a typo or an unsupported
 /// vLLM extension is an error, never silently ignored).
 const KNOWN: &[&str] = &[
-    "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "echo", "logprobs", "stream",
-    "stream_options", "user", "presence_penalty", "frequency_penalty", "best_of", "suffix", "logit_bias",
-    "return_token_ids", "ignore_eos", "repetition_penalty", "min_tokens",
+    "model",
+    "prompt",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "n",
+    "stop",
+    "seed",
+    "echo",
+    "logprobs",
+    "stream",
+    "stream_options",
+    "user",
+    "presence_penalty",
+    "frequency_penalty",
+    "best_of",
+    "suffix",
+    "logit_bias",
+    "return_token_ids",
+    "ignore_eos",
+    "repetition_penalty",
+    "min_tokens",
 ];
 
 /// `o[k]`, with null the same as absent.
@@ -177,7 +197,9 @@ fn token_ids(list: &[Value], vocab: usize) -> Result<Vec<u32>, ApiError> {
     list.iter()
         .map(|v| match v.as_u64() {
             Some(id) if (id as usize) < vocab => Ok(id as u32),
-            Some(id) => Err(ApiError::invalid("prompt", "invalid_value", format!("token id {id} is outside the model's vocabulary of {vocab}"))),
+            Some(id) => {
+                Err(ApiError::invalid("prompt", "invalid_value", format!("token id {id} is outside the model's vocabulary of {vocab}")))
+            }
             None => Err(type_error("prompt", "a list of token ids (integers ≥ 0)", v)),
         })
         .collect()
@@ -188,7 +210,14 @@ const PROMPT_SHAPES: &str = "a string, a list of strings, a list of token ids or
 /// The prompts of `prompt` as (ids, text); an empty prompt is `<|endoftext|>` with no text.
 fn prompts(v: Option<&Value>, model: &Model, tok: &Tokenizer) -> Result<Vec<(Vec<u32>, String)>, ApiError> {
     let from_text = |s: &str| if s.is_empty() { (vec![model.eot], String::new()) } else { (tok.encode(s), s.to_string()) };
-    let from_ids = |ids: Vec<u32>| if ids.is_empty() { (vec![model.eot], String::new()) } else { let t = tok.decode(&ids); (ids, t) };
+    let from_ids = |ids: Vec<u32>| {
+        if ids.is_empty() {
+            (vec![model.eot], String::new())
+        } else {
+            let t = tok.decode(&ids);
+            (ids, t)
+        }
+    };
     let Some(v) = v else { return Ok(vec![(vec![model.eot], String::new())]) }; // OpenAI: <|endoftext|>
     match v {
         Value::String(s) => Ok(vec![from_text(s)]),
@@ -245,11 +274,18 @@ pub fn check_model(v: Option<&Value>, served: &str) -> Result<(), ApiError> {
 
 /// The body as a JSON object, or the 400 for a body that is not one.
 pub fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
-    let v: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::new(400, "invalid_request_error", "invalid_json", None, format!("the request body is not valid JSON: {e}")))?;
+    let v: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(400, "invalid_request_error", "invalid_json", None, format!("the request body is not valid JSON: {e}"))
+    })?;
     match v {
         Value::Object(o) => Ok(o),
-        other => Err(ApiError::new(400, "invalid_request_error", "invalid_json", None, format!("the request body must be a JSON object, got {}", describe(&other)))),
+        other => Err(ApiError::new(
+            400,
+            "invalid_request_error",
+            "invalid_json",
+            None,
+            format!("the request body must be a JSON object, got {}", describe(&other)),
+        )),
     }
 }
 
@@ -259,7 +295,11 @@ impl CompletionRequest {
         let o = parse_object(body)?;
         check_model(o.get("model"), &model.name)?;
         if let Some(k) = o.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-            return Err(ApiError::invalid(k, "unknown_parameter", format!("unknown field '{k}' (the supported fields are listed in the README, \"Serving\")")));
+            return Err(ApiError::invalid(
+                k,
+                "unknown_parameter",
+                format!("unknown field '{k}' (the supported fields are listed in the README, \"Serving\")"),
+            ));
         }
 
         let n = match int(&o, "n")? {
@@ -269,13 +309,23 @@ impl CompletionRequest {
         };
         if let Some(b) = int(&o, "best_of")? {
             if b != n as i64 {
-                return Err(ApiError::invalid("best_of", "unsupported_value", format!("'best_of' {b} is not supported: only best_of = n ({n}) is accepted")));
+                return Err(ApiError::invalid(
+                    "best_of",
+                    "unsupported_value",
+                    format!("'best_of' {b} is not supported: only best_of = n ({n}) is accepted"),
+                ));
             }
         }
         let temperature = match float(&o, "temperature")? {
             None => 1.0,
             Some(t) if t >= 0.0 && t.is_finite() => t as f32,
-            Some(t) => return Err(ApiError::invalid("temperature", "invalid_value", format!("'temperature' must be 0 (greedy) or positive, got {t}"))),
+            Some(t) => {
+                return Err(ApiError::invalid(
+                    "temperature",
+                    "invalid_value",
+                    format!("'temperature' must be 0 (greedy) or positive, got {t}"),
+                ))
+            }
         };
         let top_p = match float(&o, "top_p")? {
             None => 1.0,
@@ -285,7 +335,9 @@ impl CompletionRequest {
         let top_k = match int(&o, "top_k")? {
             None | Some(-1) | Some(0) => 0,
             Some(k) if k > 0 => usize::try_from(k).unwrap_or(usize::MAX),
-            Some(k) => return Err(ApiError::invalid("top_k", "invalid_value", format!("'top_k' must be -1 or 0 (off) or at least 1, got {k}"))),
+            Some(k) => {
+                return Err(ApiError::invalid("top_k", "invalid_value", format!("'top_k' must be -1 or 0 (off) or at least 1, got {k}")))
+            }
         };
         let seed = match field(&o, "seed") {
             None => None,
@@ -305,7 +357,13 @@ impl CompletionRequest {
             None => None,
             Some(v) => match v.as_u64() {
                 Some(k) if k as usize <= MAX_LOGPROBS => Some(k as usize),
-                Some(k) => return Err(ApiError::invalid("logprobs", "invalid_value", format!("'logprobs' must be in 0..={MAX_LOGPROBS}, got {k}"))),
+                Some(k) => {
+                    return Err(ApiError::invalid(
+                        "logprobs",
+                        "invalid_value",
+                        format!("'logprobs' must be in 0..={MAX_LOGPROBS}, got {k}"),
+                    ))
+                }
                 None => return Err(type_error("logprobs", &format!("an integer in 0..={MAX_LOGPROBS}"), v)),
             },
         };
@@ -326,7 +384,9 @@ impl CompletionRequest {
                 if let Some(k) = so.keys().find(|k| k.as_str() != "include_usage") {
                     return Err(ApiError::invalid("stream_options", "unknown_parameter", format!("unknown field 'stream_options.{k}'")));
                 }
-                boolean(so, "include_usage").map_err(|_| type_error("stream_options", "{\"include_usage\": true|false}", &so["include_usage"]))?.unwrap_or(false)
+                boolean(so, "include_usage")
+                    .map_err(|_| type_error("stream_options", "{\"include_usage\": true|false}", &so["include_usage"]))?
+                    .unwrap_or(false)
             }
             Some(other) => return Err(type_error("stream_options", "an object", other)),
         };
@@ -348,7 +408,13 @@ impl CompletionRequest {
         match field(&o, "suffix") {
             None => {}
             Some(Value::String(s)) if s.is_empty() => {}
-            Some(_) => return Err(ApiError::invalid("suffix", "unsupported_value", "'suffix' is not supported: GPT-2 has no insertion mode (only null)")),
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "suffix",
+                    "unsupported_value",
+                    "'suffix' is not supported: GPT-2 has no insertion mode (only null)",
+                ))
+            }
         }
         match field(&o, "logit_bias") {
             None => {}
@@ -377,7 +443,21 @@ impl CompletionRequest {
             check_context(ids.len(), max_tokens, model.max_t)?;
             prompts.push(Prompt { ids, text, max_tokens });
         }
-        Ok(CompletionRequest { prompts, n, temperature, top_p, top_k, seed, stop, echo, logprobs, stream, include_usage, return_token_ids, ignore_eos })
+        Ok(CompletionRequest {
+            prompts,
+            n,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            stop,
+            echo,
+            logprobs,
+            stream,
+            include_usage,
+            return_token_ids,
+            ignore_eos,
+        })
     }
 
     /// Engine requests, one per choice: choice `p·n + i` is prompt p's i-th, seeded `seed + i`
@@ -509,8 +589,8 @@ pub fn completion_json(meta: &Meta, req: &CompletionRequest, choices: &[Choice],
     })
 }
 
-/// One stream chunk with one choice (`choice` from [`choice_delta`]); `usage_null` puts
-/// `"usage": null` in it (OpenAI does so in every chunk but the last when include_usage is set).
+/// One stream chunk with `choices` (from [`choice_delta`]; none in the final usage chunk) and,
+/// when given, `usage` (OpenAI puts `"usage": null` in every other chunk when include_usage is set).
 pub fn chunk_json(meta: &Meta, choices: Vec<Value>, usage: Option<Value>) -> Value {
     let mut v = json!({ "id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model, "choices": choices });
     if let Some(u) = usage {

@@ -4,9 +4,9 @@
 //!   [`Engine`]'s continuous batching: every request of every connection goes to it through one
 //!   channel, and requests that arrive while others decode join them between decode steps, up
 //!   to `--max-batch` sequences;
-//! * tiny_http hands each request to a handler thread of its own, which checks it (`api.rs`),
-//!   submits one engine request per choice and waits for their events, then answers with the
-//!   whole completion or streams it as server-sent events (`http.rs`);
+//! * each connection has a thread of its own (`http.rs`); its handler checks a request
+//!   (`api.rs`), submits one engine request per choice and waits for their events, then answers
+//!   with the whole completion or streams it as server-sent events;
 //! * a handler that stops listening (the client disconnected, a write failed) drops its
 //!   receivers, and the engine frees those slots at its next step; a panicking handler answers
 //!   500 (or closes its connection) and the server goes on.
@@ -23,13 +23,13 @@ use crate::error::{Error, Result};
 use crate::infer::engine::{Engine, Event, GenRequest};
 use crate::train::session::Session;
 use api::{ApiError, Choice, CompletionRequest, Meta};
+use http::{Request, Responder};
 use serde_json::{json, Value};
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
-use tiny_http::{Method, Request};
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
@@ -46,7 +46,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "KEY")]
     pub api_key: Option<String>,
     /// sequences decoded together (KV-cache slots); further requests wait for a free slot
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, value_name = "N", default_value_t = 8)]
     pub max_batch: usize,
     /// positions per sequence, prompt + completion [default: the model's maxT]
     #[arg(long, value_name = "N")]
@@ -112,39 +112,55 @@ pub fn run(a: &ServeArgs) -> Result<()> {
     let name = a.served_model_name.clone().unwrap_or_else(|| a.model.display().to_string());
     let model = api::Model { name: name.clone(), max_t, vocab: cfg.v, eot: tok.eot().min(cfg.v as u32 - 1) };
 
-    let backend = a.backend.create()?;
-    let backend_name = backend.name();
-    let opts = crate::graph::DecodeOptions { slots: a.max_batch, max_t, prefill_rows: max_t.min(64) };
-    let mut sess = Session::new(backend, crate::graph::build_decoder(&cfg, opts))?;
-    sess.upload_params(&params)?;
-    drop(params);
-    let engine = Engine::new(sess, Some(tok.clone()))?;
-
-    let server = tiny_http::Server::http((a.host.as_str(), a.port))
+    let addrs: Vec<std::net::SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(&(a.host.as_str(), a.port))
+        .map_err(|e| Error::flag("--host", format!("'{}' is not an address to listen on: {e}", a.host)))?
+        .collect();
+    let listener = std::net::TcpListener::bind(&addrs[..])
         .map_err(|e| Error::flag("--port", format!("cannot listen on {}:{}: {e}", a.host, a.port)))?;
-    let addr = match server.server_addr().to_ip() {
-        Some(ip) => ip.to_string(),
-        None => format!("{}:{}", a.host, a.port),
-    };
+    let addr = listener.local_addr().map_or_else(|_| format!("{}:{}", a.host, a.port), |ip| ip.to_string());
 
-    let stats = Arc::new(Stats { running: AtomicUsize::new(0), running_max: AtomicUsize::new(0), slots: a.max_batch, cancelled: AtomicUsize::new(0) });
+    // the engine thread creates the backend and the session itself (a device context then
+    // belongs to the thread that uses it), and says when it is ready
+    let stats = Arc::new(Stats {
+        running: AtomicUsize::new(0),
+        running_max: AtomicUsize::new(0),
+        slots: a.max_batch,
+        cancelled: AtomicUsize::new(0),
+    });
     let (submit, jobs) = mpsc::channel::<Job>();
-    let engine_stats = stats.clone();
+    let (ready_tx, ready) = mpsc::channel::<Result<String>>();
+    let (backend_args, engine_tok, engine_stats) = (a.backend.clone(), tok.clone(), stats.clone());
+    let opts = crate::graph::DecodeOptions { slots: a.max_batch, max_t, prefill_rows: max_t.min(64) };
     std::thread::Builder::new()
         .name("wgpt-engine".into())
-        .spawn(move || engine_loop(engine, jobs, &engine_stats))
+        .spawn(move || {
+            let started = (|| {
+                let backend = backend_args.create()?;
+                let name = backend.name();
+                let mut sess = Session::new(backend, crate::graph::build_decoder(&cfg, opts))?;
+                sess.upload_params(&params)?;
+                drop(params);
+                Ok((Engine::new(sess, Some(engine_tok))?, name))
+            })();
+            match started {
+                Ok((engine, name)) => {
+                    let _ = ready_tx.send(Ok(name));
+                    engine_loop(engine, jobs, &engine_stats);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            }
+        })
         .map_err(|e| Error::Internal(format!("starting the engine thread: {e}")))?;
+    let backend_name = ready.recv().map_err(|_| Error::Internal("the engine thread stopped while starting".into()))??;
 
     println!("wgpt serve: listening on http://{addr} (model {name}, backend {backend_name}, {} slots, context {max_t})", a.max_batch);
     let _ = std::io::stdout().flush();
 
-    let state = Arc::new(State { model, tok, api_key: a.api_key.clone(), submit, stats, started: unix_time() });
-    for rq in server.incoming_requests() {
-        let st = state.clone();
-        // a request whose thread cannot start is dropped, which tiny_http answers with a 500
-        let _ = std::thread::Builder::new().name("wgpt-http".into()).spawn(move || handle(&st, rq));
-    }
-    Err(Error::Unavailable(format!("wgpt serve: the listener on {addr} stopped accepting connections")))
+    let state = State { model, tok, api_key: a.api_key.clone(), submit, stats, started: unix_time() };
+    let e = http::serve(listener, Arc::new(move |rq: &Request, out: &mut Responder| route(&state, rq, out)));
+    Err(Error::Unavailable(format!("wgpt serve: listening on {addr} failed: {e}")))
 }
 
 /// The engine thread: `Engine::serve`'s loop, publishing how many sequences run after each step.
@@ -177,67 +193,61 @@ fn engine_loop(mut engine: Engine<Session>, jobs: Receiver<Job>, stats: &Stats) 
     }
 }
 
-/// One request, on its own thread; a panic is caught here (dropping an unanswered tiny_http
-/// request answers 500).
-fn handle(st: &State, rq: Request) {
-    let what = format!("{} {}", rq.method(), rq.url());
-    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| route(st, rq))).is_err() {
-        eprintln!("wgpt serve: the handler of {what} panicked (answered 500, or the connection was closed)");
-    }
+fn not_found(out: &mut Responder, path: &str) {
+    out.error(&ApiError::new(404, "invalid_request_error", "not_found", None, format!("no such endpoint: {path}")));
 }
 
-fn not_found(rq: Request, path: &str) {
-    http::respond_error(rq, &ApiError::new(404, "invalid_request_error", "not_found", None, format!("no such endpoint: {path}")));
+fn not_allowed(out: &mut Responder, rq: &Request, allow: &'static str) {
+    let e = ApiError::new(
+        405,
+        "invalid_request_error",
+        "method_not_allowed",
+        None,
+        format!("{} {} is not supported; use {allow}", rq.method, rq.path()),
+    );
+    out.json(405, &e.body(), &[("Allow", allow)]);
 }
 
-fn not_allowed(rq: Request, path: &str, allow: &'static str) {
-    let e = ApiError::new(405, "invalid_request_error", "method_not_allowed", None, format!("{} {path} is not supported; use {allow}", rq.method()));
-    http::respond_json(rq, 405, &e.body(), &[("Allow", allow)]);
-}
-
-fn route(st: &State, rq: Request) {
-    let path = rq.url().split('?').next().unwrap_or("").to_string();
-    let get = matches!(rq.method(), Method::Get | Method::Head);
-    let post = *rq.method() == Method::Post;
-    match path.as_str() {
-        "/health" if get => http::respond_text(rq, 200, String::new(), "text/plain"),
-        "/health" => not_allowed(rq, &path, "GET"),
-        "/metrics" if get => http::respond_text(rq, 200, metrics(&st.stats), "text/plain; version=0.0.4"),
-        "/metrics" => not_allowed(rq, &path, "GET"),
+fn route(st: &State, rq: &Request, out: &mut Responder) {
+    let path = rq.path();
+    let get = rq.method == "GET" || rq.method == "HEAD";
+    let post = rq.method == "POST";
+    match path {
+        "/health" if get => out.send(200, "text/plain", b"", &[]),
+        "/health" => not_allowed(out, rq, "GET"),
+        "/metrics" if get => out.send(200, "text/plain; version=0.0.4", metrics(&st.stats).as_bytes(), &[]),
+        "/metrics" => not_allowed(out, rq, "GET"),
         p if p == "/v1" || p.starts_with("/v1/") => {
-            if let Err(e) = authorize(st, &rq) {
-                return http::respond_error(rq, &e);
+            if let Err(e) = authorize(st, rq) {
+                return out.error(&e);
             }
             match p {
-                "/v1/completions" if post => completions(st, rq),
-                "/v1/completions" => not_allowed(rq, &path, "POST"),
-                "/v1/chat/completions" if post => http::respond_error(
-                    rq,
-                    &ApiError::new(
-                        400,
-                        "invalid_request_error",
-                        "chat_template_missing",
-                        None,
-                        "GPT-2 has no chat template, so this server has no chat completions; use POST /v1/completions with a text prompt",
-                    ),
-                ),
-                "/v1/chat/completions" => not_allowed(rq, &path, "POST"),
-                "/v1/models" if get => http::respond_json(rq, 200, &api::models_json(&st.model, st.started), &[]),
-                "/v1/models" => not_allowed(rq, &path, "GET"),
+                "/v1/completions" if post => completions(st, rq, out),
+                "/v1/completions" => not_allowed(out, rq, "POST"),
+                "/v1/chat/completions" if post => out.error(&ApiError::new(
+                    400,
+                    "invalid_request_error",
+                    "chat_template_missing",
+                    None,
+                    "GPT-2 has no chat template, so this server has no chat completions; use POST /v1/completions with a text prompt",
+                )),
+                "/v1/chat/completions" => not_allowed(out, rq, "POST"),
+                "/v1/models" if get => out.json(200, &api::models_json(&st.model, st.started), &[]),
+                "/v1/models" => not_allowed(out, rq, "GET"),
                 p if p.starts_with("/v1/models/") => {
                     let id = percent_decode(&p["/v1/models/".len()..]);
                     if !get {
-                        not_allowed(rq, &path, "GET")
+                        not_allowed(out, rq, "GET")
                     } else if id == st.model.name {
-                        http::respond_json(rq, 200, &api::model_json(&st.model, st.started), &[])
+                        out.json(200, &api::model_json(&st.model, st.started), &[])
                     } else {
-                        http::respond_error(rq, &api::check_model(Some(&Value::String(id)), &st.model.name).expect_err("another name"))
+                        out.error(&api::check_model(Some(&Value::String(id)), &st.model.name).expect_err("another name"))
                     }
                 }
-                _ => not_found(rq, &path),
+                _ => not_found(out, path),
             }
         }
-        _ => not_found(rq, &path),
+        _ => not_found(out, path),
     }
 }
 
@@ -264,7 +274,7 @@ fn percent_decode(s: &str) -> String {
 /// With --api-key: `Authorization: Bearer KEY` (compared in constant time).
 fn authorize(st: &State, rq: &Request) -> std::result::Result<(), ApiError> {
     let Some(key) = &st.api_key else { return Ok(()) };
-    let given = rq.headers().iter().find(|h| h.field.equiv("Authorization")).map(|h| h.value.as_str().trim());
+    let given = rq.header("Authorization");
     let token = given.and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer "))).map(str::trim);
     let ok = token.is_some_and(|t| t.len() == key.len() && t.bytes().zip(key.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0);
     if ok {
@@ -278,9 +288,19 @@ fn metrics(s: &Stats) -> String {
     let mut out = String::new();
     for (name, kind, help, v) in [
         ("wgpt_requests_running", "gauge", "Sequences in the engine's slots now.", s.running.load(Ordering::Relaxed)),
-        ("wgpt_requests_running_max", "gauge", "The most sequences in the slots at once since the start.", s.running_max.load(Ordering::Relaxed)),
+        (
+            "wgpt_requests_running_max",
+            "gauge",
+            "The most sequences in the slots at once since the start.",
+            s.running_max.load(Ordering::Relaxed),
+        ),
         ("wgpt_slots", "gauge", "Sequences decoded together at most (--max-batch).", s.slots),
-        ("wgpt_requests_cancelled_total", "counter", "Sequences given up because their client went away.", s.cancelled.load(Ordering::Relaxed)),
+        (
+            "wgpt_requests_cancelled_total",
+            "counter",
+            "Sequences given up because their client went away.",
+            s.cancelled.load(Ordering::Relaxed),
+        ),
     ] {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
     }
@@ -321,45 +341,59 @@ fn start(st: &State, req: &CompletionRequest) -> std::result::Result<Receiver<(u
     Ok(rx)
 }
 
-fn completions(st: &State, mut rq: Request) {
-    let req = match http::read_body(&mut rq).and_then(|body| CompletionRequest::parse(&body, &st.model, &st.tok)) {
+fn completions(st: &State, rq: &Request, out: &mut Responder) {
+    let req = match CompletionRequest::parse(&rq.body, &st.model, &st.tok) {
         Ok(r) => r,
-        Err(e) => return http::respond_error(rq, &e),
+        Err(e) => return out.error(&e),
     };
     let meta = Meta { id: format!("cmpl-{:016x}{:016x}", random_u64(), random_u64()), created: unix_time(), model: st.model.name.clone() };
     let events = match start(st, &req) {
         Ok(rx) => rx,
-        Err(e) => return http::respond_error(rq, &e),
+        Err(e) => return out.error(&e),
     };
     if req.stream {
-        stream(st, rq, &req, &meta, events);
+        stream(st, out, &req, &meta, events);
     } else {
-        whole(st, rq, &req, &meta, events);
+        whole(st, out, &req, &meta, events);
     }
 }
 
-/// Waits for every choice, then answers with the whole completion.
-fn whole(st: &State, rq: Request, req: &CompletionRequest, meta: &Meta, events: Receiver<(usize, Event)>) {
+/// How often a handler waiting for a whole completion looks whether its client is still there.
+const CLIENT_CHECK: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Waits for every choice, then answers with the whole completion. A client that disconnects
+/// meanwhile is noticed within [`CLIENT_CHECK`]: returning drops `events`, which frees the slots.
+fn whole(st: &State, out: &mut Responder, req: &CompletionRequest, meta: &Meta, events: Receiver<(usize, Event)>) {
     let mut choices = vec![Choice::default(); req.prompts.len() * req.n];
     let mut left = choices.len();
+    let mut checked = std::time::Instant::now();
     while left > 0 {
-        match events.recv() {
+        let ev = events.recv_timeout(CLIENT_CHECK);
+        if checked.elapsed() >= CLIENT_CHECK {
+            // (a client that half-closes its side after the request counts as gone too)
+            if out.client_gone() {
+                return;
+            }
+            checked = std::time::Instant::now();
+        }
+        match ev {
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
             Ok((i, Event::Token(t))) => choices[i].token(t),
             Ok((i, Event::Done { reason, tail, completion_tokens, .. })) => {
                 choices[i].done(reason, &tail, completion_tokens, st.tok.eot());
                 left -= 1;
             }
-            Ok((_, Event::Error(m))) => return http::respond_error(rq, &ApiError::server(500, format!("generation failed: {m}"))),
-            Err(_) => return http::respond_error(rq, &engine_gone()),
+            Ok((_, Event::Error(m))) => return out.error(&ApiError::server(500, format!("generation failed: {m}"))),
+            Err(mpsc::RecvTimeoutError::Disconnected) => return out.error(&engine_gone()),
         }
     }
-    http::respond_json(rq, 200, &api::completion_json(meta, req, &choices, &st.tok), &[]);
+    out.json(200, &api::completion_json(meta, req, &choices, &st.tok), &[]);
 }
 
 /// Streams the choices as server-sent events. Returns at the first failed write: dropping
 /// `events` then frees the engine's slots.
-fn stream(st: &State, rq: Request, req: &CompletionRequest, meta: &Meta, events: Receiver<(usize, Event)>) {
-    let Ok(mut sse) = http::Sse::start(rq) else { return };
+fn stream(st: &State, out: &mut Responder, req: &CompletionRequest, meta: &Meta, events: Receiver<(usize, Event)>) {
+    let Ok(mut sse) = out.sse() else { return };
     let usage = req.include_usage.then_some(Value::Null);
     let k = req.prompts.len() * req.n;
     let (mut first, mut offsets, mut seen) = (vec![true; k], vec![0usize; k], vec![0usize; k]);
@@ -374,9 +408,9 @@ fn stream(st: &State, rq: Request, req: &CompletionRequest, meta: &Meta, events:
         sse.send(&api::chunk_json(meta, vec![choice], usage.clone()).to_string())
     };
     if req.echo {
-        for i in 0..k {
+        for (i, offset) in offsets.iter_mut().enumerate() {
             let text = &req.prompt_of(i).text;
-            offsets[i] = text.chars().count();
+            *offset = text.chars().count();
             if send(&mut sse, i, api::choice_delta(i, text, None, None), &[], &mut first).is_err() {
                 return;
             }

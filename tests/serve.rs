@@ -1,6 +1,8 @@
 //! `wgpt serve` end to end: a small model in a temp dir, the server as a child process on a free
 //! port, and tests/serve_openai.py driving it with the official `openai` Python client (skipped,
 //! with a line on stderr, when that package is missing, unless WGPT_REQUIRE_OPENAI=1).
+//! Built without the `serve` feature, only the one-line refusal is tested.
+#![cfg_attr(not(feature = "serve"), allow(dead_code, unused_imports))]
 
 mod common;
 
@@ -118,6 +120,7 @@ fn have_openai() -> bool {
 }
 
 #[test]
+#[cfg(feature = "serve")]
 fn openai_client_against_wgpt_serve() {
     if !have_openai() {
         if std::env::var("WGPT_REQUIRE_OPENAI").as_deref() == Ok("1") {
@@ -168,6 +171,7 @@ fn serve_help_lists_every_flag_with_its_default() {
 }
 
 #[test]
+#[cfg(feature = "serve")]
 fn serve_refuses_bad_flags_with_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model.bin");
@@ -197,4 +201,13 @@ fn serve_refuses_bad_flags_with_one_line() {
     let o = common::wgpt(&["serve", "--backend", "cpu", "--model", dir.path().join("nope.bin").to_str().unwrap(), "--port", "0"]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("nope.bin"));
+}
+
+#[test]
+#[cfg(not(feature = "serve"))]
+fn serve_without_the_feature_is_one_error_line() {
+    let o = common::wgpt(&["serve", "--backend", "cpu", "--model", "nope.bin", "--port", "0"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.lines().count() == 1 && err.starts_with("error") && err.contains("`serve` feature"), "{err:?}");
 }

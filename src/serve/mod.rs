@@ -47,6 +47,10 @@ pub struct ServeArgs {
     /// the model's id in the API (`model` in requests, /v1/models) [default: --model as given]
     #[arg(long, value_name = "NAME")]
     pub served_model_name: Option<String>,
+    /// weight storage: f16 halves the weights' memory and bytes read per token (f32
+    /// accumulation); a backend without f16 says so and uses f32
+    #[arg(long, value_enum, default_value_t = crate::infer::WeightDtype::F32)]
+    pub dtype: crate::infer::WeightDtype,
     #[command(flatten)]
     pub backend: BackendArgs,
 }

@@ -110,7 +110,7 @@ pub fn run(a: &ServeArgs) -> Result<()> {
     });
     let (submit, jobs) = mpsc::channel::<Job>();
     let (ready_tx, ready) = mpsc::channel::<Result<String>>();
-    let (backend_args, engine_tok, engine_stats) = (a.backend.clone(), tok.clone(), stats.clone());
+    let (backend_args, engine_tok, engine_stats, dtype) = (a.backend.clone(), tok.clone(), stats.clone(), a.dtype);
     let opts = crate::graph::DecodeOptions { slots: a.max_batch, max_t, prefill_rows: max_t.min(64) };
     std::thread::Builder::new()
         .name("wgpt-engine".into())
@@ -118,7 +118,8 @@ pub fn run(a: &ServeArgs) -> Result<()> {
             let started = (|| {
                 let backend = backend_args.create()?;
                 let name = backend.name();
-                let mut sess = Session::new(backend, crate::graph::build_decoder(&cfg, opts))?;
+                let weights = crate::infer::weight_dtype(backend.as_ref(), dtype);
+                let mut sess = Session::new(backend, crate::graph::build_decoder_with(&cfg, opts, weights))?;
                 sess.upload_params(&params)?;
                 drop(params);
                 Ok((Engine::new(sess, Some(engine_tok))?, name))

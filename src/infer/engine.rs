@@ -224,8 +224,9 @@ impl<S: BorrowMut<Session>> Engine<S> {
     }
 
     /// Serves requests from `rx` until it closes and everything has finished: blocks while idle,
-    /// and takes every request that arrived between decode steps into the batch.
-    pub fn serve(&mut self, rx: Receiver<(GenRequest, Sender<Event>)>) {
+    /// and takes every request that arrived between decode steps into the batch. `after_step`
+    /// sees the engine after every step (e.g. to publish how many sequences run).
+    pub fn serve(&mut self, rx: Receiver<(GenRequest, Sender<Event>)>, mut after_step: impl FnMut(&Self)) {
         let mut open = true;
         while open || !self.is_idle() {
             if self.is_idle() {
@@ -244,9 +245,11 @@ impl<S: BorrowMut<Session>> Engine<S> {
                     }
                 }
             }
+            // a failed step has answered every request with Event::Error; the next ones may work
             if let Err(e) = self.step() {
                 eprintln!("wgpt: generation step failed: {e}");
             }
+            after_step(self);
         }
     }
 }

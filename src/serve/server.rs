@@ -28,7 +28,7 @@ use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::io::Write as _;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -162,34 +162,13 @@ async fn serve(listener: tokio::net::TcpListener, app: Router) -> std::io::Resul
     axum::serve(listener, app).await
 }
 
-/// The engine thread: `Engine::serve`'s loop, publishing how many sequences run after each step.
+/// The engine thread: `Engine::serve`, publishing how many sequences run after each step.
 fn engine_loop(mut engine: Engine<Session>, jobs: Receiver<Job>, stats: &Stats) {
-    let mut open = true;
-    while open || !engine.is_idle() {
-        if engine.is_idle() {
-            match jobs.recv() {
-                Ok((req, tx)) => engine.submit(req, tx),
-                Err(_) => break,
-            }
-        }
-        loop {
-            match jobs.try_recv() {
-                Ok((req, tx)) => engine.submit(req, tx),
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    open = false;
-                    break;
-                }
-            }
-        }
-        // a failed step has answered every request with Event::Error; the next ones may work
-        if let Err(e) = engine.step() {
-            eprintln!("wgpt serve: generation step failed: {e}");
-        }
-        let n = engine.running();
+    engine.serve(jobs, |e| {
+        let n = e.running();
         stats.running.store(n, Ordering::Relaxed);
         stats.running_max.fetch_max(n, Ordering::Relaxed);
-    }
+    });
 }
 
 // ---- responses ----

@@ -267,17 +267,23 @@ fn advance(seq: &mut Seq, row: &[f32], tok: Option<&Tokenizer>, eot: u32, max_t:
     if let Some(t) = tok {
         seq.bytes.extend_from_slice(t.decode_bytes(id).unwrap_or(&[]));
     }
-    // the text so far (whole characters), the first stop string in it, and what may be released
-    let valid = match std::str::from_utf8(&seq.bytes) {
-        Ok(s) => s.len(),
-        Err(e) => e.valid_up_to(),
+    // the text not yet released (whole characters), the first stop string in it, and what may be
+    // released. Released text holds no stop string and ends at least `hold` bytes before the
+    // decoded end, so a stop can only start in the last `hold` released bytes or after them.
+    let hold = seq.req.stop.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0);
+    let valid = match std::str::from_utf8(&seq.bytes[seq.sent..]) {
+        Ok(s) => seq.sent + s.len(),
+        Err(e) => seq.sent + e.valid_up_to(),
     };
-    let text = std::str::from_utf8(&seq.bytes[..valid]).expect("valid prefix");
-    let stop_at = seq.req.stop.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min();
+    let text = std::str::from_utf8(&seq.bytes[..valid]).expect("released text and a valid tail");
+    let mut from = seq.sent.saturating_sub(hold);
+    while !text.is_char_boundary(from) {
+        from -= 1;
+    }
+    let stop_at = seq.req.stop.iter().filter(|s| !s.is_empty()).filter_map(|s| text[from..].find(s.as_str()).map(|i| from + i)).min();
     let (release, reason) = match stop_at {
         Some(i) => (i.max(seq.sent), Some(FinishReason::Stop)),
         None => {
-            let hold = seq.req.stop.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0);
             let mut end = valid.saturating_sub(hold).max(seq.sent);
             while !text.is_char_boundary(end) {
                 end -= 1;

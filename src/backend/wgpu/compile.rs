@@ -10,7 +10,7 @@
 
 use super::shaders::{attention_tiles, attention_variant, weight_type, Variant};
 use crate::error::{Error, Result};
-use crate::graph::{BufId, BufferDesc, BufferTable, DType, Kernel, Launch, Scalars, View};
+use crate::graph::{BufId, BufferDesc, BufferTable, Kernel, Launch, Scalars, View};
 
 /// What a binding points at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -306,15 +306,6 @@ impl Compiler<'_> {
         weight_type(d.dtype).ok_or_else(|| {
             Error::Internal(format!("wgpu compile: {what} '{}' is {}, which no wgpu kernel reads", d.name, d.dtype))
         })
-    }
-
-    /// An error unless buffer `v` is f32 (the operands that have no f16 form).
-    fn expect_f32(&self, what: &str, v: BufId) -> Result<()> {
-        let d = self.table.get(v);
-        if d.dtype != DType::F32 {
-            return Err(Error::Internal(format!("wgpu compile: {what} '{}' is {}, the kernel reads f32", d.name, d.dtype)));
-        }
-        Ok(())
     }
 
     /// The encoder module for these embedding tables' element types.
@@ -710,13 +701,8 @@ impl Compiler<'_> {
             }
             return Ok(());
         }
-        // A, C (and bias) are f32; B (the weight of the forward) may be f16 (inference), read
+        // A, C (and bias) are f32 (graph::validate); B (the forward weight) may be f16, read
         // by the WeightT-specialised module
-        self.expect_f32("a matmul input", a.buf)?;
-        self.expect_f32("a matmul output", c.buf)?;
-        if let Some((bias, _)) = bias {
-            self.expect_f32("a matmul bias", bias)?;
-        }
         let eb = self.elem_bytes(b.buf);
         // rows of ld elements (of `elem` bytes) one binding holds
         let lim = |ld: u64, elem: u64, what: &str| self.rows_per_binding_of(what, ld, elem);

@@ -330,24 +330,28 @@ extern "C" __global__ void kv_store(float* __restrict__ kcache, float* __restric
     }
 }
 
-// Combines one value per warp (`w`, already reduced within the warp) over the block (blockDim.x ==
-// DEC_NT) with `op`, the same value in every thread (a fixed combination order). `buf` holds
-// DEC_NT/32 floats; the leading barrier makes it reusable.
-struct DecMax { __device__ float operator()(float a, float b) const { return fmaxf(a, b); } };
-struct DecSum { __device__ float operator()(float a, float b) const { return a + b; } };
-template <class Op>
-__device__ __forceinline__ float dec_block_combine(float w, float* buf, Op op) {
+// max / Σ of v over the block (blockDim.x == DEC_NT), the same value in every thread (a fixed
+// combination order). `buf` holds DEC_NT/32 floats; the leading barrier makes it reusable.
+__device__ __forceinline__ float dec_block_max(float v, float* buf) {
+    v = warp_max(v);
     __syncthreads();
-    if ((threadIdx.x & 31) == 0) buf[threadIdx.x >> 5] = w;
+    if ((threadIdx.x & 31) == 0) buf[threadIdx.x >> 5] = v;
     __syncthreads();
     float r = buf[0];
 #pragma unroll
-    for (int i = 1; i < DEC_NT / 32; i++) r = op(r, buf[i]);
+    for (int w = 1; w < DEC_NT / 32; w++) r = fmaxf(r, buf[w]);
     return r;
 }
-// max / Σ of v over the block
-__device__ __forceinline__ float dec_block_max(float v, float* buf) { return dec_block_combine(warp_max(v), buf, DecMax()); }
-__device__ __forceinline__ float dec_block_sum(float v, float* buf) { return dec_block_combine(warp_sum(v), buf, DecSum()); }
+__device__ __forceinline__ float dec_block_sum(float v, float* buf) {
+    v = warp_sum(v);
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) buf[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float r = buf[0];
+#pragma unroll
+    for (int w = 1; w < DEC_NT / 32; w++) r += buf[w];
+    return r;
+}
 
 // Row r, head h (hs = C/NH ≤ 128), s = slots[r], p = pos[r]:
 // sc[u] = q_r·kcache[s,u,h·hs..]/√hs for u ≤ p (q_r = qkv[r, h·hs..]),

@@ -39,6 +39,11 @@ pub enum Error {
     #[error("{backend}: {msg}")]
     Unsupported { backend: String, msg: String },
 
+    /// The ranks of a data-parallel job could not work together: a peer failed, died or hangs,
+    /// or the ranks disagree (parameters out of sync).
+    #[error("{0}")]
+    Dist(String),
+
     /// A broken invariant inside wgpt (a graph whose launches break the kernel contract...):
     /// a bug, never the user's input.
     #[error("internal error: {0}")]
@@ -61,7 +66,9 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Io { .. } | Error::Format { .. } | Error::Flag { .. } | Error::Data(_) => ErrorKind::User,
-            Error::Unavailable(_) | Error::OutOfMemory(_) | Error::Backend { .. } | Error::Unsupported { .. } => ErrorKind::Device,
+            Error::Unavailable(_) | Error::OutOfMemory(_) | Error::Backend { .. } | Error::Unsupported { .. } | Error::Dist(_) => {
+                ErrorKind::Device
+            }
             Error::Internal(_) => ErrorKind::Internal,
         }
     }

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod cache;
 pub mod data;
 pub mod dist;
+pub mod dl;
 pub mod error;
 pub mod graph;
 pub mod infer;

@@ -1,187 +1,333 @@
-//! In-process data parallelism (`wgpt::dist::local::LocalGroup`): ranks with uneven micro-batches
-//! (B = 3 and B = 1 from the fixture's B = 4 batch) seeded with 1/N_global and summed, against a
-//! single session on the union batch; ranks stay bit-identical; a cpu rank and a wgpu rank
-//! together; a world of one is a plain session.
+//! Data-parallel `wgpt train`: ranks with uneven micro-batches (`--batch-split 1,3`) follow one
+//! device at the same global batch (`--batch 4`) — losses and final parameters within 1e-6
+//! relative — whether the ranks are processes joined by MPI (Open MPI 4 from apt, MPICH 5's
+//! MPI-5 standard ABI and Open MPI 5 from PyPI wheels) or devices in one process (`--devices`).
+//! `--check-sync 1` makes every run prove, after every step, that all ranks hold bit-identical
+//! parameters. Also: resuming with another world size, a dead peer, a hung peer.
 //!
-//! Without any wgpu adapter the mixed-backend test prints "skipped: no wgpu adapter" and passes,
-//! unless WGPT_REQUIRE_ADAPTER=1.
+//! The MPI installs: `mpirun` on PATH (Open MPI), `WGPT_TEST_MPICH_PREFIX` and
+//! `WGPT_TEST_OPENMPI5_PREFIX` (the venvs `.ci/run` makes). A missing one prints "skipped: …",
+//! and fails under `WGPT_REQUIRE_MPI=1` (CI).
 
 mod common;
-use common::wgpu_adapter;
-use std::path::Path;
-use wgpt::backend::cpu::CpuBackend;
-use wgpt::backend::Backend;
-use wgpt::dist::local::{Batch, LocalGroup, SyncPolicy};
-use wgpt::graph::{build_train_step, TrainOptions};
-use wgpt::model::checkpoint::read_checkpoint;
-use wgpt::model::debug_state::{read_debug_state, DebugState};
-use wgpt::model::Config;
-use wgpt::train::session::{AdamConsts, Session};
+
+use common::wait_bounded;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 const TINY: &str = "tests/data/tiny";
-const STEPS: usize = 3;
-const LR: f32 = 1e-3;
-const ADAM: AdamConsts = AdamConsts { beta1: 0.9, beta2: 0.95, eps: 1e-8 };
 
-fn tiny() -> (Config, Vec<f32>, DebugState) {
-    let (cfg, params) = read_checkpoint(Path::new(&format!("{TINY}/model.bin"))).unwrap();
-    let st = read_debug_state(Path::new(&format!("{TINY}/debug_state.bin")), &cfg).unwrap();
-    (cfg, params, st)
+/// The flags every run here shares: the tiny fixture model and its tokens, T=32, 3 steps,
+/// shuffled data, a checkpoint at the end, the per-step JSON log.
+fn train_args(out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "train", "--init", &format!("{TINY}/model.bin"), "--train", &format!("{TINY}/train.bin"), "--val",
+        &format!("{TINY}/train.bin"), "--val-every", "3", "--val-batches", "2", "--seq-len", "32", "--steps", "3",
+        "--lr", "1e-3", "--gen-tokens", "0", "--out", out.to_str().unwrap(), "--log-json",
+        out.join("log.jsonl").to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
 }
 
-/// weight decay and clipping on, so that the norm of the summed gradients matters
-fn opts(b: usize, t: usize) -> TrainOptions {
-    TrainOptions { b, t, grad_accum: 1, weight_decay: 0.1, decay_all: false, grad_clip: 1.0 }
+/// A run's (train losses, val losses, final parameters).
+struct Run {
+    train: Vec<f64>,
+    val: Vec<f64>,
+    params: Vec<f32>,
 }
 
-fn cpu() -> Box<dyn Backend> {
-    Box::new(CpuBackend::new(Some(1)).unwrap())
+fn read_run(out: &Path, steps: usize) -> Run {
+    let log = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
+    let vals: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let train = vals.iter().filter_map(|v| v["train_loss"].as_f64()).collect();
+    let val = vals.iter().filter_map(|v| v["val_loss"].as_f64()).collect();
+    let (_, params) = wgpt::model::checkpoint::read_checkpoint(&out.join(format!("model_{steps:08}.bin"))).unwrap();
+    Run { train, val, params }
 }
 
-fn session(be: Box<dyn Backend>, cfg: &Config, params: &[f32], b: usize, t: usize) -> Session {
-    let mut s = Session::new(be, build_train_step(cfg, &opts(b, t))).unwrap();
-    s.upload_params(params).unwrap();
-    s
-}
-
-/// Rows [from, to) of the fixture's batch.
-fn rows(st: &DebugState, from: usize, to: usize) -> Batch {
-    let t = st.t;
-    (st.x[from * t..to * t].to_vec(), st.y[from * t..to * t].to_vec())
-}
-
-/// A single cpu session on the whole B = 4 batch: the loss and the parameters after every step.
-fn single(cfg: &Config, params: &[f32], st: &DebugState) -> (Vec<f32>, Vec<Vec<f32>>) {
-    let mut s = session(cpu(), cfg, params, st.b, st.t);
-    let (mut losses, mut ps) = (Vec::new(), Vec::new());
-    for step in 1..=STEPS {
-        s.zero_grad().unwrap();
-        losses.push(s.train_micro(&st.x, &st.y).unwrap());
-        s.update(LR, ADAM, step).unwrap();
-        ps.push(s.download_params().unwrap());
-    }
-    (losses, ps)
-}
-
-/// losses, rank 0's parameters and every rank's checksum after each step, and the group
-type GroupRun = (Vec<f32>, Vec<Vec<f32>>, Vec<Vec<u64>>, LocalGroup);
-
-/// A group of the given backends with micro-batch rows `splits` (B_r = to - from), run STEPS steps:
-/// the loss and rank 0's parameters after every step, and the group's checksums after every step.
-fn run_group(
-    backends: Vec<Box<dyn Backend>>,
-    splits: &[(usize, usize)],
-    sync: Option<SyncPolicy>,
-    cfg: &Config,
-    params: &[f32],
-    st: &DebugState,
-) -> GroupRun {
-    let ranks = backends.into_iter().zip(splits).map(|(be, &(a, b))| session(be, cfg, params, b - a, st.t)).collect();
-    let mut g = LocalGroup::new(ranks).unwrap();
-    if let Some(p) = sync {
-        g = g.with_sync(p);
-    }
-    let batches: Vec<Vec<Batch>> = splits.iter().map(|&(a, b)| vec![rows(st, a, b)]).collect();
-    let (mut losses, mut ps, mut sums) = (Vec::new(), Vec::new(), Vec::new());
-    for step in 1..=STEPS {
-        let r = g.step(&batches, LR, ADAM, step).unwrap();
-        assert_eq!(r.tokens, st.b * st.t);
-        losses.push(r.loss);
-        ps.push(g.ranks[0].download_params().unwrap());
-        sums.push(g.params_checksum().unwrap());
-    }
-    (losses, ps, sums, g)
-}
-
-fn max_rel(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(&x, &y)| ((x as f64 - y as f64) / (y as f64).abs().max(1e-30)).abs()).fold(0.0, f64::max)
-}
-
-fn max_abs(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).abs()).fold(0.0, f64::max)
-}
-
-/// Two cpu ranks with B = 3 and B = 1 follow one cpu session with B = 4: losses within 1e-6
-/// relative, parameters within 1e-5 after each of 3 AdamW steps (only the float summation order
-/// of the gradients differs).
-#[test]
-fn two_uneven_cpu_ranks_follow_one_session_of_the_union_batch() {
-    let (cfg, params, st) = tiny();
-    assert_eq!(st.b, 4);
-    let (want_l, want_p) = single(&cfg, &params, &st);
-    let (l, p, _, g) = run_group(vec![cpu(), cpu()], &[(0, 3), (3, 4)], None, &cfg, &params, &st);
-    assert_eq!(g.sync, SyncPolicy::SameUpdate);
-    let (dl, dp) = (max_rel(&l, &want_l), (0..STEPS).map(|i| max_abs(&p[i], &want_p[i])).fold(0.0, f64::max));
-    println!("uneven cpu ranks vs one session: loss max rel {dl:.3e}, params max abs {dp:.3e}");
-    assert!(dl < 1e-6, "losses {l:?} vs {want_l:?}");
-    assert!(dp < 1e-5, "parameters differ by {dp}");
-    assert!(want_l[STEPS - 1] < want_l[0], "the run should learn: {want_l:?}");
-}
-
-/// The two ranks' parameters are bit-identical after every step, and `check_in_sync` says so;
-/// a rank given other parameters is named in one line.
-#[test]
-fn cpu_ranks_stay_bit_identical_after_every_step() {
-    let (cfg, params, st) = tiny();
-    let (_, _, sums, mut g) = run_group(vec![cpu(), cpu()], &[(0, 3), (3, 4)], None, &cfg, &params, &st);
-    for (i, s) in sums.iter().enumerate() {
-        assert_eq!(s[0], s[1], "step {}: rank checksums differ", i + 1);
-    }
-    assert_ne!(sums[0][0], sums[1][0], "parameters should change between steps");
-    g.check_in_sync().unwrap();
-    let mut other = g.ranks[1].download_params().unwrap();
-    other[5] += 1e-3;
-    g.ranks[1].upload_params(&other).unwrap();
-    let msg = g.check_in_sync().unwrap_err().to_string();
-    assert!(msg.contains("out of sync") && msg.contains("rank 1") && !msg.contains('\n'), "{msg}");
-}
-
-/// A cpu rank and a wgpu rank with uneven batches (either way round) follow the single cpu run
-/// within 2e-4 and stay bit-identical (the mixed group broadcasts rank 0's parameters after the
-/// update). Also measures how far the two AdamW updates drift without the broadcast.
-#[test]
-fn cpu_and_wgpu_ranks_with_uneven_batches_follow_cpu_and_stay_in_sync() {
-    let (cfg, params, st) = tiny();
-    if wgpu_adapter().is_none() {
-        return;
-    }
-    let gpu = || -> Box<dyn Backend> { Box::new(wgpu_adapter().unwrap()) };
-    let (want_l, want_p) = single(&cfg, &params, &st);
-    for (backends, splits) in [(vec![cpu(), gpu()], [(0, 3), (3, 4)]), (vec![gpu(), cpu()], [(0, 1), (1, 4)])] {
-        let names: Vec<String> = backends.iter().map(|b| b.name()).collect();
-        let (l, p, sums, mut g) = run_group(backends, &splits, None, &cfg, &params, &st);
-        assert_eq!(g.sync, SyncPolicy::BroadcastRank0, "{names:?}");
-        let (dl, dp) = (max_rel(&l, &want_l), (0..STEPS).map(|i| max_abs(&p[i], &want_p[i])).fold(0.0, f64::max));
-        println!("{names:?} {splits:?} vs one cpu session: loss max rel {dl:.3e}, params max abs {dp:.3e}");
-        for (a, b) in l.iter().zip(&want_l) {
-            assert!((a - b).abs() < 2e-4, "losses {l:?} vs cpu {want_l:?}");
-        }
-        assert!(dp < 2e-4, "parameters differ from the cpu run by {dp}");
-        for (i, s) in sums.iter().enumerate() {
-            assert_eq!(s[0], s[1], "step {}: rank checksums differ", i + 1);
-        }
-        g.check_in_sync().unwrap();
-    }
-    // the same without the broadcast: identical summed gradients, two AdamW implementations
-    let (_, _, _, mut g) = run_group(vec![cpu(), gpu()], &[(0, 3), (3, 4)], Some(SyncPolicy::SameUpdate), &cfg, &params, &st);
-    let ps = g.params().unwrap();
-    let differ = ps[0].iter().zip(&ps[1]).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-    println!(
-        "cpu and wgpu AdamW on identical gradients, no broadcast, after {STEPS} steps: {differ} of {} parameters differ, max abs {:.3e}",
-        ps[0].len(),
-        max_abs(&ps[0], &ps[1])
+fn check(o: &Output, what: &str) {
+    assert!(
+        o.status.success(),
+        "{what} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
     );
 }
 
-/// A world of one rank is exactly a plain session: the same losses and bit-identical parameters.
-#[test]
-fn a_world_of_one_is_a_plain_session() {
-    let (cfg, params, st) = tiny();
-    let (want_l, want_p) = single(&cfg, &params, &st);
-    let (l, p, _, mut g) = run_group(vec![cpu()], &[(0, 4)], None, &cfg, &params, &st);
-    assert_eq!(l, want_l);
-    for i in 0..STEPS {
-        assert!(p[i].iter().zip(&want_p[i]).all(|(a, b)| a.to_bits() == b.to_bits()), "step {}: parameters differ", i + 1);
+/// `wgpt train` as one process.
+fn single(out: &Path, extra: &[&str]) -> Run {
+    let o = Command::new(env!("CARGO_BIN_EXE_wgpt")).args(train_args(out, extra)).output().unwrap();
+    check(&o, &format!("train {extra:?}"));
+    read_run(out, 3)
+}
+
+fn max_rel(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+    a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).fold(0.0, f64::max) / scale
+}
+
+/// Losses within 1e-6 relative; parameters within 1e-6 of the largest parameter.
+fn assert_same_run(reference: &Run, got: &Run, what: &str) {
+    assert_eq!(reference.train.len(), 3, "{what}");
+    assert_eq!(got.train.len(), 3, "{what}: {:?}", got.train);
+    assert!(reference.train[2] < reference.train[0], "the reference should learn: {:?}", reference.train);
+    for (r, g) in reference.train.iter().zip(&got.train).chain(reference.val.iter().zip(&got.val)) {
+        assert!(((r - g) / r).abs() < 1e-6, "{what}: loss {g} vs one device's {r}");
     }
-    g.check_in_sync().unwrap();
+    assert_eq!(reference.val.len(), got.val.len(), "{what}");
+    let d = max_rel(&reference.params, &got.params);
+    assert!(d < 1e-6, "{what}: parameters differ by {d:e} (relative to the largest)");
+}
+
+/// An MPI install to launch ranks with: the launcher command (up to the rank count) and env.
+struct Mpi {
+    name: &'static str,
+    launch: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+fn require_mpi() -> bool {
+    std::env::var("WGPT_REQUIRE_MPI").as_deref() == Ok("1")
+}
+
+fn skip(what: &str) -> Option<Mpi> {
+    assert!(!require_mpi(), "WGPT_REQUIRE_MPI=1 but {what}");
+    let _ = writeln!(std::io::stderr().lock(), "skipped: {what}");
+    None
+}
+
+fn on_path(cmd: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(cmd)).find(|f| f.is_file()))
+}
+
+/// Open MPI's flags for a test: root is allowed (CI runs as root), more ranks than cores.
+fn ompi(mpirun: &Path) -> Vec<String> {
+    vec![mpirun.display().to_string(), "--allow-run-as-root".into(), "--oversubscribe".into(), "-np".into()]
+}
+
+/// Open MPI 4 from apt: `mpirun` on PATH; libmpi is found on the loader path.
+fn openmpi4() -> Option<Mpi> {
+    let Some(m) = on_path("mpirun") else { return skip("Open MPI 4 not installed (no mpirun on PATH)") };
+    let v = Command::new(&m).arg("--version").output().ok()?;
+    if !String::from_utf8_lossy(&v.stdout).contains("Open MPI") {
+        return skip("the mpirun on PATH is not Open MPI");
+    }
+    Some(Mpi { name: "Open MPI 4 (apt)", launch: ompi(&m), env: vec![] })
+}
+
+fn prefix(var: &str, what: &str) -> Option<PathBuf> {
+    match std::env::var_os(var).map(PathBuf::from).filter(|p| p.is_dir()) {
+        Some(p) => Some(p),
+        None => {
+            skip(&format!("{what} not installed (set {var} to its venv)"));
+            None
+        }
+    }
+}
+
+/// MPICH 5 (PyPI wheel), through its MPI-5 standard-ABI library `libmpi_abi.so.1`.
+fn mpich_standard_abi() -> Option<Mpi> {
+    let p = prefix("WGPT_TEST_MPICH_PREFIX", "MPICH 5")?;
+    let lib = p.join("lib/libmpi_abi.so.1");
+    if !lib.is_file() {
+        return skip(&format!("{} missing", lib.display()));
+    }
+    let launch = vec![p.join("bin/mpiexec").display().to_string(), "-n".into()];
+    Some(Mpi { name: "MPICH 5 (standard ABI)", launch, env: vec![("WGPT_MPI_LIB".into(), lib.display().to_string())] })
+}
+
+/// Open MPI 5 (PyPI wheel): libmpi is found beside its mpirun (`bin/../lib`).
+fn openmpi5() -> Option<Mpi> {
+    let p = prefix("WGPT_TEST_OPENMPI5_PREFIX", "Open MPI 5")?;
+    Some(Mpi { name: "Open MPI 5 (wheel)", launch: ompi(&p.join("bin/mpirun")), env: vec![("PATH".into(), path_with(&p.join("bin")))] })
+}
+
+fn path_with(dir: &Path) -> String {
+    format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default())
+}
+
+/// `launcher -np n wgpt args…`, bounded by `limit`.
+fn mpi_run(m: &Mpi, n: usize, args: &[String], limit: Duration) -> Output {
+    let mut c = Command::new(&m.launch[0]);
+    c.args(&m.launch[1..]).arg(n.to_string()).arg(env!("CARGO_BIN_EXE_wgpt")).args(args);
+    c.envs(m.env.iter().map(|(k, v)| (k, v)));
+    let mut child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let out = std::thread::spawn({
+        let mut so = child.stdout.take().unwrap();
+        move || {
+            let mut s = Vec::new();
+            std::io::Read::read_to_end(&mut so, &mut s).unwrap();
+            s
+        }
+    });
+    let err = std::thread::spawn({
+        let mut se = child.stderr.take().unwrap();
+        move || {
+            let mut s = Vec::new();
+            std::io::Read::read_to_end(&mut se, &mut s).unwrap();
+            s
+        }
+    });
+    let status = wait_bounded(&mut child, limit, m.name);
+    Output { status, stdout: out.join().unwrap(), stderr: err.join().unwrap() }
+}
+
+/// Two MPI ranks with micro-batches 1 and 3 follow one process at --batch 4, in sync.
+fn uneven_mpi_ranks_follow_one_device(m: Option<Mpi>) {
+    let Some(m) = m else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let reference = single(&dir.path().join("one"), &["--backend", "cpu", "--batch", "4", "--threads", "1"]);
+    let out = dir.path().join("mpi");
+    let args = train_args(&out, &["--backend", "cpu", "--threads", "1", "--batch-split", "1,3", "--check-sync", "1"]);
+    let o = mpi_run(&m, 2, &args, Duration::from_secs(120));
+    check(&o, m.name);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("data-parallel: rank 0 of 2") && err.contains("micro-batch per rank 1,3, B=4"), "{err}");
+    assert_same_run(&reference, &read_run(&out, 3), m.name);
+    // every rank wrote its own state, rank 0 the model
+    for r in 0..2 {
+        assert!(out.join(format!("state_00000003_{r:05}.bin")).is_file(), "rank {r}'s state");
+    }
+}
+
+#[test]
+fn uneven_ranks_under_open_mpi_4_follow_one_device() {
+    uneven_mpi_ranks_follow_one_device(openmpi4());
+}
+
+#[test]
+fn uneven_ranks_under_mpich_standard_abi_follow_one_device() {
+    uneven_mpi_ranks_follow_one_device(mpich_standard_abi());
+}
+
+#[test]
+fn uneven_ranks_under_open_mpi_5_follow_one_device() {
+    uneven_mpi_ranks_follow_one_device(openmpi5());
+}
+
+#[test]
+fn uneven_devices_in_one_process_follow_one_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let reference = single(&dir.path().join("one"), &["--backend", "cpu", "--batch", "4", "--threads", "1"]);
+    let out = dir.path().join("two");
+    let got = single(&out, &["--devices", "cpu,cpu", "--threads", "1", "--batch-split", "1,3", "--check-sync", "1"]);
+    assert_same_run(&reference, &got, "--devices cpu,cpu --batch-split 1,3");
+    // auto: the split is measured (two equal cpu ranks), and the run is still the same run
+    let out = dir.path().join("auto");
+    let o = Command::new(env!("CARGO_BIN_EXE_wgpt"))
+        .args(train_args(&out, &["--devices", "cpu,cpu", "--threads", "1", "--batch", "4", "--batch-split", "auto", "--check-sync", "1"]))
+        .output()
+        .unwrap();
+    check(&o, "--batch-split auto");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("(auto: measured "), "{err}");
+    assert_same_run(&reference, &read_run(&out, 3), "--batch-split auto");
+}
+
+#[test]
+fn two_wgpu_devices_in_one_process_follow_one_device() {
+    if common::wgpu_adapter().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let reference = single(&dir.path().join("one"), &["--backend", "wgpu", "--batch", "4"]);
+    let got = single(&dir.path().join("two"), &["--backend", "wgpu", "--devices", "0,0", "--batch-split", "3,1", "--check-sync", "1"]);
+    assert_same_run(&reference, &got, "--devices 0,0 (lavapipe twice)");
+    // a cpu rank and a wgpu rank: they stay in sync (rank 0's parameters are copied) and follow the cpu
+    let cpu = single(&dir.path().join("cpu"), &["--backend", "cpu", "--batch", "4"]);
+    let mixed = single(&dir.path().join("mixed"), &["--devices", "cpu,wgpu:0", "--batch-split", "2,2", "--check-sync", "1"]);
+    for (c, m) in cpu.train.iter().zip(&mixed.train) {
+        assert!((c - m).abs() < 1e-4, "cpu+wgpu {m} vs cpu {c}");
+    }
+}
+
+#[test]
+fn resuming_with_another_world_size_continues_the_same_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let straight = single(&dir.path().join("straight"), &["--backend", "cpu", "--batch", "4", "--threads", "1", "--checkpoint-every", "2"]);
+    // steps 1-2 on two ranks, step 3 on one process
+    let out = dir.path().join("resumed");
+    let two = ["--devices", "cpu,cpu", "--threads", "1", "--batch-split", "3,1", "--steps", "2"];
+    let o = Command::new(env!("CARGO_BIN_EXE_wgpt")).args(train_args(&out, &two)).output().unwrap();
+    check(&o, "two ranks, 2 steps");
+    let o = Command::new(env!("CARGO_BIN_EXE_wgpt"))
+        .args(train_args(&out, &["--backend", "cpu", "--batch", "4", "--threads", "1", "--resume"]))
+        .output()
+        .unwrap();
+    check(&o, "one process, resumed");
+    let got = read_run(&out, 3);
+    let d = max_rel(&straight.params, &got.params);
+    assert!(d < 1e-6, "resumed run's parameters differ by {d:e}");
+    let last = got.train.last().unwrap();
+    assert!(((last - straight.train[2]) / straight.train[2]).abs() < 1e-6, "step 3: {last} vs {}", straight.train[2]);
+}
+
+#[test]
+fn a_killed_rank_ends_the_job_in_bounded_time() {
+    let Some(m) = openmpi4() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("killed");
+    let mut args = train_args(&out, &["--backend", "cpu", "--threads", "1", "--batch", "2", "--val-every", "0"]);
+    let steps = args.iter().position(|a| a == "--steps").unwrap();
+    args[steps + 1] = "100000".into();
+    let mut c = Command::new(&m.launch[0]);
+    c.args(&m.launch[1..]).arg("2").arg(env!("CARGO_BIN_EXE_wgpt")).args(&args).stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    // wait for the first logged step, then SIGKILL rank 1 (found by its environment)
+    let t0 = Instant::now();
+    let log = out.join("log.jsonl");
+    while std::fs::read_to_string(&log).map_or(true, |s| s.lines().count() < 1) {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no step logged");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rank1 = rank_pid(&out, 1).expect("rank 1's process");
+    assert!(Command::new("kill").args(["-9", &rank1.to_string()]).status().unwrap().success());
+    let t1 = Instant::now();
+    let status = wait_bounded(&mut child, Duration::from_secs(60), "mpirun after a rank was killed");
+    assert!(!status.success());
+    eprintln!("the job ended {:.1} s after rank 1 was killed", t1.elapsed().as_secs_f64());
+}
+
+/// The pid of the `wgpt train` of rank `rank` writing to `out` (Linux: /proc).
+fn rank_pid(out: &Path, rank: usize) -> Option<u32> {
+    let want = format!("OMPI_COMM_WORLD_RANK={rank}");
+    let marker = out.to_str().unwrap();
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd);
+        if !cmd.starts_with(env!("CARGO_BIN_EXE_wgpt")) || !cmd.contains(marker) {
+            continue;
+        }
+        let env = std::fs::read(e.path().join("environ")).unwrap_or_default();
+        if env.split(|&b| b == 0).any(|v| v == want.as_bytes()) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+#[test]
+fn a_hung_rank_ends_the_job_with_an_error_after_dist_timeout() {
+    let Some(m) = openmpi4() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("hung");
+    let mut m = m;
+    // rank 1 stops answering before step 2 (a test hook: it sleeps instead of training)
+    m.env.push(("WGPT_FAULT".into(), "hang:1:2".into()));
+    let args = train_args(&out, &["--backend", "cpu", "--threads", "1", "--batch", "2", "--dist-timeout", "3"]);
+    let t0 = Instant::now();
+    let o = mpi_run(&m, 2, &args, Duration::from_secs(90));
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("rank 0 of 2: MPI_") && err.contains("a peer died or hangs"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(60));
 }

@@ -122,15 +122,15 @@ fn info_ignores_an_sbatch_shell_and_reports_bad_values() {
 }
 
 #[test]
-fn train_refuses_a_world_of_several_ranks_before_loading_data() {
-    // a --train that does not exist: the refusal comes first
-    let o = wgpt(&["train", "--backend", "cpu", "--train", "no/such/shard_*.bin"], &OMPI_RANK1_OF4);
-    assert_eq!(
-        one_line_error(&o),
-        "error: launched as rank 1 of 4 by Open MPI mpirun: data-parallel training is not built yet; run one process"
-    );
-    let o = wgpt(&["train"], &[("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "2")]);
-    assert!(one_line_error(&o).contains("rank 0 of 2 by torchrun"));
+fn a_world_of_several_without_mpi_is_one_line_naming_wgpt_mpi_lib() {
+    // a flag error comes before MPI is looked for
+    let o = wgpt(&["train", "--backend", "cpu", "--seq-len", "0"], &OMPI_RANK1_OF4);
+    assert_eq!(one_line_error(&o), "error: --seq-len: must be at least 1");
+    // no MPI library where WGPT_MPI_LIB points: one line naming the variable, before any data is read
+    let env = [("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "2"), ("WGPT_MPI_LIB", "/no/such/libmpi.so")];
+    let o = wgpt(&["train", "--backend", "cpu", "--train", "no/such/shard_*.bin"], &env);
+    let e = one_line_error(&o);
+    assert!(e.starts_with("error: ") && e.contains("WGPT_MPI_LIB") && e.contains("/no/such/libmpi.so"), "{e}");
     // an inconsistent environment is an error naming the variable, not a world of one
     let o = wgpt(&["train"], &[("RANK", "4"), ("WORLD_SIZE", "4")]);
     assert_eq!(one_line_error(&o), "error: RANK: 4 is not below WORLD_SIZE=4 (torchrun)");

@@ -205,6 +205,12 @@ impl BackendArgs {
         create(self.backend, device, self.threads, cuda_opts)
     }
 
+    /// A backend of `kind` on `device` with these flags' other options (`--devices`' ranks).
+    pub fn create_on(&self, kind: BackendKind, device: Option<usize>) -> Result<Box<dyn Backend>> {
+        let cuda_opts = cuda::CudaOptions { tf32: self.tf32, ..Default::default() };
+        create(kind, device, self.threads, cuda_opts)
+    }
+
     /// The device of this process's local rank (`dist::place`) when a launcher started more than
     /// one rank on this node; `None` otherwise (the backend's own default).
     pub fn rank_device(&self) -> Result<Option<usize>> {

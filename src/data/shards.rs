@@ -249,6 +249,11 @@ impl DataLoader {
     }
 
     /// Batches in one pass over the data (Σ over shards of the shard's samples).
+    /// B·T: the tokens of one batch's inputs.
+    pub fn batch_tokens(&self) -> usize {
+        self.opts.b * self.opts.t
+    }
+
     pub fn batches_per_epoch(&self) -> usize {
         self.shards.iter().map(|s| self.samples_of(s.ntok)).sum()
     }

@@ -1,13 +1,18 @@
-//! Several devices, one job. Across processes: which rank this process is, whichever launcher
-//! started it (`world`), and which device its local rank uses; the gradient all-reduce over MPI
-//! or NCCL is not built yet, so `wgpt train` refuses a world of several ranks. Within one process:
-//! `local`, data-parallel training over several backends (several adapters, or cpu and wgpu
-//! together) with the 1/N_global seed and summed gradients, as a library API.
+//! Several devices, one job (data-parallel training; the loop itself is `train::run_rank`):
+//! - `world`: which rank this process is, whichever launcher started it, and which device its
+//!   local rank uses (pure: environment maps in, values out);
+//! - `mpi`: the site's MPI, loaded at run time, which joins processes;
+//! - `comm`: the collectives a rank uses, over MPI, over threads of one process, or none;
+//! - `split`: how the global micro-batch is divided among ranks (`--batch-split`);
+//! - `local`: `--devices`, several devices in one process, and the parameter checksum.
 //!
-//! `world` is pure (environment maps in, values out); this file adds the two things that look at
-//! the machine: the devices a backend would spread ranks over, and `wgpt info`'s lines.
+//! This file adds the two things that look at the machine: the devices a backend would spread
+//! ranks over, and `wgpt info`'s lines.
 
+pub mod comm;
 pub mod local;
+pub mod mpi;
+pub mod split;
 pub mod world;
 
 pub use world::{env_map, place, visible_devices, DevicePerRank, Devices, Launcher, Placement, World};

@@ -169,18 +169,6 @@ impl World {
             }
         }
     }
-
-    /// `wgpt train` in a world of several processes: data-parallel training does not exist yet,
-    /// and N processes would otherwise each train their own copy of the model.
-    pub fn refuse_data_parallel(&self) -> Result<()> {
-        if self.size <= 1 {
-            return Ok(());
-        }
-        Err(Error::Unavailable(format!(
-            "launched as rank {} of {} by {}: data-parallel training is not built yet; run one process",
-            self.rank, self.size, self.launcher
-        )))
-    }
 }
 
 impl std::fmt::Display for World {
@@ -638,7 +626,6 @@ mod tests {
         assert_eq!(w, World::single());
         assert_eq!(w.launcher.name(), "none");
         assert_eq!(w.to_string(), "rank 0 of 1, local rank 0 of 1");
-        assert!(w.refuse_data_parallel().is_ok());
     }
 
     #[test]
@@ -867,12 +854,6 @@ mod tests {
         assert_eq!(four(&world(&[("RANK", " 1 "), ("WORLD_SIZE", "2\n"), ("LOCAL_RANK", "")])), (1, 2, 1, 2));
     }
 
-    #[test]
-    fn training_in_a_world_of_several_is_refused() {
-        let e = world(&OMPI).refuse_data_parallel().unwrap_err().to_string();
-        assert_eq!(e, "launched as rank 5 of 8 by Open MPI mpirun: data-parallel training is not built yet; run one process");
-        assert!(world(&[("WGPT_RANK", "0"), ("WGPT_WORLD_SIZE", "1")]).refuse_data_parallel().is_ok());
-    }
 
     // ---- rank → device ----
 

@@ -16,6 +16,7 @@ pub struct Logger {
     total_steps: usize,
     tokens_per_step: usize,
     last_val: Option<f32>,
+    quiet: bool,
 }
 
 fn open_append(path: &PathBuf, truncate: bool) -> Result<File> {
@@ -30,7 +31,9 @@ fn open_append(path: &PathBuf, truncate: bool) -> Result<File> {
 }
 
 impl Logger {
-    /// `mem_bytes`: the device memory the step's buffers take (printed in the header line).
+    /// `mem_bytes`: the device memory the step's buffers take (printed in the header line); `b`:
+    /// the global micro-batch. A `quiet` logger (ranks other than 0) prints and writes nothing.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         a: &TrainArgs,
         cfg: &Config,
@@ -39,7 +42,12 @@ impl Logger {
         start: usize,
         tokens_per_step: usize,
         mem_bytes: usize,
+        b: usize,
+        quiet: bool,
     ) -> Result<Logger> {
+        if quiet {
+            return Ok(Logger { bar: None, main_log: None, json: None, total_steps: a.steps, tokens_per_step, last_val: None, quiet });
+        }
         let resuming = start > 0;
         eprintln!(
             "wgpt: model L={} NH={} C={} V={} ({:.1}M parameters) | backend {backend} | B={} T={} tokens/step={} | {:.2} GiB of buffers | {} steps{}",
@@ -48,7 +56,7 @@ impl Logger {
             cfg.c,
             cfg.v,
             num_params as f64 / 1e6,
-            a.batch,
+            b,
             a.seq_len,
             tokens_per_step,
             mem_bytes as f64 / (1u64 << 30) as f64,
@@ -79,10 +87,13 @@ impl Logger {
         } else {
             None
         };
-        Ok(Logger { bar, main_log, json, total_steps: a.steps, tokens_per_step, last_val: None })
+        Ok(Logger { bar, main_log, json, total_steps: a.steps, tokens_per_step, last_val: None, quiet })
     }
 
     fn line(&self, s: &str) {
+        if self.quiet {
+            return;
+        }
         match &self.bar {
             Some(b) => b.println(s),
             None => eprintln!("{s}"),
@@ -126,25 +137,37 @@ impl Logger {
         self.line(&format!("--- sample at step {step} ---\n{text}\n---"));
     }
 
-    pub fn step(&mut self, step: usize, loss: f32, lr: f32, norm: f32, ms: f64) -> Result<()> {
+    /// `reduce_ms`: with several ranks, the time the gradient all-reduce took (host staging included).
+    pub fn step(&mut self, step: usize, loss: f32, lr: f32, norm: f32, ms: f64, reduce_ms: Option<f64>) -> Result<()> {
+        if self.quiet {
+            return Ok(());
+        }
         let tps = self.tokens_per_step as f64 / (ms / 1e3);
+        let red = reduce_ms.map_or(String::new(), |r| format!(" | reduce {r:.0} ms"));
         match &self.bar {
             Some(b) => {
                 b.set_position(step as u64);
-                b.set_message(format!("loss {loss:.4} | {:.0} tok/s | {ms:.0} ms", tps));
+                b.set_message(format!("loss {loss:.4} | {:.0} tok/s | {ms:.0} ms{red}", tps));
             }
             None => eprintln!(
-                "step {step:5}/{} | train loss {loss:.4} | lr {lr:.2e} | norm {norm:.3} | {ms:.0} ms | {tps:.0} tok/s",
+                "step {step:5}/{} | train loss {loss:.4} | lr {lr:.2e} | norm {norm:.3} | {ms:.0} ms | {tps:.0} tok/s{red}",
                 self.total_steps
             ),
         }
         self.write_log(&format!("s:{step} trl:{loss:.4} lr:{lr:.6} norm:{norm:.2}"))?;
-        self.write_json(serde_json::json!({
+        let mut v = serde_json::json!({
             "step": step, "train_loss": loss, "lr": lr, "grad_norm": norm, "ms": ms, "tokens_per_s": tps,
-        }))
+        });
+        if let Some(r) = reduce_ms {
+            v["reduce_ms"] = r.into();
+        }
+        self.write_json(v)
     }
 
     pub fn finish(&mut self, s: &TrainSummary) {
+        if self.quiet {
+            return;
+        }
         if let Some(b) = &self.bar {
             b.finish_and_clear();
         }

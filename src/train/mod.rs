@@ -11,7 +11,10 @@ pub mod schedule;
 pub mod session;
 pub mod state;
 
-use crate::backend::BackendArgs;
+use crate::backend::{Backend, BackendArgs, BackendKind};
+use crate::dist::comm::{self, Comm, MpiComm, Solo, ThreadComm};
+use crate::dist::mpi::Mpi;
+use crate::dist::split::{self, BatchSplit};
 use crate::data::shards::{DataLoader, LoaderOptions};
 use crate::data::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
@@ -22,7 +25,7 @@ use crate::model::{config, Config};
 use schedule::{Schedule, ScheduleKind};
 use session::{AdamConsts, Session};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Checkpoint precision on disk: llm.c version 3 (fp32) or 5 (bf16).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -149,6 +152,26 @@ pub struct TrainArgs {
     /// append one JSON object per step to this file
     #[arg(long)]
     pub log_json: Option<PathBuf>,
+    /// with several ranks (mpirun, srun, torchrun..., or --devices): how the global micro-batch is
+    /// divided. even: --batch split evenly; auto: in proportion to each device's measured speed,
+    /// within what fits it; a list b0,b1,… (one per rank): rank r's micro-batch, whose sum replaces
+    /// --batch. Any split trains on the tokens one device would see at that batch.
+    #[arg(long, value_name = "even|auto|LIST", default_value_t = BatchSplit::Even, value_parser = BatchSplit::parse)]
+    pub batch_split: BatchSplit,
+    /// train on several devices in this process, one rank (and thread) per device, gradients
+    /// summed through host memory: a list of device indices of --backend (see `wgpt info`), or of
+    /// cpu, wgpu:N, cuda:N to mix kinds, e.g. 0,1 or wgpu:0,cpu (the same index twice opens the
+    /// adapter twice)
+    #[arg(long, value_name = "LIST")]
+    pub devices: Option<String>,
+    /// with several ranks: seconds a collective may wait for the other ranks before the run is
+    /// ended with an error (a peer died or hangs)
+    #[arg(long, default_value_t = 600, value_name = "SECS")]
+    pub dist_timeout: u64,
+    /// with several ranks: every N steps, check that every rank holds bit-identical parameters
+    /// (a checksum compared across ranks; 0 = never)
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub check_sync: usize,
 }
 
 /// Parse `dN` (llm.c) or `dN:cC` (wgpt's small models: N layers, C channels, C/64 heads, at least 1).
@@ -191,8 +214,10 @@ pub struct TrainSummary {
     pub interrupted: Option<i32>,
 }
 
-fn check_args(a: &TrainArgs, cfg: &Config) -> Result<usize> {
-    if a.batch == 0 {
+/// Checks the flags against the model; returns the accumulation steps per optimiser step. `b` is
+/// the global micro-batch (every rank's together).
+fn check_args(a: &TrainArgs, cfg: &Config, b: usize) -> Result<usize> {
+    if b == 0 {
         return Err(Error::flag("--batch", "must be at least 1"));
     }
     if a.seq_len == 0 {
@@ -201,10 +226,11 @@ fn check_args(a: &TrainArgs, cfg: &Config) -> Result<usize> {
     if a.seq_len > cfg.max_t {
         return Err(Error::flag("--seq-len", format!("{} exceeds the model's maximum sequence length {}", a.seq_len, cfg.max_t)));
     }
-    let bt = a.batch * a.seq_len;
+    let bt = b * a.seq_len;
     let total = if a.total_batch == 0 { bt } else { a.total_batch };
     if total % bt != 0 {
-        return Err(Error::flag("--total-batch", format!("{total} is not a multiple of --batch × --seq-len = {bt}")));
+        let what = if matches!(a.batch_split, BatchSplit::List(_)) { "the --batch-split sum" } else { "--batch" };
+        return Err(Error::flag("--total-batch", format!("{total} is not a multiple of {what} × --seq-len = {bt}")));
     }
     if a.resume && a.out.is_none() {
         return Err(Error::flag("--resume", "needs --out DIR (the directory holding the checkpoints)"));
@@ -215,14 +241,184 @@ fn check_args(a: &TrainArgs, cfg: &Config) -> Result<usize> {
     Ok(total / bt)
 }
 
-/// Run `wgpt train`.
+/// The global micro-batch: `--batch`, or the sum of a `--batch-split` list.
+fn global_batch(a: &TrainArgs) -> usize {
+    match &a.batch_split {
+        BatchSplit::List(v) => v.iter().sum(),
+        _ => a.batch,
+    }
+}
+
+/// Makes a rank's backend (called once, or twice with `--batch-split auto`).
+type MakeBackend<'a> = dyn Fn() -> Result<Box<dyn Backend>> + Sync + 'a;
+
+/// Run `wgpt train`: one process; or one rank of a multi-process launch (mpirun, srun,
+/// torchrun...), joined by MPI; or, with `--devices`, one rank per device in this process.
 pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
-    // several ranks would each train their own copy: refused until data-parallel training exists
-    crate::dist::World::from_env()?.refuse_data_parallel()?;
+    let env = crate::dist::env_map();
+    let world = crate::dist::World::from_env_map(&env)?;
+    let timeout = Duration::from_secs(a.dist_timeout.max(1));
+    if let Some(list) = &a.devices {
+        if world.size > 1 {
+            return Err(Error::flag(
+                "--devices",
+                format!("several devices in one process cannot be combined with a launch of {} processes ({}); use one or the other", world.size, world.launcher),
+            ));
+        }
+        let devices = crate::dist::local::parse_devices(list, a.backend.backend)?;
+        return run_in_process(a, &devices, timeout);
+    }
+    if world.size == 1 {
+        return run_rank(a, &Solo, &|| a.backend.create(), None);
+    }
+    // several processes: MPI joins them (no MPI is needed, or loaded, for one)
+    check_args(a, &config_only(a)?, global_batch(a))?;
+    let mpi = Mpi::init(&env)?;
+    if (mpi.rank(), mpi.size()) != (world.rank, world.size) {
+        return Err(Error::Unavailable(format!(
+            "MPI ({}) says rank {} of {}, but {} says rank {} of {}: that library is not the launcher's MPI; set WGPT_MPI_LIB to the libmpi of the mpirun/mpiexec used",
+            mpi.describe(),
+            mpi.rank(),
+            mpi.size(),
+            world.launcher,
+            world.rank,
+            world.size
+        )));
+    }
+    let comm = MpiComm::new(mpi, timeout);
+    let header = format!("{world} ({}); {}", world.launcher, comm.describe());
+    let r = run_rank(a, &comm, &|| a.backend.create(), Some(header));
+    if let Err(e) = &r {
+        // the other ranks would wait for this one at the next collective: end the job
+        comm.fail(&e.to_string());
+    }
+    r
+}
+
+/// The model configuration `--init` (or the checkpoint to resume) names, for checking flags
+/// before MPI starts.
+fn config_only(a: &TrainArgs) -> Result<Config> {
+    let resume = a.out.as_ref().filter(|_| a.resume).and_then(|d| state::latest_done(d).map(|s| state::model_path(d, s)));
+    match resume {
+        Some(p) => Ok(crate::model::checkpoint::read_header(&p)?),
+        None if a.init.ends_with(".bin") || a.init.ends_with(".safetensors") || Path::new(&a.init).exists() => {
+            Ok(crate::model::hf::load_model(Path::new(&a.init))?.0)
+        }
+        None => config_from_descriptor(&a.init),
+    }
+}
+
+/// `--devices`: one thread per device, each a rank, gradients summed through host memory.
+fn run_in_process(a: &TrainArgs, devices: &[(BackendKind, Option<usize>)], timeout: Duration) -> Result<TrainSummary> {
+    let comms = ThreadComm::group(devices.len(), timeout);
+    let list: Vec<String> = devices.iter().map(|(k, d)| d.map_or(k.to_string(), |d| format!("{k}:{d}"))).collect();
+    let header = format!("{} devices in this process ({}); {}", devices.len(), list.join(", "), comms[0].describe());
+    let results: Vec<Result<TrainSummary>> = std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .iter()
+            .zip(devices)
+            .map(|(c, &(kind, device))| {
+                let header = header.clone();
+                s.spawn(move || {
+                    let make = || a.backend.create_on(kind, device);
+                    let r = run_rank(a, c, &make, (c.rank() == 0).then_some(header));
+                    if let Err(e) = &r {
+                        c.fail(&e.to_string());
+                    }
+                    r
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .enumerate()
+            .map(|(r, h)| h.join().unwrap_or_else(|_| Err(Error::Internal(format!("rank {r}: its thread panicked")))))
+            .collect()
+    });
+    // the error of the rank that failed first, not its peers' "stopped because rank r failed"
+    let mut first_err = None;
+    let mut summary = None;
+    for (r, res) in results.into_iter().enumerate() {
+        match res {
+            Ok(s) if r == 0 => summary = Some(s),
+            Ok(_) => {}
+            Err(e) => {
+                let own = !e.to_string().contains("stopped because");
+                if first_err.as_ref().is_none_or(|(o, _)| !o && own) {
+                    first_err = Some((own, e));
+                }
+            }
+        }
+    }
+    match (first_err, summary) {
+        (Some((_, e)), _) => Err(e),
+        (None, Some(s)) => Ok(s),
+        (None, None) => Err(Error::Internal("no rank returned a summary".into())),
+    }
+}
+
+/// Rank `comm.rank()`'s rows of a batch of the global micro-batch: rows `row0..row0+b`.
+fn rank_rows(x: &[i32], y: &[i32], row0: usize, b: usize, t: usize) -> (Vec<i32>, Vec<i32>) {
+    let r = row0 * t..(row0 + b) * t;
+    (x[r.clone()].to_vec(), y[r].to_vec())
+}
+
+/// `--batch-split auto`: time one micro-step at the even split on every rank, find the largest
+/// micro-batch each device fits (the backend's own memory check, before allocating), and split
+/// the global micro-batch in proportion to the measured tokens/s within those caps.
+fn calibrate_split(a: &TrainArgs, comm: &dyn Comm, cfg: &Config, make_backend: &MakeBackend, b: usize) -> Result<(Vec<usize>, Vec<f64>)> {
+    let even = split::even(b, comm.size())?;
+    let backend = make_backend()?;
+    let opts = |b: usize| TrainOptions { b, t: a.seq_len, grad_accum: 1, weight_decay: a.weight_decay, decay_all: false, grad_clip: a.grad_clip };
+    let fits = |b: usize| {
+        let g = build_train_step(cfg, &opts(b));
+        let phases: Vec<&[crate::graph::Launch]> = g.iter_phases().map(|(_, l)| l).collect();
+        backend.check_fits(&g.buffers, &phases).is_ok()
+    };
+    // the largest micro-batch that fits this device, up to what is left when every other rank has one
+    let most = b + 1 - comm.size();
+    let (mut lo, mut hi) = (0usize, most);
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    let cap = lo;
+    let bt = even[comm.rank()].min(cap.max(1));
+    let speed = if cap == 0 {
+        0.0
+    } else {
+        let mut sess = Session::new(backend, build_train_step(cfg, &opts(bt)))?;
+        let n = bt * a.seq_len;
+        let x: Vec<i32> = (0..n).map(|i| ((i * 7919) % cfg.v) as i32).collect();
+        sess.zero_grad()?;
+        sess.train_micro(&x, &x)?; // warm-up: shader compilation, first allocations
+        let t0 = Instant::now();
+        for _ in 0..2 {
+            sess.train_micro(&x, &x)?;
+        }
+        (2 * n) as f64 / t0.elapsed().as_secs_f64()
+    };
+    let speeds = comm::gather_f64(comm, speed)?;
+    let caps: Vec<usize> = comm::gather_u64(comm, cap as u64)?.into_iter().map(|c| c as usize).collect();
+    Ok((split::proportional(b, &speeds, &caps)?, speeds))
+}
+
+/// One rank's training run (the whole run when `comm` is `Solo`). Every rank follows the same
+/// loop in lockstep: it reads the batch a single device would read and trains on its own rows
+/// of it; the loss gradient is seeded with 1/N_global and the gradients are summed over ranks
+/// before clipping and AdamW, so every rank applies the same update. Rank 0 logs, samples and
+/// writes the model; every rank writes its own optimiser state.
+fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_header: Option<String>) -> Result<TrainSummary> {
+    let (rank, world) = (comm.rank(), comm.size());
+    let lead = rank == 0;
     let resume_step = match (&a.out, a.resume) {
         (Some(dir), true) => {
             let s = state::latest_done(dir);
-            if s.is_none() {
+            if s.is_none() && lead {
                 eprintln!("wgpt: no complete checkpoint (DONE_*) in {}; starting from --init", dir.display());
             }
             s
@@ -233,15 +429,26 @@ pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
         (Some(s), Some(dir)) => read_checkpoint(&state::model_path(dir, s))?,
         _ => load_or_init(&a.init, a.seed)?,
     };
-    let grad_accum = check_args(a, &cfg)?;
-    let opts = LoaderOptions { b: a.batch, t: a.seq_len, rank: 0, world: 1, shuffle: a.shuffle != 0, vocab: cfg.v };
+    let global_b = global_batch(a);
+    let grad_accum = check_args(a, &cfg, global_b)?;
+    if let BatchSplit::List(v) = &a.batch_split {
+        if v.len() != world {
+            return Err(Error::flag("--batch-split", format!("lists {} micro-batches for {world} ranks", v.len())));
+        }
+    }
+    if world > 1 && a.hellaswag.is_some() {
+        return Err(Error::flag("--hellaswag", "is not supported with several ranks yet; run the eval with `wgpt eval` on the checkpoint"));
+    }
+    // every rank reads the batches one device would (rank 0 of 1, global B) and takes its rows:
+    // any split then sees the same tokens, and the loader state does not depend on the world
+    let opts = LoaderOptions { b: global_b, t: a.seq_len, rank: 0, world: 1, shuffle: a.shuffle != 0, vocab: cfg.v };
     let mut train_loader = open_loader(a.train.as_deref(), "--train", opts.clone())?;
     let mut val_loader = if a.val_every > 0 && a.val_batches > 0 {
         Some(open_loader(a.val.as_deref(), "--val", LoaderOptions { shuffle: false, ..opts.clone() })?)
     } else {
         None
     };
-    let tokenizer = load_tokenizer(a.tokenizer.as_deref(), a.train.as_deref());
+    let tokenizer = if lead { load_tokenizer(a.tokenizer.as_deref(), a.train.as_deref()) } else { None };
     let eval_set = match &a.hellaswag {
         Some(p) => {
             let ex = crate::data::evalset::read_eval_file(p)?;
@@ -251,28 +458,43 @@ pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
         None => None,
     };
 
-    let backend = a.backend.create()?;
+    let (split, speeds) = match &a.batch_split {
+        _ if world == 1 => (vec![global_b], Vec::new()),
+        BatchSplit::Even => (split::even(global_b, world)?, Vec::new()),
+        BatchSplit::List(v) => (v.clone(), Vec::new()),
+        BatchSplit::Auto => calibrate_split(a, comm, &cfg, make_backend, global_b)?,
+    };
+    let (my_b, row0) = (split[rank], split::offset(&split, rank));
+    let backend = make_backend()?;
     let mut graph = build_train_step(
         &cfg,
-        &TrainOptions { b: a.batch, t: a.seq_len, grad_accum, weight_decay: a.weight_decay, decay_all: false, grad_clip: a.grad_clip },
+        &TrainOptions { b: my_b, t: a.seq_len, grad_accum, weight_decay: a.weight_decay, decay_all: false, grad_clip: a.grad_clip },
     );
-    if a.gen_tokens > 0 {
+    if lead && a.gen_tokens > 0 {
         crate::graph::add_decoder(&mut graph, sample::decode_options(&cfg, a.gen_tokens.min(a.seq_len)));
     }
     let mut sess = Session::new(backend, graph)?;
+    // the one gradient rule: dL/dloss = 1/N_global at every position of every rank
+    let n_global = global_b * a.seq_len * grad_accum;
+    sess.set_loss_seed(1.0 / n_global as f32)?;
     sess.upload_params(&params)?;
     let num_params = params.len();
     drop(params);
+    // ranks on different kinds of backend (cpu and wgpu) may round AdamW differently in the last
+    // bit: rank 0's parameters are then copied to the others after every update
+    let kinds = comm.allgather(&[sess.backend.kind() as u8])?;
+    let copy_params = kinds.iter().any(|&k| k != kinds[0]);
 
     let mut start = 0;
     let mut saved_outliers = None;
     if let (Some(s), Some(dir)) = (resume_step, &a.out) {
-        let st = state::read_state(&state::state_path(dir, s), num_params)?;
+        // this rank's state; a rank that did not exist in the saved run takes rank 0's (without
+        // ZeRO every rank's optimiser state is the same)
+        let own = state::rank_state_path(dir, s, rank);
+        let path = if own.exists() { own } else { state::state_path(dir, s) };
+        let st = state::read_state(&path, num_params)?;
         if st.step != s {
-            return Err(Error::format(
-                state::state_path(dir, s),
-                format!("says step {}, but it belongs to the checkpoint of step {s}", st.step),
-            ));
+            return Err(Error::format(path, format!("says step {}, but it belongs to the checkpoint of step {s}", st.step)));
         }
         if s > a.steps {
             return Err(Error::flag(
@@ -280,7 +502,7 @@ pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
                 format!("{} is before the newest checkpoint in {} (step {s}); give at least --steps {s}", a.steps, dir.display()),
             ));
         }
-        if (st.extra.b, st.extra.t, st.extra.grad_accum) != (a.batch, a.seq_len, grad_accum) {
+        if (st.extra.b, st.extra.t, st.extra.grad_accum) != (global_b, a.seq_len, grad_accum) {
             return Err(Error::flag(
                 "--resume",
                 format!(
@@ -300,9 +522,20 @@ pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
 
     let sched = Schedule::new(a.schedule, a.lr, a.warmup, a.steps, a.final_lr_frac)?;
     let adam = AdamConsts { beta1: a.beta1, beta2: a.beta2, eps: 1e-8 };
-    let tokens_per_step = a.batch * a.seq_len * grad_accum;
     let mem = sess.graph.buffers.total_bytes();
-    let mut logger = log::Logger::new(a, &cfg, num_params, sess.backend.name(), start, tokens_per_step, mem)?;
+    let mut logger = log::Logger::new(a, &cfg, num_params, sess.backend.name(), start, n_global, mem, global_b, !lead)?;
+    if let Some(h) = &dist_header {
+        let auto = if speeds.is_empty() {
+            String::new()
+        } else {
+            format!(" (auto: measured {} tokens/s)", speeds.iter().map(|s| format!("{s:.0}")).collect::<Vec<_>>().join(", "))
+        };
+        logger.note(&format!(
+            "wgpt: data-parallel: {h} | micro-batch per rank {}{auto}, B={global_b} | gradients summed over ranks (seed 1/{n_global}){}",
+            split::join(&split),
+            if copy_params { " | ranks on different backends: rank 0's parameters copied after each update" } else { "" }
+        ));
+    }
     let mut summary = TrainSummary::default();
 
     // from here on, Ctrl-C / SIGTERM stop after the current step with a checkpoint (a second one
@@ -314,13 +547,16 @@ pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
     let (mut loss_outliers, mut norm_outliers) = saved_outliers.and_then(|w| w.restore()).unwrap_or_default();
     // the newest checkpoint of this run (the resumed one counts)
     let mut saved_at = resume_step;
+    // a stop seen by any rank stops every rank at the same step (SIGTERM's status where this
+    // rank saw no signal itself)
+    let agreed_stop = |own: Option<i32>| -> Result<Option<i32>> { Ok(if comm::any(comm, own.is_some())? { Some(own.unwrap_or(15)) } else { None }) };
     loop {
         let last = step == a.steps;
         // a Ctrl-C/SIGTERM: no eval or sample, the checkpoint, then stop
-        let stop = interrupt::requested();
+        let stop = agreed_stop(interrupt::requested())?;
         if let Some(vl) = val_loader.as_mut().filter(|_| stop.is_none()) {
             if step % a.val_every == 0 || last {
-                let loss = evaluate(&mut sess, vl, a.val_batches)?;
+                let loss = evaluate_rows(&mut sess, vl, a.val_batches, comm, row0, my_b)?;
                 summary.val_losses.push((step, loss));
                 logger.val(step, loss)?;
             }
@@ -332,24 +568,30 @@ pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
             }
         }
         let want_sample = stop.is_none() && a.gen_tokens > 0 && ((a.sample_every > 0 && step > 0 && step % a.sample_every == 0) || last);
-        if want_sample {
+        if want_sample && lead {
             let text = sample::sample_in_graph(&mut sess, &tokenizer, a.gen_tokens.min(a.seq_len), 1337)?;
             logger.sample(step, &text);
             summary.sample = Some(text);
         }
         // (a signal during the eval or sample above stops here, before the next step)
-        let stop = stop.or_else(interrupt::requested);
+        let stop = match stop {
+            Some(s) => Some(s),
+            None => agreed_stop(interrupt::requested())?,
+        };
         if let Some(dir) = &a.out {
             let due = (a.checkpoint_every > 0 && step > 0 && step % a.checkpoint_every == 0) || last;
             // stopped by a signal: a checkpoint of the steps taken since the start, if any
             let due = due || (stop.is_some() && step > start);
             if due && saved_at != Some(step) {
                 let outliers = state::OutlierWindows::save(&loss_outliers, &norm_outliers);
-                save_checkpoint(&mut sess, dir, step, a, &train_loader, grad_accum, outliers)?;
+                let shape = (global_b, grad_accum);
+                save_checkpoint(&mut sess, comm, dir, step, a, &train_loader, shape, outliers)?;
                 saved_at = Some(step);
                 logger.note(&format!("checkpoint written: {}", state::model_path(dir, step).display()));
-                if let Some(old) = state::checkpoint_to_prune(step, a.checkpoint_every, a.keep_checkpoints, a.keep_every) {
-                    state::remove_checkpoint(dir, old)?;
+                if lead {
+                    if let Some(old) = state::checkpoint_to_prune(step, a.checkpoint_every, a.keep_checkpoints, a.keep_every) {
+                        state::remove_checkpoint(dir, old)?;
+                    }
                 }
             }
         }
@@ -367,37 +609,76 @@ pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
             break;
         }
 
+        fault_hook(rank, step + 1);
         let t0 = Instant::now();
         sess.zero_grad()?;
         for _ in 0..grad_accum {
             let (x, y) = train_loader.next_batch()?;
+            let (x, y) = if world == 1 { (x, y) } else { rank_rows(&x, &y, row0, my_b, a.seq_len) };
             // the micro-steps' losses add up on the device: no host wait until the step's end
             sess.train_micro_async(&x, &y)?;
+        }
+        // several ranks: sum the gradients (host staging) and the per-position losses
+        let mut reduce_ms = None;
+        let mut global_loss = None;
+        if world > 1 {
+            sess.backend.sync()?;
+            let tr = Instant::now();
+            let mut g = sess.download_grads()?;
+            comm.allreduce_sum_f32(&mut g)?;
+            sess.upload_grads(&g)?;
+            let mut l = [sess.loss_sum()?];
+            comm.allreduce_sum_f64(&mut l)?;
+            global_loss = Some((l[0] / n_global as f64) as f32);
+            reduce_ms = Some(tr.elapsed().as_secs_f64() * 1e3);
         }
         let lr = sched.lr_at(step);
         let (loss, norm);
         if a.skip_loss_z == 0.0 && a.skip_grad_z == 0.0 {
             norm = sess.update(lr, adam, step + 1)?;
-            loss = sess.step_loss()?;
+            loss = match global_loss {
+                Some(l) => l,
+                None => sess.step_loss()?,
+            };
         } else {
             // outlier skipping needs the loss and the norm on the host before AdamW runs
-            loss = sess.step_loss()?;
+            loss = match global_loss {
+                Some(l) => l,
+                None => sess.step_loss()?,
+            };
             norm = sess.grad_norm(lr, adam, step + 1)?;
             let (zl, zg) = (loss_outliers.update(loss as f64), norm_outliers.update(norm as f64));
-            if outlier::exceeds(zl, a.skip_loss_z) {
-                logger.note(&format!("step {}: update skipped (loss z-score {zl:.2} > {})", step + 1, a.skip_loss_z));
+            // rank 0 decides, so ranks whose norms differ in the last bit still agree
+            let mut skip = [if outlier::exceeds(zl, a.skip_loss_z) {
+                1u8
             } else if outlier::exceeds(zg, a.skip_grad_z) {
-                logger.note(&format!("step {}: update skipped (grad norm z-score {zg:.2} > {})", step + 1, a.skip_grad_z));
+                2
             } else {
-                sess.apply_update()?;
+                0
+            }];
+            comm.bcast(&mut skip, 0)?;
+            match skip[0] {
+                1 => logger.note(&format!("step {}: update skipped (loss z-score {zl:.2} > {})", step + 1, a.skip_loss_z)),
+                2 => logger.note(&format!("step {}: update skipped (grad norm z-score {zg:.2} > {})", step + 1, a.skip_grad_z)),
+                _ => sess.apply_update()?,
             }
+        }
+        if copy_params {
+            let mut p = if lead { sess.download_params()? } else { vec![0f32; num_params] };
+            comm::bcast_f32(comm, &mut p, 0)?;
+            if !lead {
+                sess.upload_params(&p)?;
+            }
+        }
+        if world > 1 && a.check_sync > 0 && (step + 1) % a.check_sync == 0 {
+            check_in_sync(&mut sess, comm, step + 1)?;
         }
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         if !loss.is_finite() {
             return Err(Error::Data(format!("training diverged at step {}: loss is {loss}; try a lower --lr", step + 1)));
         }
         summary.train_losses.push(loss);
-        logger.step(step + 1, loss, lr, norm, ms)?;
+        logger.step(step + 1, loss, lr, norm, ms, reduce_ms)?;
         step += 1;
         summary.steps_done = step;
     }
@@ -405,56 +686,126 @@ pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
     Ok(summary)
 }
 
+/// A test hook for the failure paths of several ranks: `WGPT_FAULT=hang:R:S` makes rank R stop
+/// answering (sleep for good) before its step S, as a hung peer does.
+fn fault_hook(rank: usize, step: usize) {
+    static FAULT: std::sync::OnceLock<Option<(usize, usize)>> = std::sync::OnceLock::new();
+    let f = FAULT.get_or_init(|| {
+        let v = std::env::var("WGPT_FAULT").ok()?;
+        let mut it = v.strip_prefix("hang:")?.split(':').map(|x| x.parse::<usize>().ok());
+        Some((it.next()??, it.next()??))
+    });
+    if *f == Some((rank, step)) {
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+}
+
+/// `--check-sync`: every rank's parameter checksum (FNV-1a of the bits) must equal rank 0's.
+fn check_in_sync(sess: &mut Session, comm: &dyn Comm, step: usize) -> Result<()> {
+    let sums = comm::gather_u64(comm, crate::dist::local::checksum(&sess.download_params()?))?;
+    match sums.iter().position(|&c| c != sums[0]) {
+        None => Ok(()),
+        Some(r) => Err(Error::Dist(format!(
+            "data-parallel ranks out of sync after step {step}: rank {r} parameters checksum {:016x}, rank 0 {:016x}",
+            sums[r], sums[0]
+        ))),
+    }
+}
+
 /// Mean validation loss over up to `batches` batches from the start of the val split.
 pub fn evaluate(sess: &mut Session, loader: &mut DataLoader, batches: usize) -> Result<f32> {
+    let b = sess.graph.b;
+    evaluate_rows(sess, loader, batches, &Solo, 0, b)
+}
+
+/// `evaluate` over ranks: each rank scores its rows `row0..row0+b` of every batch, and the loss
+/// sums are added over ranks, so the mean is the one a single device computes.
+fn evaluate_rows(sess: &mut Session, loader: &mut DataLoader, batches: usize, comm: &dyn Comm, row0: usize, b: usize) -> Result<f32> {
     loader.reset();
+    let t = sess.graph.t;
     let n = batches.min(loader.batches_per_epoch()).max(1);
     let mut sum = 0.0f64;
     for _ in 0..n {
         let (x, y) = loader.next_batch()?;
-        sum += sess.eval(&x, &y)? as f64;
+        if comm.size() == 1 {
+            sum += sess.eval(&x, &y)? as f64;
+        } else {
+            let (x, y) = rank_rows(&x, &y, row0, b, t);
+            let losses = sess.eval_losses(&x, &y)?;
+            sum += losses.iter().map(|&l| l as f64).sum::<f64>();
+        }
     }
-    Ok((sum / n as f64) as f32)
+    if comm.size() == 1 {
+        return Ok((sum / n as f64) as f32);
+    }
+    let mut s = [sum];
+    comm.allreduce_sum_f64(&mut s)?;
+    Ok((s[0] / (n * loader.batch_tokens()) as f64) as f32)
 }
 
-/// Write the checkpoint of `step`: model, state, then `DONE_` (what makes it complete). A failed
-/// write (disk full, read-only folder) is an error naming the file; the files of this incomplete
-/// checkpoint are removed (giving the space back), older checkpoints are untouched.
+/// Ok on every rank when every rank's `res` is Ok; else this rank's own error, or one naming
+/// the first rank that failed (`what` says at what).
+fn all_ok(comm: &dyn Comm, res: Result<()>, what: &str) -> Result<()> {
+    if comm.size() == 1 {
+        return res;
+    }
+    let flags = comm.allgather(&[res.is_ok() as u8])?;
+    res?;
+    match flags.iter().position(|&f| f == 0) {
+        None => Ok(()),
+        Some(r) => Err(Error::Dist(format!("rank {r} failed {what}"))),
+    }
+}
+
+/// Write the checkpoint of `step`: the model (rank 0), every rank's state, then `DONE_` (rank 0,
+/// once every rank's files are written: what makes it complete). A failed write (disk full,
+/// read-only folder) is an error naming the file; the files of this incomplete checkpoint are
+/// removed (giving the space back), older checkpoints are untouched. `shape` is (global B,
+/// accumulation steps).
+#[allow(clippy::too_many_arguments)]
 fn save_checkpoint(
     sess: &mut Session,
+    comm: &dyn Comm,
     dir: &Path,
     step: usize,
     a: &TrainArgs,
     loader: &DataLoader,
-    grad_accum: usize,
+    shape: (usize, usize),
     outliers: state::OutlierWindows,
 ) -> Result<()> {
-    let params = sess.download_params()?;
+    let (rank, world) = (comm.rank(), comm.size());
+    let lead = rank == 0;
+    // a DONE_ marker left by an earlier run in this folder goes first: while its files are
+    // overwritten, the checkpoint must not look complete
+    let done = state::done_path(dir, step);
+    let removed = match std::fs::remove_file(&done) {
+        Err(e) if lead && e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(&done, e)),
+        _ => Ok(()),
+    };
+    all_ok(comm, removed, &format!("to remove {}", done.display()))?;
     let (m, v) = sess.download_opt_state()?;
+    let num_params = m.len();
     let st = state::TrainState {
         step,
         m,
         v,
-        extra: state::StateExtra {
-            loader: loader.state(),
-            b: a.batch,
-            t: a.seq_len,
-            grad_accum,
-            num_params: params.len(),
-            outliers: Some(outliers),
-        },
+        extra: state::StateExtra { loader: loader.state(), b: shape.0, t: a.seq_len, grad_accum: shape.1, num_params, outliers: Some(outliers) },
     };
-    // a DONE_ marker left by an earlier run in this folder goes first: while its files are
-    // overwritten, the checkpoint must not look complete
-    let done = state::done_path(dir, step);
-    let res = match std::fs::remove_file(&done) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(&done, e)),
-        _ => write_checkpoint(&state::model_path(dir, step), &sess.graph.cfg, &params, a.checkpoint_precision.into())
-            .and_then(|()| state::write_state(&state::state_path(dir, step), &st, a.shuffle != 0))
-            .and_then(|()| crate::atomic::write_atomic(&done, b"")),
-    };
+    let own_state = state::rank_state_path(dir, step, rank);
+    let mut res = state::write_rank_state(&own_state, &st, a.shuffle != 0, rank, world);
+    drop(st);
+    if lead && res.is_ok() {
+        let params = sess.download_params()?;
+        res = write_checkpoint(&state::model_path(dir, step), &sess.graph.cfg, &params, a.checkpoint_precision.into());
+    }
+    let mut res = all_ok(comm, res, &format!("to write its part of the checkpoint of step {step}"));
+    if lead && res.is_ok() {
+        res = crate::atomic::write_atomic(&done, b"");
+    }
     if res.is_err() {
-        let _ = state::remove_checkpoint(dir, step);
+        let _ = if lead { state::remove_checkpoint(dir, step) } else { std::fs::remove_file(&own_state).map_err(|e| Error::io(&own_state, e)) };
     }
     res
 }

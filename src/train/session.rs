@@ -144,6 +144,13 @@ impl Session {
         Ok((sum / losses.len() as f64) as f32)
     }
 
+    /// Sum of the per-position losses of the micro-steps since `zero_grad` (waits for the
+    /// device): what ranks add up to report the global token mean.
+    pub fn loss_sum(&mut self) -> Result<f64> {
+        let losses = self.backend.download_f32(self.graph.io.losses)?;
+        Ok(losses.iter().map(|&l| l as f64).sum())
+    }
+
     /// Zero the gradients and the summed losses: the start of an optimiser step.
     pub fn zero_grad(&mut self) -> Result<()> {
         self.micro = 0;

@@ -1,10 +1,10 @@
 //! Training checkpoints in `--out DIR`, laid out like llm.c's train_gpt2.cu:
-//! `model_%08d.bin` (llm.c model file), `state_%08d_00000.bin` (optimiser + data position) and an
+//! `model_%08d.bin` (llm.c model file), `state_%08d_%05d.bin` (optimiser + data position, one per rank) and an
 //! empty `DONE_%08d` written last, which marks the checkpoint complete. Every file is written to a
 //! temporary name and renamed, so a crash never leaves a half-written checkpoint that `--resume`
 //! would pick.
 //!
-//! State file: a 256 × i32 header with llm.c's magic 20240527, version 1, num_processes 1, rank 0,
+//! State file: a 256 × i32 header with llm.c's magic 20240527, version 1, num_processes, rank,
 //! use_master_weights 0, should_shuffle, step at word 10 (as llm.c); then AdamW m and v (f32, in
 //! checkpoint-parameter order, as llm.c); then — where llm.c stores its shuffle RNG structs — a
 //! u64 length and a JSON object with wgpt's loader state, run shape and the outlier windows of
@@ -78,17 +78,32 @@ pub struct TrainState {
 pub fn model_path(dir: &Path, step: usize) -> PathBuf {
     dir.join(format!("model_{step:08}.bin"))
 }
+/// Rank 0's state file (the only one of a single-process run).
 pub fn state_path(dir: &Path, step: usize) -> PathBuf {
-    dir.join(format!("state_{step:08}_00000.bin"))
+    rank_state_path(dir, step, 0)
+}
+/// Each rank writes its own state, named as llm.c names it: `state_%08d_%05d.bin`.
+pub fn rank_state_path(dir: &Path, step: usize, rank: usize) -> PathBuf {
+    dir.join(format!("state_{step:08}_{rank:05}.bin"))
 }
 pub fn done_path(dir: &Path, step: usize) -> PathBuf {
     dir.join(format!("DONE_{step:08}"))
 }
 
 /// Delete the checkpoint of `step` (DONE marker first, so a half-deleted checkpoint is never
-/// taken for a complete one). Files already gone are fine.
+/// taken for a complete one), with every rank's state file. Files already gone are fine.
 pub fn remove_checkpoint(dir: &Path, step: usize) -> Result<()> {
-    for p in [done_path(dir, step), model_path(dir, step), state_path(dir, step)] {
+    let prefix = format!("state_{step:08}_");
+    let mut states: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".bin")))
+                .collect()
+        })
+        .unwrap_or_default();
+    states.sort();
+    for p in [done_path(dir, step), model_path(dir, step)].into_iter().chain(states) {
         match std::fs::remove_file(&p) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -118,12 +133,18 @@ pub fn latest_done(dir: &Path) -> Option<usize> {
 }
 
 pub fn write_state(path: &Path, st: &TrainState, shuffle: bool) -> Result<()> {
+    write_rank_state(path, st, shuffle, 0, 1)
+}
+
+/// The state file of `rank` of `world` (header words 2 and 3, as llm.c).
+pub fn write_rank_state(path: &Path, st: &TrainState, shuffle: bool, rank: usize, world: usize) -> Result<()> {
     let json = serde_json::to_vec(&st.extra).map_err(|e| Error::Data(format!("serialising state: {e}")))?;
     write_atomic_with(path, |w| {
         let mut header = [0i32; 256];
         header[0] = STATE_MAGIC;
         header[1] = STATE_VERSION;
-        header[2] = 1;
+        header[2] = world as i32;
+        header[3] = rank as i32;
         header[5] = shuffle as i32;
         header[10] = st.step as i32;
         w.write_all(bytemuck::cast_slice(&header))?;

@@ -35,6 +35,12 @@ fn train_args(out: &Path, extra: &[&str]) -> Vec<String> {
     v
 }
 
+/// Replace the value of `flag` in `args`.
+fn set(args: &mut [String], flag: &str, value: &str) {
+    let i = args.iter().position(|a| a == flag).unwrap();
+    args[i + 1] = value.into();
+}
+
 /// A run's (train losses, val losses, final parameters).
 struct Run {
     train: Vec<f64>,
@@ -255,8 +261,9 @@ fn resuming_with_another_world_size_continues_the_same_run() {
     let straight = single(&dir.path().join("straight"), &["--backend", "cpu", "--batch", "4", "--threads", "1", "--checkpoint-every", "2"]);
     // steps 1-2 on two ranks, step 3 on one process
     let out = dir.path().join("resumed");
-    let two = ["--devices", "cpu,cpu", "--threads", "1", "--batch-split", "3,1", "--steps", "2"];
-    let o = Command::new(env!("CARGO_BIN_EXE_wgpt")).args(train_args(&out, &two)).output().unwrap();
+    let mut two = train_args(&out, &["--devices", "cpu,cpu", "--threads", "1", "--batch-split", "3,1"]);
+    set(&mut two, "--steps", "2");
+    let o = Command::new(env!("CARGO_BIN_EXE_wgpt")).args(&two).output().unwrap();
     check(&o, "two ranks, 2 steps");
     let o = Command::new(env!("CARGO_BIN_EXE_wgpt"))
         .args(train_args(&out, &["--backend", "cpu", "--batch", "4", "--threads", "1", "--resume"]))
@@ -275,16 +282,22 @@ fn a_killed_rank_ends_the_job_in_bounded_time() {
     let Some(m) = openmpi4() else { return };
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("killed");
-    let mut args = train_args(&out, &["--backend", "cpu", "--threads", "1", "--batch", "2", "--val-every", "0"]);
-    let steps = args.iter().position(|a| a == "--steps").unwrap();
-    args[steps + 1] = "100000".into();
+    let mut args = train_args(&out, &["--backend", "cpu", "--threads", "1", "--batch", "2"]);
+    set(&mut args, "--val-every", "0");
+    set(&mut args, "--steps", "100000");
     let mut c = Command::new(&m.launch[0]);
-    c.args(&m.launch[1..]).arg("2").arg(env!("CARGO_BIN_EXE_wgpt")).args(&args).stdout(Stdio::null()).stderr(Stdio::piped());
+    // stderr to a file: a pipe nobody reads would fill and block the ranks
+    let errf = std::fs::File::create(dir.path().join("stderr.txt")).unwrap();
+    c.args(&m.launch[1..]).arg("2").arg(env!("CARGO_BIN_EXE_wgpt")).args(&args).stdout(Stdio::null()).stderr(errf);
     let mut child = c.spawn().unwrap();
     // wait for the first logged step, then SIGKILL rank 1 (found by its environment)
     let t0 = Instant::now();
     let log = out.join("log.jsonl");
     while std::fs::read_to_string(&log).map_or(true, |s| s.lines().count() < 1) {
+        if let Some(st) = child.try_wait().unwrap() {
+            let e = std::fs::read_to_string(dir.path().join("stderr.txt")).unwrap_or_default();
+            panic!("the job ended before its first step ({st}):\n{e}");
+        }
         assert!(t0.elapsed() < Duration::from_secs(60), "no step logged");
         std::thread::sleep(Duration::from_millis(50));
     }

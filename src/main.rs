@@ -42,6 +42,9 @@ enum Cmd {
     Completions(CompletionsArgs),
     /// Print the man page (roff), or write one per command with --out
     Man(ManArgs),
+    /// Check MPI's collectives (under mpirun: each rank prints "ok rank R of N (library)")
+    #[command(hide = true)]
+    MpiSelftest,
 }
 
 #[derive(clap::Args)]
@@ -280,6 +283,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 eprintln!("warning: {w}");
             }
             println!("converted {} ({} parameters)", r.summary, r.params);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::MpiSelftest => {
+            println!("{}", wgpt::dist::mpi::self_test()?);
             Ok(ExitCode::SUCCESS)
         }
     }

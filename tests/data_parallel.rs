@@ -202,6 +202,13 @@ fn uneven_mpi_ranks_follow_one_device(m: Option<Mpi>) {
     for r in 0..2 {
         assert!(out.join(format!("state_00000003_{r:05}.bin")).is_file(), "rank {r}'s state");
     }
+    // ZeRO-1: the optimiser state sharded over the two ranks, the same run
+    let out = dir.path().join("zero");
+    let args = train_args(&out, &["--backend", "cpu", "--threads", "1", "--batch-split", "1,3", "--check-sync", "1", "--zero", "1"]);
+    let o = mpi_run(&m, 2, &args, Duration::from_secs(120));
+    check(&o, &format!("{} --zero 1", m.name));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("ZeRO-1: this rank's AdamW state covers"));
+    assert_same_run(&reference, &read_run(&out, 3), &format!("{} --zero 1", m.name));
 }
 
 #[test]
@@ -253,6 +260,27 @@ fn two_wgpu_devices_in_one_process_follow_one_device() {
     for (c, m) in cpu.train.iter().zip(&mixed.train) {
         assert!((c - m).abs() < 1e-4, "cpu+wgpu {m} vs cpu {c}");
     }
+}
+
+#[test]
+fn zero_1_devices_follow_one_device_and_resume_on_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let reference = single(&dir.path().join("one"), &["--backend", "cpu", "--batch", "4", "--threads", "1"]);
+    let z = ["--devices", "cpu,cpu,cpu", "--threads", "1", "--batch-split", "2,1,1", "--zero", "1", "--check-sync", "1"];
+    assert_same_run(&reference, &single(&dir.path().join("zero"), &z), "--zero 1 over three devices");
+    // two sharded steps on three ranks, the third on one process: the shards are put together
+    let out = dir.path().join("resumed");
+    let mut two = train_args(&out, &z);
+    set(&mut two, "--steps", "2");
+    check(&Command::new(env!("CARGO_BIN_EXE_wgpt")).args(&two).output().unwrap(), "ZeRO-1, 2 steps");
+    let o = Command::new(env!("CARGO_BIN_EXE_wgpt"))
+        .args(train_args(&out, &["--backend", "cpu", "--batch", "4", "--threads", "1", "--resume"]))
+        .output()
+        .unwrap();
+    check(&o, "one process resuming a ZeRO-1 checkpoint");
+    let got = read_run(&out, 3);
+    let d = max_rel(&reference.params, &got.params);
+    assert!(d < 1e-6, "resumed parameters differ by {d:e}");
 }
 
 #[test]

@@ -597,6 +597,7 @@ fn fuzz_training_state() {
             grad_accum: 1,
             num_params: n,
             outliers: Some(OutlierWindows::save(&loss, &norm)),
+            zero: None,
         };
         let p = dir.path().join("base_state.bin");
         write_state(&p, &TrainState { step: batches, m, v, extra }, shuffle).unwrap();

@@ -28,6 +28,14 @@ pub trait Comm: Send + Sync {
     /// Element-wise sum over ranks, in place.
     fn allreduce_sum_f32(&self, buf: &mut [f32]) -> Result<()>;
     fn allreduce_sum_f64(&self, buf: &mut [f64]) -> Result<()>;
+    /// ZeRO-1's gradient reduction: `buf` is `size` equal chunks; returns chunk `rank` summed
+    /// over ranks.
+    fn reduce_scatter_sum_f32(&self, buf: &[f32]) -> Result<Vec<f32>>;
+    /// Every rank's `mine` (equal lengths), concatenated in rank order.
+    fn allgather_f32(&self, mine: &[f32]) -> Result<Vec<f32>> {
+        let all = self.allgather(bytemuck::cast_slice(mine))?;
+        Ok(all.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
+    }
     /// Every rank's `mine` (equal lengths), concatenated in rank order.
     fn allgather(&self, mine: &[u8]) -> Result<Vec<u8>>;
     /// `buf` on every rank becomes `root`'s.
@@ -83,6 +91,9 @@ impl Comm for Solo {
     }
     fn allreduce_sum_f64(&self, _: &mut [f64]) -> Result<()> {
         Ok(())
+    }
+    fn reduce_scatter_sum_f32(&self, buf: &[f32]) -> Result<Vec<f32>> {
+        Ok(buf.to_vec())
     }
     fn allgather(&self, mine: &[u8]) -> Result<Vec<u8>> {
         Ok(mine.to_vec())
@@ -176,6 +187,12 @@ impl Comm for MpiComm {
     fn allreduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
         self.guard("MPI_Allreduce", |m| m.allreduce_sum_f64(buf))
     }
+    fn reduce_scatter_sum_f32(&self, buf: &[f32]) -> Result<Vec<f32>> {
+        self.guard("MPI_Reduce_scatter_block", |m| m.reduce_scatter_sum_f32(buf))
+    }
+    fn allgather_f32(&self, mine: &[f32]) -> Result<Vec<f32>> {
+        self.guard("MPI_Allgather", |m| m.allgather_f32(mine))
+    }
     fn allgather(&self, mine: &[u8]) -> Result<Vec<u8>> {
         self.guard("MPI_Allgather", |m| m.allgather(mine))
     }
@@ -265,6 +282,24 @@ impl ThreadComm {
         }
     }
 
+    /// Deposit `buf`, wait for every rank's, and return this rank's chunk summed over ranks in
+    /// rank order.
+    fn sum_own_chunk(&self, buf: &[f32]) -> Result<Vec<f32>> {
+        let s = &*self.shared;
+        *lock_w(&s.slots[self.rank]) = bytemuck::cast_slice(buf).to_vec();
+        self.wait("all-reduce (deposit)")?;
+        let r = self.chunk(buf.len(), self.rank);
+        let mut part = vec![0f32; r.len()];
+        for slot in &s.slots {
+            let g = lock_r(slot);
+            let src: &[f32] = bytemuck::cast_slice(&g[r.start * 4..r.end * 4]);
+            for (a, b) in part.iter_mut().zip(src) {
+                *a += *b;
+            }
+        }
+        Ok(part)
+    }
+
     /// Rank r's chunk of n elements split in `size` contiguous pieces.
     fn chunk(&self, n: usize, r: usize) -> std::ops::Range<usize> {
         let per = n.div_ceil(self.shared.size);
@@ -294,26 +329,21 @@ impl Comm for ThreadComm {
     /// rank in rank order (the ranks' threads share the work); each copies every sum back.
     fn allreduce_sum_f32(&self, buf: &mut [f32]) -> Result<()> {
         let s = &*self.shared;
-        *lock_w(&s.slots[self.rank]) = bytemuck::cast_slice(buf).to_vec();
-        self.wait("all-reduce (deposit)")?;
-        {
-            let r = self.chunk(buf.len(), self.rank);
-            let mut part = vec![0f32; r.len()];
-            for slot in &s.slots {
-                let g = lock_r(slot);
-                let src: &[f32] = bytemuck::cast_slice(&g[r.start * 4..r.end * 4]);
-                for (a, b) in part.iter_mut().zip(src) {
-                    *a += *b;
-                }
-            }
-            *lock_w(&s.parts[self.rank]) = part;
-        }
+        let part = self.sum_own_chunk(buf)?;
+        *lock_w(&s.parts[self.rank]) = part;
         self.wait("all-reduce (sum)")?;
         for q in 0..s.size {
             let r = self.chunk(buf.len(), q);
             buf[r].copy_from_slice(&lock_r(&s.parts[q]));
         }
         self.wait("all-reduce (copy)")
+    }
+
+    fn reduce_scatter_sum_f32(&self, buf: &[f32]) -> Result<Vec<f32>> {
+        let part = self.sum_own_chunk(buf)?;
+        // the others may still be reading this rank's slot
+        self.wait("reduce-scatter (sum)")?;
+        Ok(part)
     }
 
     fn allreduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
@@ -386,6 +416,11 @@ mod tests {
         })
     }
 
+    /// 0 + 1 + … + (n−1)
+    fn nn_sum(n: usize) -> f32 {
+        (n * (n - 1) / 2) as f32
+    }
+
     #[test]
     fn thread_collectives_match_closed_forms() {
         for n in [1usize, 2, 3] {
@@ -400,6 +435,12 @@ mod tests {
                 let mut b = if c.rank() == n - 1 { vec![9u8, 8, 7] } else { vec![0u8; 3] };
                 c.bcast(&mut b, n - 1).unwrap();
                 c.barrier().unwrap();
+                // reduce-scatter of n chunks of 5: chunk q summed is Σ_r (r + q)
+                let rs: Vec<f32> = (0..n * 5).map(|i| r + (i / 5) as f32).collect();
+                let mine = c.reduce_scatter_sum_f32(&rs).unwrap();
+                let q = c.rank() as f32;
+                assert_eq!(mine, vec![nn_sum(n) + n as f32 * q; 5]);
+                assert_eq!(c.allgather_f32(&[q, -q]).unwrap(), (0..n).flat_map(|r| [r as f32, -(r as f32)]).collect::<Vec<_>>());
                 (v, d, g, b)
             });
             let nn = n as f32;

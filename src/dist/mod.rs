@@ -12,6 +12,7 @@
 pub mod comm;
 pub mod local;
 pub mod mpi;
+pub mod nccl;
 pub mod split;
 pub mod world;
 

@@ -9,7 +9,10 @@ pub mod build;
 pub mod kernels;
 pub mod signature;
 
-pub use build::{add_decoder, build_decoder, build_decoder_with, build_forward, build_train_step, DecodeIo, DecodeOptions, GraphIo, TrainOptions, WEIGHT_TENSORS};
+pub use build::{
+    add_decoder, build_decoder, build_decoder_with, build_forward, build_train_step, build_train_step_sharded, DecodeIo, DecodeOptions, GraphIo, OptShard,
+    TrainOptions, WEIGHT_TENSORS,
+};
 pub use kernels::{BufId, Kernel, Launch, Scalars, View};
 pub use signature::{check_token_ids, validate, Access, Arg};
 
@@ -66,6 +69,8 @@ pub enum Role {
     OptM(usize),
     /// AdamW second moment of tensor `i`
     OptV(usize),
+    /// ZeRO-1: AdamW's m or v of one rank's flat parameter range (every tensor's part in it)
+    OptShard,
     /// saved for the backward pass or passed between kernels
     Activation,
     /// gradient of an activation

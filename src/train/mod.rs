@@ -172,6 +172,10 @@ pub struct TrainArgs {
     /// (a checksum compared across ranks; 0 = never)
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub check_sync: usize,
+    /// with several ranks: 1 = ZeRO-1 (llm.c's -z 1), AdamW's m and v sharded over the ranks (each
+    /// keeps and updates 1/N of them; gradients reduce-scattered, parameters all-gathered); 0 = off
+    #[arg(long, default_value_t = 0, value_name = "0|1")]
+    pub zero: u8,
 }
 
 /// Parse `dN` (llm.c) or `dN:cC` (wgpt's small models: N layers, C channels, C/64 heads, at least 1).
@@ -436,6 +440,9 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
             return Err(Error::flag("--batch-split", format!("lists {} micro-batches for {world} ranks", v.len())));
         }
     }
+    if a.zero > 1 {
+        return Err(Error::flag("--zero", format!("{}: only 0 (off) and 1 (shard the optimiser state) exist", a.zero)));
+    }
     if world > 1 && a.hellaswag.is_some() {
         return Err(Error::flag("--hellaswag", "is not supported with several ranks yet; run the eval with `wgpt eval` on the checkpoint"));
     }
@@ -466,10 +473,15 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
     };
     let (my_b, row0) = (split[rank], split::offset(&split, rank));
     let backend = make_backend()?;
-    let mut graph = build_train_step(
-        &cfg,
-        &TrainOptions { b: my_b, t: a.seq_len, grad_accum, weight_decay: a.weight_decay, decay_all: false, grad_clip: a.grad_clip },
-    );
+    let num_params = params.len();
+    // ZeRO-1: this rank keeps and updates the optimiser state of 1/world of the parameters
+    let chunk = num_params.div_ceil(world);
+    let shard = (a.zero == 1 && world > 1).then(|| (rank * chunk).min(num_params)..((rank + 1) * chunk).min(num_params));
+    let topts = TrainOptions { b: my_b, t: a.seq_len, grad_accum, weight_decay: a.weight_decay, decay_all: false, grad_clip: a.grad_clip };
+    let mut graph = match &shard {
+        Some(r) => crate::graph::build_train_step_sharded(&cfg, &topts, r.clone()),
+        None => build_train_step(&cfg, &topts),
+    };
     if lead && a.gen_tokens > 0 {
         crate::graph::add_decoder(&mut graph, sample::decode_options(&cfg, a.gen_tokens.min(a.seq_len)));
     }
@@ -478,23 +490,24 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
     let n_global = global_b * a.seq_len * grad_accum;
     sess.set_loss_seed(1.0 / n_global as f32)?;
     sess.upload_params(&params)?;
-    let num_params = params.len();
     drop(params);
     // ranks on different kinds of backend (cpu and wgpu) may round AdamW differently in the last
-    // bit: rank 0's parameters are then copied to the others after every update
+    // bit: rank 0's parameters are then copied to the others after every update (ZeRO-1's
+    // all-gather does that anyway)
     let kinds = comm.allgather(&[sess.backend.kind() as u8])?;
-    let copy_params = kinds.iter().any(|&k| k != kinds[0]);
+    let copy_params = shard.is_none() && kinds.iter().any(|&k| k != kinds[0]);
 
     let mut start = 0;
     let mut saved_outliers = None;
     if let (Some(s), Some(dir)) = (resume_step, &a.out) {
-        // this rank's state; a rank that did not exist in the saved run takes rank 0's (without
-        // ZeRO every rank's optimiser state is the same)
-        let own = state::rank_state_path(dir, s, rank);
-        let path = if own.exists() { own } else { state::state_path(dir, s) };
-        let st = state::read_state(&path, num_params)?;
+        // the whole optimiser state, whatever the saved run's world and sharding (a rank that did
+        // not exist in it takes rank 0's: without ZeRO every rank's state is the same)
+        let st = state::read_full_state(dir, s, rank, num_params)?;
         if st.step != s {
-            return Err(Error::format(path, format!("says step {}, but it belongs to the checkpoint of step {s}", st.step)));
+            return Err(Error::format(
+                state::state_path(dir, s),
+                format!("says step {}, but it belongs to the checkpoint of step {s}", st.step),
+            ));
         }
         if s > a.steps {
             return Err(Error::flag(
@@ -511,7 +524,10 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
                 ),
             ));
         }
-        sess.upload_opt_state(&st.m, &st.v)?;
+        match &shard {
+            Some(r) => sess.upload_opt_state(&st.m[r.clone()], &st.v[r.clone()])?,
+            None => sess.upload_opt_state(&st.m, &st.v)?,
+        }
         train_loader.restore(&st.extra.loader)?;
         start = st.step;
         saved_outliers = st.extra.outliers;
@@ -530,8 +546,17 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
         } else {
             format!(" (auto: measured {} tokens/s)", speeds.iter().map(|s| format!("{s:.0}")).collect::<Vec<_>>().join(", "))
         };
+        let zero = match &shard {
+            Some(r) => format!(
+                " | ZeRO-1: this rank's AdamW state covers {} of {num_params} parameters ({:.1} MiB instead of {:.1} MiB)",
+                r.len(),
+                (r.len() * 8) as f64 / (1u64 << 20) as f64,
+                (num_params * 8) as f64 / (1u64 << 20) as f64
+            ),
+            None => String::new(),
+        };
         logger.note(&format!(
-            "wgpt: data-parallel: {h} | micro-batch per rank {}{auto}, B={global_b} | gradients summed over ranks (seed 1/{n_global}){}",
+            "wgpt: data-parallel: {h} | micro-batch per rank {}{auto}, B={global_b} | gradients summed over ranks (seed 1/{n_global}){}{zero}",
             split::join(&split),
             if copy_params { " | ranks on different backends: rank 0's parameters copied after each update" } else { "" }
         ));
@@ -585,7 +610,8 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
             if due && saved_at != Some(step) {
                 let outliers = state::OutlierWindows::save(&loss_outliers, &norm_outliers);
                 let shape = (global_b, grad_accum);
-                save_checkpoint(&mut sess, comm, dir, step, a, &train_loader, shape, outliers)?;
+                let zs = shard.as_ref().map(|r| state::ZeroShard { world, start: r.start, end: r.end });
+                save_checkpoint(&mut sess, comm, dir, step, a, &train_loader, shape, outliers, zs)?;
                 saved_at = Some(step);
                 logger.note(&format!("checkpoint written: {}", state::model_path(dir, step).display()));
                 if lead {
@@ -621,12 +647,30 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
         // several ranks: sum the gradients (host staging) and the per-position losses
         let mut reduce_ms = None;
         let mut global_loss = None;
+        // ZeRO-1: the global gradient norm (every rank's range's part), computed on the host
+        let mut zero_norm = None;
         if world > 1 {
             sess.backend.sync()?;
             let tr = Instant::now();
             let mut g = sess.download_grads()?;
-            comm.allreduce_sum_f32(&mut g)?;
-            sess.upload_grads(&g)?;
+            match &shard {
+                None => {
+                    comm.allreduce_sum_f32(&mut g)?;
+                    sess.upload_grads(&g)?;
+                }
+                Some(r) => {
+                    g.resize(chunk * world, 0.0);
+                    let mine = comm.reduce_scatter_sum_f32(&g)?;
+                    let mine = &mine[..r.len()];
+                    let mut sq = [mine.iter().map(|&x| x as f64 * x as f64).sum::<f64>()];
+                    comm.allreduce_sum_f64(&mut sq)?;
+                    zero_norm = Some(sq[0].sqrt() as f32);
+                    // AdamW reads this rank's range only; the rest of the gradients is stale
+                    g[r.clone()].copy_from_slice(mine);
+                    g.truncate(num_params);
+                    sess.upload_grads(&g)?;
+                }
+            }
             let mut l = [sess.loss_sum()?];
             comm.allreduce_sum_f64(&mut l)?;
             global_loss = Some((l[0] / n_global as f64) as f32);
@@ -634,7 +678,26 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
         }
         let lr = sched.lr_at(step);
         let (loss, norm);
-        if a.skip_loss_z == 0.0 && a.skip_grad_z == 0.0 {
+        if let Some(zn) = zero_norm {
+            loss = global_loss.expect("several ranks");
+            norm = zn;
+            let (zl, zg) = (loss_outliers.update(loss as f64), norm_outliers.update(norm as f64));
+            if outlier::exceeds(zl, a.skip_loss_z) {
+                logger.note(&format!("step {}: update skipped (loss z-score {zl:.2} > {})", step + 1, a.skip_loss_z));
+            } else if outlier::exceeds(zg, a.skip_grad_z) {
+                logger.note(&format!("step {}: update skipped (grad norm z-score {zg:.2} > {})", step + 1, a.skip_grad_z));
+            } else {
+                sess.update_with_norm(lr, adam, step + 1, norm, a.grad_clip)?;
+                // every rank's updated range, to every rank
+                let r = shard.clone().expect("ZeRO-1");
+                let p = sess.download_params()?;
+                let mut mine = p[r].to_vec();
+                mine.resize(chunk, 0.0);
+                let mut all = comm.allgather_f32(&mine)?;
+                all.truncate(num_params);
+                sess.upload_params(&all)?;
+            }
+        } else if a.skip_loss_z == 0.0 && a.skip_grad_z == 0.0 {
             norm = sess.update(lr, adam, step + 1)?;
             loss = match global_loss {
                 Some(l) => l,
@@ -774,6 +837,7 @@ fn save_checkpoint(
     loader: &DataLoader,
     shape: (usize, usize),
     outliers: state::OutlierWindows,
+    zero: Option<state::ZeroShard>,
 ) -> Result<()> {
     let (rank, world) = (comm.rank(), comm.size());
     let lead = rank == 0;
@@ -786,12 +850,20 @@ fn save_checkpoint(
     };
     all_ok(comm, removed, &format!("to remove {}", done.display()))?;
     let (m, v) = sess.download_opt_state()?;
-    let num_params = m.len();
+    let num_params = sess.layout.total;
     let st = state::TrainState {
         step,
         m,
         v,
-        extra: state::StateExtra { loader: loader.state(), b: shape.0, t: a.seq_len, grad_accum: shape.1, num_params, outliers: Some(outliers) },
+        extra: state::StateExtra {
+            loader: loader.state(),
+            b: shape.0,
+            t: a.seq_len,
+            grad_accum: shape.1,
+            num_params,
+            outliers: Some(outliers),
+            zero,
+        },
     };
     let own_state = state::rank_state_path(dir, step, rank);
     let mut res = state::write_rank_state(&own_state, &st, a.shuffle != 0, rank, world);

@@ -109,15 +109,48 @@ impl Session {
         let ids = self.graph.io.grads.ok_or_else(|| not_train("gradients"))?;
         self.upload_flat(ids, flat)
     }
-    /// AdamW (m, v), flat in checkpoint order.
+    /// AdamW (m, v), flat in checkpoint order; with ZeRO-1, those of the rank's range only.
     pub fn download_opt_state(&mut self) -> Result<(Vec<f32>, Vec<f32>)> {
+        if let Some(sh) = self.graph.io.opt_shard.clone() {
+            let n = sh.range.len();
+            let mut m = self.backend.download_f32(sh.m)?;
+            let mut v = self.backend.download_f32(sh.v)?;
+            m.truncate(n);
+            v.truncate(n);
+            return Ok((m, v));
+        }
         let (m, v) = (self.graph.io.m.ok_or_else(|| not_train("optimiser state"))?, self.graph.io.v.unwrap());
         Ok((self.download_flat(m)?, self.download_flat(v)?))
     }
     pub fn upload_opt_state(&mut self, m: &[f32], v: &[f32]) -> Result<()> {
+        if let Some(sh) = self.graph.io.opt_shard.clone() {
+            let n = sh.range.len();
+            if m.len() != n || v.len() != n {
+                return Err(Error::Data(format!("expected the AdamW state of {n} parameters (this rank's ZeRO-1 range), got {}", m.len())));
+            }
+            // the buffers have at least one element (an empty range keeps a placeholder)
+            let pad = |x: &[f32]| if x.is_empty() { vec![0.0] } else { x.to_vec() };
+            self.backend.upload_f32(sh.m, &pad(m))?;
+            return self.backend.upload_f32(sh.v, &pad(v));
+        }
         let (mi, vi) = (self.graph.io.m.ok_or_else(|| not_train("optimiser state"))?, self.graph.io.v.unwrap());
         self.upload_flat(mi, m)?;
         self.upload_flat(vi, v)
+    }
+
+    /// AdamW with a gradient norm the caller computed (ZeRO-1: each rank holds the summed
+    /// gradients of its own range only, and the norm comes from every rank's part); `GradNorm` is
+    /// not run. The clip scale is `ClipScale`'s: `max_norm / norm` when `max_norm > 0` and
+    /// `norm > max_norm`, else 1.
+    pub fn update_with_norm(&mut self, lr: f32, adam: AdamConsts, t: usize, norm: f32, max_norm: f32) -> Result<()> {
+        if !self.prepared.contains_key(&Phase::Update) {
+            return Err(not_train("the optimiser"));
+        }
+        self.write_optim_scalars(lr, adam, t);
+        self.scalars[Scalars::GRAD_NORM] = norm;
+        self.scalars[Scalars::GRAD_SCALE] = if max_norm > 0.0 && norm > max_norm { max_norm / norm } else { 1.0 };
+        self.upload_scalars()?;
+        self.run_phase(Phase::Update)
     }
 
     fn upload_batch(&mut self, x: &[i32], y: &[i32]) -> Result<()> {
@@ -205,6 +238,14 @@ impl Session {
         if !self.prepared.contains_key(&Phase::Update) {
             return Err(not_train("the optimiser"));
         }
+        self.write_optim_scalars(lr, adam, t);
+        self.upload_scalars()?;
+        self.run_phase(Phase::ReduceGrads)?;
+        self.run_phase(Phase::GradNorm)
+    }
+
+    /// AdamW's scalars for 1-based step `t` into the host copy (uploaded by the caller).
+    fn write_optim_scalars(&mut self, lr: f32, adam: AdamConsts, t: usize) {
         let h = &mut self.scalars;
         h[Scalars::LR] = lr;
         h[Scalars::BETA1] = adam.beta1;
@@ -213,9 +254,6 @@ impl Session {
         h[Scalars::BC1] = (1.0 - (adam.beta1 as f64).powi(t as i32)) as f32;
         h[Scalars::BC2] = (1.0 - (adam.beta2 as f64).powi(t as i32)) as f32;
         h[Scalars::GRAD_SCALE] = 1.0;
-        self.upload_scalars()?;
-        self.run_phase(Phase::ReduceGrads)?;
-        self.run_phase(Phase::GradNorm)
     }
 
     /// The gradient norm `GradNorm` left in the scalars (waits for the device).

@@ -34,7 +34,23 @@ pub struct StateExtra {
     /// The outlier windows (absent in state files of older wgpt versions: the windows restart).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outliers: Option<OutlierWindows>,
+    /// ZeRO-1: this file's m and v are those of the flat parameter range `start..end` only, one
+    /// of `world` ranks' (absent: the whole model's)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zero: Option<ZeroShard>,
 }
+
+/// Which part of the optimiser state a ZeRO-1 rank's state file holds.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ZeroShard {
+    pub world: usize,
+    pub start: usize,
+    pub end: usize,
+}
+
+/// Header words (beyond llm.c's) of a ZeRO-1 state file: 1, then its range's start and end, so
+/// that the m and v lengths are known before the JSON that follows them is read.
+const ZERO_WORDS: [usize; 3] = [20, 21, 22];
 
 /// The loss and grad-norm windows of the outlier detectors, as exact f64 bit patterns (JSON
 /// numbers would not round-trip every f64, nor NaN).
@@ -147,6 +163,11 @@ pub fn write_rank_state(path: &Path, st: &TrainState, shuffle: bool, rank: usize
         header[3] = rank as i32;
         header[5] = shuffle as i32;
         header[10] = st.step as i32;
+        if let Some(z) = &st.extra.zero {
+            header[ZERO_WORDS[0]] = 1;
+            header[ZERO_WORDS[1]] = z.start as i32;
+            header[ZERO_WORDS[2]] = z.end as i32;
+        }
         w.write_all(bytemuck::cast_slice(&header))?;
         w.write_all(bytemuck::cast_slice(&st.m))?;
         w.write_all(bytemuck::cast_slice(&st.v))?;
@@ -169,6 +190,18 @@ pub fn read_state(path: &Path, num_params: usize) -> Result<TrainState> {
         return Err(fail(format!("unsupported state version {} (expected {STATE_VERSION})", word(1))));
     }
     let step = usize::try_from(word(10)).map_err(|_| fail(format!("invalid step {} in the header", word(10))))?;
+    // a ZeRO-1 shard holds the moments of its range only
+    let shard = if word(ZERO_WORDS[0]) == 1 {
+        let (a, b) = (word(ZERO_WORDS[1]), word(ZERO_WORDS[2]));
+        if a < 0 || b < a || b as usize > num_params {
+            return Err(fail(format!("invalid ZeRO-1 range {a}..{b} in the header for {num_params} parameters")));
+        }
+        Some(a as usize..b as usize)
+    } else {
+        None
+    };
+    let full = num_params;
+    let num_params = shard.as_ref().map_or(full, |r| r.len());
     let mv_bytes = 2 * num_params * 4;
     if bytes.len() < 1024 + mv_bytes + 8 {
         return Err(fail(format!(
@@ -188,11 +221,44 @@ pub fn read_state(path: &Path, num_params: usize) -> Result<TrainState> {
     }
     let js = &bytes[p + 8..p + 8 + len as usize];
     let extra: StateExtra = serde_json::from_slice(js).map_err(|e| fail(format!("corrupt loader state: {e}")))?;
-    if extra.num_params != num_params {
-        return Err(fail(format!("state is for {} parameters, the model has {num_params}", extra.num_params)));
+    if extra.num_params != full {
+        return Err(fail(format!("state is for {} parameters, the model has {full}", extra.num_params)));
+    }
+    if extra.zero.as_ref().map(|z| z.start..z.end) != shard {
+        return Err(fail("the ZeRO-1 range in the header and in the loader state disagree".into()));
     }
     if extra.outliers.as_ref().is_some_and(|w| w.restore().is_none()) {
         return Err(fail("corrupt outlier windows (--skip-loss-z/--skip-grad-z state)".into()));
     }
     Ok(TrainState { step, m, v, extra })
+}
+
+/// The whole optimiser state of the checkpoint of `step` in `dir`, as one process would hold it:
+/// rank `rank`'s file (rank 0's when the saved run had fewer ranks); when the run was sharded
+/// (ZeRO-1), every rank's file, their ranges put together. So a run resumes on any world size,
+/// sharded or not, at the same global batch.
+pub fn read_full_state(dir: &Path, step: usize, rank: usize, num_params: usize) -> Result<TrainState> {
+    let own = rank_state_path(dir, step, rank);
+    let path = if own.exists() { own } else { state_path(dir, step) };
+    let mut st = read_state(&path, num_params)?;
+    let Some(z) = st.extra.zero.clone() else { return Ok(st) };
+    let (mut m, mut v) = (vec![0f32; num_params], vec![0f32; num_params]);
+    let mut covered = 0;
+    for r in 0..z.world {
+        let p = rank_state_path(dir, step, r);
+        let part = read_state(&p, num_params)?;
+        let Some(pz) = part.extra.zero.as_ref().filter(|pz| pz.world == z.world) else {
+            return Err(Error::format(p, format!("not a ZeRO-1 state of a {}-rank run like {}", z.world, path.display())));
+        };
+        m[pz.start..pz.end].copy_from_slice(&part.m);
+        v[pz.start..pz.end].copy_from_slice(&part.v);
+        covered += pz.end - pz.start;
+    }
+    if covered != num_params {
+        return Err(Error::format(path, format!("the {} ZeRO-1 state files cover {covered} of {num_params} parameters", z.world)));
+    }
+    st.m = m;
+    st.v = v;
+    st.extra.zero = None;
+    Ok(st)
 }

@@ -58,6 +58,15 @@ pub struct TrainOptions {
     pub grad_clip: f32,
 }
 
+/// ZeRO-1's AdamW state: m and v for the flat parameter range `range` (checkpoint order), which
+/// is all `Update` touches.
+#[derive(Clone, Debug)]
+pub struct OptShard {
+    pub m: BufId,
+    pub v: BufId,
+    pub range: std::ops::Range<usize>,
+}
+
 /// Buffers the host talks to.
 #[derive(Clone, Debug)]
 pub struct GraphIo {
@@ -65,6 +74,8 @@ pub struct GraphIo {
     pub grads: Option<[BufId; NUM_PARAM_TENSORS]>,
     pub m: Option<[BufId; NUM_PARAM_TENSORS]>,
     pub v: Option<[BufId; NUM_PARAM_TENSORS]>,
+    /// ZeRO-1: the moments of this rank's parameter range only (then `m` and `v` are None)
+    pub opt_shard: Option<OptShard>,
     /// i32 (B·T) inputs and targets
     pub tokens: BufId,
     pub targets: BufId,
@@ -79,12 +90,18 @@ pub struct GraphIo {
 
 /// The training graph: every training phase, and `Eval`.
 pub fn build_train_step(cfg: &Config, opts: &TrainOptions) -> Graph {
-    build(cfg, opts.b, opts.t, Some(opts))
+    build(cfg, opts.b, opts.t, Some(opts), None)
+}
+
+/// The training graph of one ZeRO-1 rank: AdamW's m and v exist only for the flat parameter range
+/// `shard` (checkpoint order), and `Update` updates only those parameters.
+pub fn build_train_step_sharded(cfg: &Config, opts: &TrainOptions, shard: std::ops::Range<usize>) -> Graph {
+    build(cfg, opts.b, opts.t, Some(opts), Some(shard))
 }
 
 /// Inference only: the `Eval` phase (no gradients, no optimiser state).
 pub fn build_forward(cfg: &Config, b: usize, t: usize) -> Graph {
-    build(cfg, b, t, None)
+    build(cfg, b, t, None, None)
 }
 
 /// Inference by KV cache only: the parameters and the `Prefill` and `Decode` phases (see
@@ -115,7 +132,7 @@ fn build_params_only(cfg: &Config, weights: DType) -> Graph {
     let losses = g.table.add("losses", 1, DType::F32, Role::Losses);
     let logits = g.table.add("logits", 1, DType::F32, Role::Activation);
     let scalars = g.table.add("scalars", Scalars::LEN, DType::F32, Role::Scalars);
-    let io = GraphIo { params: params.ids(), grads: None, m: None, v: None, tokens, targets, losses, logits, logits_rows: 0, scalars };
+    let io = GraphIo { params: params.ids(), grads: None, m: None, v: None, opt_shard: None, tokens, targets, losses, logits, logits_rows: 0, scalars };
     Graph { cfg: *cfg, b: 1, t: 1, grad_accum: 1, buffers: g.table, io, phases: BTreeMap::new(), decode: None }
 }
 
@@ -250,11 +267,17 @@ struct Net {
     acts: Activations,
 }
 
+/// AdamW's moments: one buffer per tensor, or (ZeRO-1) one buffer each for the flat parameter
+/// range this rank updates.
+enum Moments {
+    Full { m: Tensors, v: Tensors },
+    Shard { m: View, v: View, range: std::ops::Range<usize> },
+}
+
 /// The buffers only a training graph has.
 struct TrainBufs {
     grads: Tensors,
-    m: Tensors,
-    v: Tensors,
+    moments: Moments,
     /// activation gradients, reused by every block
     dacts: ActGrads,
     /// one partial sum of squares per gradient tensor
@@ -265,7 +288,7 @@ fn launch(out: &mut Vec<Launch>, label: impl Into<String>, kernel: Kernel) {
     out.push(Launch { label: label.into(), kernel });
 }
 
-fn build(cfg: &Config, b: usize, t: usize, train: Option<&TrainOptions>) -> Graph {
+fn build(cfg: &Config, b: usize, t: usize, train: Option<&TrainOptions>, shard: Option<std::ops::Range<usize>>) -> Graph {
     let d = Dims { b, t, n: b * t, c: cfg.c, nh: cfg.nh, v: cfg.v, vp: cfg.vp };
     let layout = ParamLayout::new(cfg);
     let mut g = Builder { table: BufferTable::default() };
@@ -275,9 +298,18 @@ fn build(cfg: &Config, b: usize, t: usize, train: Option<&TrainOptions>) -> Grap
     let params = Tensors::add(&mut g, &layout, cfg.l, "", Role::Param);
     let optim = train.map(|_| {
         let grads = Tensors::add(&mut g, &layout, cfg.l, "d", Role::Grad);
-        let m = Tensors::add(&mut g, &layout, cfg.l, "m.", Role::OptM);
-        let v = Tensors::add(&mut g, &layout, cfg.l, "v.", Role::OptV);
-        (grads, m, v)
+        let moments = match shard {
+            None => Moments::Full {
+                m: Tensors::add(&mut g, &layout, cfg.l, "m.", Role::OptM),
+                v: Tensors::add(&mut g, &layout, cfg.l, "v.", Role::OptV),
+            },
+            Some(range) => {
+                // at least one element, so that a rank whose shard is empty still has buffers
+                let n = range.len().max(1);
+                Moments::Shard { m: g.buf("m.shard", n, Role::OptShard), v: g.buf("v.shard", n, Role::OptShard), range }
+            }
+        };
+        (grads, moments)
     });
     let tokens = g.table.add("tokens", d.n, DType::I32, Role::Tokens);
     let targets = g.table.add("targets", d.n, DType::I32, Role::Targets);
@@ -291,10 +323,9 @@ fn build(cfg: &Config, b: usize, t: usize, train: Option<&TrainOptions>) -> Grap
         dloss: g.table.view(scalars).slice(Scalars::LOSS_SEED, 1),
     };
     let acts = Activations::new(&mut g, d, cfg.l);
-    let train_bufs = optim.map(|(grads, m, v)| TrainBufs {
+    let train_bufs = optim.map(|(grads, moments)| TrainBufs {
         grads,
-        m,
-        v,
+        moments,
         dacts: ActGrads::new(&mut g, d),
         norm_parts: g.buf("norm_parts", NUM_PARAM_TENSORS, Role::Scratch),
     });
@@ -310,7 +341,7 @@ fn build(cfg: &Config, b: usize, t: usize, train: Option<&TrainOptions>) -> Grap
         backward::backward(&net, tb, &mut train_l);
         zero_grad = optim::zero_grad(&net, tb);
         norm = optim::grad_norm(&net, tb, opts);
-        update = optim::update(&net, tb, opts);
+        update = optim::update(&net, tb, opts, &layout);
     }
 
     let phases = BTreeMap::from([
@@ -324,8 +355,12 @@ fn build(cfg: &Config, b: usize, t: usize, train: Option<&TrainOptions>) -> Grap
     let io = GraphIo {
         params: net.params.ids(),
         grads: train_bufs.as_ref().map(|tb| tb.grads.ids()),
-        m: train_bufs.as_ref().map(|tb| tb.m.ids()),
-        v: train_bufs.as_ref().map(|tb| tb.v.ids()),
+        m: train_bufs.as_ref().and_then(|tb| if let Moments::Full { m, .. } = &tb.moments { Some(m.ids()) } else { None }),
+        v: train_bufs.as_ref().and_then(|tb| if let Moments::Full { v, .. } = &tb.moments { Some(v.ids()) } else { None }),
+        opt_shard: train_bufs.as_ref().and_then(|tb| match &tb.moments {
+            Moments::Shard { m, v, range } => Some(OptShard { m: m.buf, v: v.buf, range: range.clone() }),
+            Moments::Full { .. } => None,
+        }),
         tokens,
         targets,
         losses,

@@ -1,10 +1,10 @@
 //! The optimiser phases of a training graph: `ZeroGrad` (gradients and summed losses to zero),
 //! `GradNorm` (the global gradient norm and clip scale) and `Update` (AdamW on every tensor).
 
-use super::{launch, Net, TrainBufs, TrainOptions};
+use super::{launch, Moments, Net, TrainBufs, TrainOptions};
 use crate::graph::{Kernel, Launch};
 use crate::model::params::DECAYED_2D;
-use crate::model::PARAM_NAMES;
+use crate::model::{ParamLayout, PARAM_NAMES};
 
 /// Zero every parameter gradient, and the losses the `Train` micro-steps add up.
 pub(super) fn zero_grad(net: &Net, tb: &TrainBufs) -> Vec<Launch> {
@@ -28,14 +28,35 @@ pub(super) fn grad_norm(net: &Net, tb: &TrainBufs, opts: &TrainOptions) -> Vec<L
 }
 
 /// AdamW on each tensor; weight decay on every tensor with `decay_all`, else on the 2-D weights.
-pub(super) fn update(net: &Net, tb: &TrainBufs, opts: &TrainOptions) -> Vec<Launch> {
+/// With ZeRO-1 moments, on the part of each tensor inside the rank's range only.
+pub(super) fn update(net: &Net, tb: &TrainBufs, opts: &TrainOptions, layout: &ParamLayout) -> Vec<Launch> {
     let mut out = Vec::new();
     for (i, name) in PARAM_NAMES.iter().enumerate() {
         let weight_decay = if opts.decay_all || DECAYED_2D.contains(&i) { opts.weight_decay } else { 0.0 };
-        launch(&mut out, format!("adamw.{name}"), Kernel::AdamW {
-            param: net.params.whole(i), grad: tb.grads.whole(i), m: tb.m.whole(i), v: tb.v.whole(i), hyper: net.io.scalars,
-            weight_decay,
-        });
+        let (param, grad) = (net.params.whole(i), tb.grads.whole(i));
+        let hyper = net.io.scalars;
+        match &tb.moments {
+            Moments::Full { m, v } => {
+                launch(&mut out, format!("adamw.{name}"), Kernel::AdamW { param, grad, m: m.whole(i), v: v.whole(i), hyper, weight_decay });
+            }
+            Moments::Shard { m, v, range } => {
+                // tensor i holds flat parameters [o, o + size); this rank updates its overlap with `range`
+                let (o, size) = (layout.offsets[i], layout.sizes[i]);
+                let (lo, hi) = (range.start.max(o), range.end.min(o + size));
+                if lo >= hi {
+                    continue;
+                }
+                let (at, len, mo) = (lo - o, hi - lo, lo - range.start);
+                launch(&mut out, format!("adamw.{name}"), Kernel::AdamW {
+                    param: param.slice(at, len),
+                    grad: grad.slice(at, len),
+                    m: m.slice(mo, len),
+                    v: v.slice(mo, len),
+                    hyper,
+                    weight_decay,
+                });
+            }
+        }
     }
     out
 }

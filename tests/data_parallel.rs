@@ -246,6 +246,28 @@ fn uneven_devices_in_one_process_follow_one_device() {
 }
 
 #[test]
+fn bad_data_parallel_flags_are_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    for (extra, want) in [
+        (&["--devices", "cpu,cpu", "--reduce", "nccl"][..], "error: --reduce: nccl: not every rank is on the CUDA backend"),
+        (&["--devices", "cpu,cpu", "--batch-split", "1,2,1"][..], "error: --batch-split: lists 3 micro-batches for 2 ranks"),
+        (&["--devices", "cpu,cpu,cpu", "--batch", "2"][..], "error: --batch: 2 sequences cannot be split over 3 ranks"),
+        (&["--devices", "cpu", "--batch", "2"][..], "error: --devices: 'cpu': list at least two devices"),
+        (&["--devices", "cpu,cpu", "--zero", "2"][..], "error: --zero: 2: only 0 (off) and 1"),
+        (&["--batch-split", "1,x"][..], "error: invalid value '1,x' for '--batch-split"),
+    ] {
+        let mut args = train_args(&dir.path().join("bad"), extra);
+        if !extra.contains(&"--batch") {
+            args.extend(["--batch".to_string(), "4".to_string()]);
+        }
+        let o = Command::new(env!("CARGO_BIN_EXE_wgpt")).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && !err.contains("panicked"), "{extra:?}: {err}");
+        assert!(err.lines().next().unwrap_or("").starts_with(want), "{extra:?}: {err}");
+    }
+}
+
+#[test]
 fn two_wgpu_devices_in_one_process_follow_one_device() {
     if common::wgpu_adapter().is_none() {
         return;

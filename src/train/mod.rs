@@ -14,6 +14,7 @@ pub mod state;
 use crate::backend::{Backend, BackendArgs, BackendKind};
 use crate::dist::comm::{self, Comm, MpiComm, Solo, ThreadComm};
 use crate::dist::mpi::Mpi;
+use crate::dist::nccl::{Nccl, NcclComm};
 use crate::dist::split::{self, BatchSplit};
 use crate::data::shards::{DataLoader, LoaderOptions};
 use crate::data::tokenizer::Tokenizer;
@@ -172,10 +173,24 @@ pub struct TrainArgs {
     /// (a checksum compared across ranks; 0 = never)
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub check_sync: usize,
+    /// with several ranks: where the gradients are summed. auto: NCCL on the GPUs when every rank
+    /// is CUDA and libnccl.so.2 is found ($WGPT_NCCL_LIB, $NCCL_HOME, LD_LIBRARY_PATH, pip's
+    /// nvidia-nccl), else through host memory; host: always through host memory (MPI, or the
+    /// in-process sum with --devices); nccl: NCCL or an error saying why not
+    #[arg(long, value_enum, default_value_t = ReduceMode::Auto)]
+    pub reduce: ReduceMode,
     /// with several ranks: 1 = ZeRO-1 (llm.c's -z 1), AdamW's m and v sharded over the ranks (each
     /// keeps and updates 1/N of them; gradients reduce-scattered, parameters all-gathered); 0 = off
     #[arg(long, default_value_t = 0, value_name = "0|1")]
     pub zero: u8,
+}
+
+/// `--reduce`: where a data-parallel run sums its gradients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReduceMode {
+    Auto,
+    Host,
+    Nccl,
 }
 
 /// Parse `dN` (llm.c) or `dN:cC` (wgpt's small models: N layers, C channels, C/64 heads, at least 1).
@@ -496,6 +511,7 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
     // all-gather does that anyway)
     let kinds = comm.allgather(&[sess.backend.kind() as u8])?;
     let copy_params = shard.is_none() && kinds.iter().any(|&k| k != kinds[0]);
+    let (nccl, nccl_note) = if world > 1 { nccl_setup(a, comm, &mut sess, &kinds, shard.is_some())? } else { (None, String::new()) };
 
     let mut start = 0;
     let mut saved_outliers = None;
@@ -556,7 +572,7 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
             None => String::new(),
         };
         logger.note(&format!(
-            "wgpt: data-parallel: {h} | micro-batch per rank {}{auto}, B={global_b} | gradients summed over ranks (seed 1/{n_global}){}{zero}",
+            "wgpt: data-parallel: {h} | micro-batch per rank {}{auto}, B={global_b} | gradients summed over ranks (seed 1/{n_global}) {nccl_note}{}{zero}",
             split::join(&split),
             if copy_params { " | ranks on different backends: rank 0's parameters copied after each update" } else { "" }
         ));
@@ -652,8 +668,9 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
         if world > 1 {
             sess.backend.sync()?;
             let tr = Instant::now();
-            let mut g = sess.download_grads()?;
+            let mut g = if nccl.is_some() { Vec::new() } else { sess.download_grads()? };
             match &shard {
+                None if nccl.is_some() => nccl_allreduce(nccl.as_ref().unwrap(), &mut sess)?,
                 None => {
                     comm.allreduce_sum_f32(&mut g)?;
                     sess.upload_grads(&g)?;
@@ -747,6 +764,71 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
     }
     logger.finish(&summary);
     Ok(summary)
+}
+
+/// `--reduce`: NCCL for the gradient sum when every rank is CUDA and the library loads (auto),
+/// or as asked. Every rank decides the same way (the reasons are gathered). Returns the
+/// communicator (None: through host memory) and the header's words for it.
+fn nccl_setup(a: &TrainArgs, comm: &dyn Comm, sess: &mut Session, kinds: &[u8], zero: bool) -> Result<(Option<NcclComm>, String)> {
+    let host = |why: &str| format!("through host memory ({why})");
+    if a.reduce == ReduceMode::Host {
+        return Ok((None, host("--reduce host")));
+    }
+    let why_not = if kinds.iter().any(|&k| k != BackendKind::Cuda as u8) {
+        Some("not every rank is on the CUDA backend".to_string())
+    } else if zero {
+        Some("NCCL's ZeRO-1 path is not built; --zero 1 reduces through host memory".to_string())
+    } else {
+        None
+    };
+    let lib = match &why_not {
+        Some(_) => None,
+        None => match Nccl::load(&crate::dist::env_map()) {
+            Ok(l) => Some(l),
+            Err(e) if a.reduce == ReduceMode::Nccl => return Err(e),
+            Err(_) => None,
+        },
+    };
+    // every rank must agree: NCCL only if every rank loaded it
+    let all = comm.allgather(&[lib.is_some() as u8])?;
+    if all.iter().any(|&f| f == 0) {
+        let cuda = kinds.iter().all(|&k| k == BackendKind::Cuda as u8);
+        let why = why_not.unwrap_or_else(|| "no NCCL library on some rank (see --reduce)".into());
+        if a.reduce == ReduceMode::Nccl {
+            return Err(Error::flag("--reduce", format!("nccl: {why}")));
+        }
+        // for cpu and wgpu ranks host memory is simply the way; for CUDA ranks, say why
+        return Ok((None, if cuda { host(&why) } else { "through host memory".into() }));
+    }
+    let lib = lib.expect("loaded on every rank");
+    let mut id = [0u8; crate::dist::nccl::UNIQUE_ID_BYTES];
+    if comm.rank() == 0 {
+        id = lib.unique_id()?;
+    }
+    comm.bcast(&mut id, 0)?;
+    // binds this rank's CUDA context to the thread for ncclCommInitRank
+    let first = sess.graph.io.grads.expect("a training graph")[0];
+    sess.backend.raw_buffer(first)?;
+    let nc = lib.init_rank(comm.size(), &id, comm.rank())?;
+    let v = lib.version();
+    let old = if v.has_avg_and_bf16() { "" } else { "; < 2.10: no Avg or bf16, neither is used" };
+    Ok((Some(nc), format!("by NCCL {v} ({}) on the GPUs, fp32 Sum{old}", lib.path())))
+}
+
+/// Sum every gradient buffer over the ranks in place on the GPUs: one NCCL group of all-reduces
+/// on the stream the backend queues its work on (ordered after backward, before `GradNorm`).
+fn nccl_allreduce(nc: &NcclComm, sess: &mut Session) -> Result<()> {
+    let ids = sess.graph.io.grads.expect("a training graph");
+    nc.group_start()?;
+    for id in ids {
+        match sess.backend.raw_buffer(id)? {
+            crate::backend::RawBuffer::Cuda { ptr, bytes, stream } => nc.allreduce_sum_f32(ptr, bytes / 4, stream)?,
+            _ => return Err(Error::Internal("NCCL on a backend that is not CUDA".into())),
+        }
+    }
+    nc.group_end()?;
+    sess.backend.sync()?;
+    nc.async_error()
 }
 
 /// A test hook for the failure paths of several ranks: `WGPT_FAULT=hang:R:S` makes rank R stop

@@ -970,6 +970,8 @@ impl Backend for CudaBackend {
     }
 
     fn raw_buffer(&mut self, id: BufId) -> Result<RawBuffer<'_>> {
+        // a collective (NCCL) called next runs in this context
+        self.bind()?;
         let b = self.bufs.get(id.0 as usize).ok_or_else(|| Error::Internal(format!("raw_buffer: unknown buffer id {}", id.0)))?;
         Ok(RawBuffer::Cuda { ptr: b.mem.ptr, bytes: b.len * b.dtype.size(), stream: self.stream.cu_stream() as usize })
     }

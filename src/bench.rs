@@ -54,6 +54,19 @@ pub struct BenchArgs {
     /// --decode: prompt tokens per sequence (the prefill that is timed)
     #[arg(long, default_value_t = 128)]
     pub prompt_len: usize,
+    /// time data-parallel steps over several devices in this process (see `wgpt train --devices`);
+    /// under a launcher (mpirun, srun...) the ranks are processes and this is not needed
+    #[arg(long, value_name = "LIST")]
+    pub devices: Option<String>,
+    /// with several ranks: how --batch is divided (see `wgpt train --batch-split`)
+    #[arg(long, value_name = "even|auto|LIST", default_value_t = crate::dist::split::BatchSplit::Even, value_parser = crate::dist::split::BatchSplit::parse)]
+    pub batch_split: crate::dist::split::BatchSplit,
+    /// with several ranks: ZeRO-1 (see `wgpt train --zero`)
+    #[arg(long, default_value_t = 0, value_name = "0|1")]
+    pub zero: u8,
+    /// with several ranks: where gradients are summed (see `wgpt train --reduce`)
+    #[arg(long, value_enum, default_value_t = crate::train::ReduceMode::Auto)]
+    pub reduce: crate::train::ReduceMode,
     /// --decode: weight storage (f16 where the backend has it)
     #[arg(long, value_enum, default_value_t = crate::infer::WeightDtype::F32)]
     pub dtype: crate::infer::WeightDtype,
@@ -276,4 +289,93 @@ pub fn run_matmul(a: &BenchArgs) -> Result<MatmulReport> {
     }
     let ms = median(&mut times);
     Ok(MatmulReport { backend: be.name(), m, k, n, ms, gflops: 2.0 * (m * k * n) as f64 / (ms / 1e3) / 1e9 })
+}
+
+/// What a data-parallel `wgpt bench` reports (rank 0; medians over the timed steps).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DataParallelReport {
+    pub backend: String,
+    pub model: String,
+    /// the global micro-batch and each rank's part of it
+    pub batch: usize,
+    pub split: Vec<usize>,
+    pub seq_len: usize,
+    pub ranks: usize,
+    pub params: usize,
+    pub ms_per_step: f64,
+    pub tokens_per_s: f64,
+    /// the part of the step spent summing gradients (download, collective, upload)
+    pub reduce_ms: f64,
+    /// the part of `reduce_ms` hidden behind backward (0: the reduce does not overlap backward yet)
+    pub reduce_hidden_ms: f64,
+    /// gradient bytes each rank contributes to the sum per step (fp32)
+    pub reduce_bytes_per_rank: usize,
+    /// bytes each rank copies between device and host per step for it (0 with NCCL)
+    pub host_copy_bytes_per_rank: usize,
+    pub engine: String,
+}
+
+/// Whether `wgpt bench` should time data-parallel steps: `--devices`, or a launcher's world of
+/// several ranks.
+pub fn is_data_parallel(a: &BenchArgs) -> Result<bool> {
+    Ok(a.devices.is_some() || crate::dist::World::from_env()?.size > 1)
+}
+
+/// Data-parallel training steps, timed by the training loop itself (on the bundled Shakespeare
+/// tokens, no evaluation or sampling). Returns the report on rank 0, None on the others.
+pub fn run_data_parallel(a: &BenchArgs) -> Result<Option<DataParallelReport>> {
+    if a.steps == 0 {
+        return Err(Error::flag("--steps", "must be at least 1"));
+    }
+    #[derive(clap::Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        t: crate::train::TrainArgs,
+    }
+    let steps = (a.warmup + a.steps).to_string();
+    let (b, t) = (a.batch.to_string(), a.seq_len.to_string());
+    let mut argv = vec!["wgpt", "--init", &a.model, "--batch", &b, "--seq-len", &t, "--steps", &steps, "--val-every", "0", "--gen-tokens", "0"];
+    argv.extend(["--lr", "1e-4", "--warmup", "0"]);
+    let mut ta = <Wrap as clap::Parser>::try_parse_from(argv).map_err(|e| Error::Internal(format!("bench's train flags: {e}")))?.t;
+    ta.backend = a.backend.clone();
+    ta.devices = a.devices.clone();
+    ta.batch_split = a.batch_split.clone();
+    ta.zero = a.zero;
+    ta.reduce = a.reduce;
+    let world = crate::dist::World::from_env()?;
+    let s = crate::train::run(&ta)?;
+    if world.rank != 0 {
+        return Ok(None);
+    }
+    let timed = |v: &[f64]| -> f64 {
+        let mut t: Vec<f64> = v.iter().skip(a.warmup).copied().collect();
+        if t.is_empty() {
+            0.0
+        } else {
+            median(&mut t)
+        }
+    };
+    let ms = timed(&s.step_ms);
+    let (cfg, _) = load_or_init(&a.model, 42)?;
+    let params = crate::model::ParamLayout::new(&cfg).total;
+    let nccl = s.reduce_engine.starts_with("by NCCL");
+    Ok(Some(DataParallelReport {
+        backend: match &a.devices {
+            Some(d) => format!("{d} (rank 0: {})", s.backend),
+            None => s.backend.clone(),
+        },
+        model: a.model.clone(),
+        batch: s.split.iter().sum(),
+        split: s.split.clone(),
+        seq_len: a.seq_len,
+        ranks: s.split.len(),
+        params,
+        ms_per_step: ms,
+        tokens_per_s: (s.split.iter().sum::<usize>() * a.seq_len) as f64 / (ms / 1e3),
+        reduce_ms: timed(&s.reduce_ms),
+        reduce_hidden_ms: 0.0,
+        reduce_bytes_per_rank: 4 * params,
+        host_copy_bytes_per_rank: if nccl { 0 } else { 8 * params },
+        engine: s.reduce_engine,
+    }))
 }

@@ -240,6 +240,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         println!("{}", serde_json::to_string(&r).unwrap());
                     }
                 }
+                BenchKernel::Step if wgpt::bench::is_data_parallel(&a)? => {
+                    if let Some(r) = wgpt::bench::run_data_parallel(&a)? {
+                        println!(
+                            "{} x{} ranks (micro-batches {}) | {} B={} T={} | {:.1} ms/step | {:.0} tokens/s | reduce {:.1} ms/step ({:.0} hidden behind backward), {:.1} MB per rank, gradients summed {}",
+                            r.backend,
+                            r.ranks,
+                            wgpt::dist::split::join(&r.split),
+                            r.model,
+                            r.batch,
+                            r.seq_len,
+                            r.ms_per_step,
+                            r.tokens_per_s,
+                            r.reduce_ms,
+                            r.reduce_hidden_ms,
+                            r.reduce_bytes_per_rank as f64 / 1e6,
+                            r.engine
+                        );
+                        if a.json {
+                            println!("{}", serde_json::to_string(&r).unwrap());
+                        }
+                    }
+                }
                 BenchKernel::Step => {
                     let r = wgpt::bench::run_step(&a)?;
                     println!(

@@ -231,6 +231,16 @@ pub struct TrainSummary {
     pub steps_done: usize,
     /// the signal (SIGINT = 2, SIGTERM = 15) that stopped the run early, after its checkpoint
     pub interrupted: Option<i32>,
+    /// wall time of every optimiser step (ms)
+    pub step_ms: Vec<f64>,
+    /// with several ranks: the part of each step spent summing gradients (ms)
+    pub reduce_ms: Vec<f64>,
+    /// with several ranks: how the gradients were summed (the header's words)
+    pub reduce_engine: String,
+    /// the micro-batch of each rank
+    pub split: Vec<usize>,
+    /// rank 0's backend
+    pub backend: String,
 }
 
 /// Checks the flags against the model; returns the accumulation steps per optimiser step. `b` is
@@ -577,7 +587,7 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
             if copy_params { " | ranks on different backends: rank 0's parameters copied after each update" } else { "" }
         ));
     }
-    let mut summary = TrainSummary::default();
+    let mut summary = TrainSummary { reduce_engine: nccl_note.clone(), split: split.clone(), backend: sess.backend.name(), ..TrainSummary::default() };
 
     // from here on, Ctrl-C / SIGTERM stop after the current step with a checkpoint (a second one
     // exits at once); before, there is nothing to save and they end the process as usual
@@ -758,6 +768,8 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
             return Err(Error::Data(format!("training diverged at step {}: loss is {loss}; try a lower --lr", step + 1)));
         }
         summary.train_losses.push(loss);
+        summary.step_ms.push(ms);
+        summary.reduce_ms.extend(reduce_ms);
         logger.step(step + 1, loss, lr, norm, ms, reduce_ms)?;
         step += 1;
         summary.steps_done = step;

@@ -382,7 +382,7 @@ fn device_tests_on_the_cuda_emulator() {
         skip_note(&format!("(on the emulator) {l}"));
     }
     assert!(stdout.contains("CUDA emulator"), "the child did not run on the emulator:\n{stdout}");
-    for must in ["tiny fixture on", "decode on cuda", "verify --backend cuda", "attention", "matmul", "norm/clip/adamw", "CUDA 11.4 driver + NVRTC 12", "host wait", "1 GiB GPU", "resume on cuda", "cuBLAS failing"] {
+    for must in ["tiny fixture on", "decode on cuda", "verify --backend cuda", "attention", "matmul", "norm/clip/adamw", "CUDA 11.4 driver + NVRTC 12", "host wait", "1 GiB GPU", "resume on cuda", "cuBLAS failing", "two ranks on one GPU"] {
         assert!(stdout.contains(must), "`{must}` missing from the emulated run:\n{stdout}");
     }
     // the conformance suite ran twice there: every case with cuBLAS, the matmuls on the built-in GEMM
@@ -513,6 +513,23 @@ fn a_step_too_big_for_the_gpu_is_a_one_line_error() {
     let line = err.lines().find(|l| l.starts_with("error")).expect("an error line");
     assert!(line.contains("--batch") && line.contains("GiB"), "{line}");
     println!("d12 B=8 T=1024 on a 1 GiB GPU: {line}");
+}
+
+/// Emulator only (it presents one GPU): two local ranks that would share it are refused before
+/// anything is allocated or MPI is looked for, with what to change.
+#[test]
+#[ignore = "emulator only: device_tests_on_the_cuda_emulator runs it"]
+fn two_ranks_on_the_one_gpu_are_refused() {
+    if !on_emulator() {
+        return;
+    }
+    let env = [("WGPT_RANK", "1"), ("WGPT_WORLD_SIZE", "2"), ("WGPT_LOCAL_RANK", "1"), ("WGPT_LOCAL_SIZE", "2"), ("WGPT_MPI_LIB", "/no/such/libmpi.so")];
+    let o = wgpt_env(&["train", "--backend", "cuda", "--init", "tests/data/tiny/model.bin", "--steps", "1"], &env);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && !err.contains("panicked"), "{err}");
+    let line = err.lines().next().unwrap_or("");
+    assert!(line.contains("would both use CUDA device 0") && line.contains("--device-per-rank"), "{line}");
+    println!("two ranks on one GPU: {line}");
 }
 
 /// Emulator only (its cuBLAS can be made to fail): a cuBLAS that cannot start is a warning, and

@@ -282,22 +282,25 @@ impl ThreadComm {
         }
     }
 
-    /// Deposit `buf`, wait for every rank's, and return this rank's chunk summed over ranks in
-    /// rank order.
-    fn sum_own_chunk(&self, buf: &[f32]) -> Result<Vec<f32>> {
+    /// Deposit `buf`, wait for every rank's, and sum this rank's chunk over ranks in rank order
+    /// into `parts[rank]`. The slots and parts keep their memory from call to call (no fresh
+    /// allocation, so no page faults, once the first step has sized them).
+    fn sum_own_chunk(&self, buf: &[f32]) -> Result<()> {
         let s = &*self.shared;
-        *lock_w(&s.slots[self.rank]) = bytemuck::cast_slice(buf).to_vec();
+        deposit(&s.slots[self.rank], bytemuck::cast_slice(buf));
         self.wait("all-reduce (deposit)")?;
         let r = self.chunk(buf.len(), self.rank);
-        let mut part = vec![0f32; r.len()];
-        for slot in &s.slots {
+        let mut part = lock_w(&s.parts[self.rank]);
+        part.clear();
+        part.extend_from_slice(bytemuck::cast_slice(&lock_r(&s.slots[0])[r.start * 4..r.end * 4]));
+        for slot in &s.slots[1..] {
             let g = lock_r(slot);
             let src: &[f32] = bytemuck::cast_slice(&g[r.start * 4..r.end * 4]);
             for (a, b) in part.iter_mut().zip(src) {
                 *a += *b;
             }
         }
-        Ok(part)
+        Ok(())
     }
 
     /// Rank r's chunk of n elements split in `size` contiguous pieces.
@@ -305,6 +308,13 @@ impl ThreadComm {
         let per = n.div_ceil(self.shared.size);
         (r * per).min(n)..((r + 1) * per).min(n)
     }
+}
+
+/// `bytes` into a slot, reusing its memory.
+fn deposit(slot: &RwLock<Vec<u8>>, bytes: &[u8]) {
+    let mut g = lock_w(slot);
+    g.clear();
+    g.extend_from_slice(bytes);
 }
 
 fn lock_w<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
@@ -329,8 +339,7 @@ impl Comm for ThreadComm {
     /// rank in rank order (the ranks' threads share the work); each copies every sum back.
     fn allreduce_sum_f32(&self, buf: &mut [f32]) -> Result<()> {
         let s = &*self.shared;
-        let part = self.sum_own_chunk(buf)?;
-        *lock_w(&s.parts[self.rank]) = part;
+        self.sum_own_chunk(buf)?;
         self.wait("all-reduce (sum)")?;
         for q in 0..s.size {
             let r = self.chunk(buf.len(), q);
@@ -340,15 +349,15 @@ impl Comm for ThreadComm {
     }
 
     fn reduce_scatter_sum_f32(&self, buf: &[f32]) -> Result<Vec<f32>> {
-        let part = self.sum_own_chunk(buf)?;
+        self.sum_own_chunk(buf)?;
         // the others may still be reading this rank's slot
         self.wait("reduce-scatter (sum)")?;
-        Ok(part)
+        Ok(lock_r(&self.shared.parts[self.rank]).clone())
     }
 
     fn allreduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
         let s = &*self.shared;
-        *lock_w(&s.slots[self.rank]) = bytemuck::cast_slice(buf).to_vec();
+        deposit(&s.slots[self.rank], bytemuck::cast_slice(buf));
         self.wait("all-reduce (deposit)")?;
         if self.rank == 0 {
             let mut sum = vec![0f64; buf.len()];
@@ -368,7 +377,7 @@ impl Comm for ThreadComm {
 
     fn allgather(&self, mine: &[u8]) -> Result<Vec<u8>> {
         let s = &*self.shared;
-        *lock_w(&s.slots[self.rank]) = mine.to_vec();
+        deposit(&s.slots[self.rank], mine);
         self.wait("all-gather")?;
         let mut out = Vec::with_capacity(mine.len() * s.size);
         for slot in &s.slots {
@@ -381,7 +390,7 @@ impl Comm for ThreadComm {
     fn bcast(&self, buf: &mut [u8], root: usize) -> Result<()> {
         let s = &*self.shared;
         if self.rank == root {
-            *lock_w(&s.slots[root]) = buf.to_vec();
+            deposit(&s.slots[root], buf);
         }
         self.wait("broadcast")?;
         if self.rank != root {

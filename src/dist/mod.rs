@@ -85,6 +85,17 @@ pub fn report(cuda_visible: usize, adapters: &[AdapterReport]) -> String {
         s += &format!("; {why}");
     }
     s += &format!("\nworld: {w}\n");
+    // the engines several ranks would use (nothing is initialised here)
+    // the first MPI library that opens (dlopen only: MPI is not initialised)
+    let found = mpi::candidates(&env).into_iter().find_map(|c| crate::dl::Lib::open(&c).ok().map(|l| l.file_of("MPI_Init").unwrap_or(c)));
+    s += &match found {
+        Some(p) => format!("MPI (joins several processes): {p}\n"),
+        None => "MPI (joins several processes): none found ($WGPT_MPI_LIB, libmpi.so.40/.12, libmpi_abi.so.1 on $LD_LIBRARY_PATH, beside mpirun, on the loader's path)\n".into(),
+    };
+    s += &match nccl::Nccl::load(&env) {
+        Ok(n) => format!("NCCL (sums CUDA ranks' gradients): {} ({})\n", n.version(), n.path()),
+        Err(e) => format!("NCCL (sums CUDA ranks' gradients): {e}\n"),
+    };
     if w.size > 1 {
         let devices = auto_devices(cuda_visible, adapters);
         match place(&w, &devices, &env, &DevicePerRank::Auto) {

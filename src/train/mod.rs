@@ -300,8 +300,12 @@ pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
     if world.size == 1 {
         return run_rank(a, &Solo, &|| a.backend.create(), None);
     }
-    // several processes: MPI joins them (no MPI is needed, or loaded, for one)
+    // several processes: MPI joins them (no MPI is needed, or loaded, for one). The flags and
+    // this rank's device (two local ranks on one GPU are refused) are checked first.
     check_args(a, &config_only(a)?, global_batch(a))?;
+    if a.backend.device.is_none() {
+        a.backend.rank_device()?;
+    }
     let mpi = Mpi::init(&env)?;
     if (mpi.rank(), mpi.size()) != (world.rank, world.size) {
         return Err(Error::Unavailable(format!(
@@ -678,13 +682,10 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
         if world > 1 {
             sess.backend.sync()?;
             let tr = Instant::now();
-            let mut g = if nccl.is_some() { Vec::new() } else { sess.download_grads()? };
+            let mut g = if shard.is_some() { sess.download_grads()? } else { Vec::new() };
             match &shard {
                 None if nccl.is_some() => nccl_allreduce(nccl.as_ref().unwrap(), &mut sess)?,
-                None => {
-                    comm.allreduce_sum_f32(&mut g)?;
-                    sess.upload_grads(&g)?;
-                }
+                None => host_allreduce(comm, &mut sess)?,
                 Some(r) => {
                     g.resize(chunk * world, 0.0);
                     let mine = comm.reduce_scatter_sum_f32(&g)?;
@@ -825,6 +826,22 @@ fn nccl_setup(a: &TrainArgs, comm: &dyn Comm, sess: &mut Session, kinds: &[u8], 
     let v = lib.version();
     let old = if v.has_avg_and_bf16() { "" } else { "; < 2.10: no Avg or bf16, neither is used" };
     Ok((Some(nc), format!("by NCCL {v} ({}) on the GPUs, fp32 Sum{old}", lib.path())))
+}
+
+/// Sum every gradient buffer over the ranks through host memory, one buffer at a time: in place
+/// where the backend's buffers are host memory (cpu: no copy at all), else downloaded, summed and
+/// uploaded.
+fn host_allreduce(comm: &dyn Comm, sess: &mut Session) -> Result<()> {
+    for id in sess.graph.io.grads.expect("a training graph") {
+        if let crate::backend::RawBuffer::Host(bytes) = sess.backend.raw_buffer(id)? {
+            comm.allreduce_sum_f32(bytemuck::cast_slice_mut(bytes))?;
+            continue;
+        }
+        let mut g = sess.backend.download_f32(id)?;
+        comm.allreduce_sum_f32(&mut g)?;
+        sess.backend.upload_f32(id, &g)?;
+    }
+    Ok(())
 }
 
 /// Sum every gradient buffer over the ranks in place on the GPUs: one NCCL group of all-reduces

@@ -310,7 +310,8 @@ pub struct DataParallelReport {
     pub reduce_hidden_ms: f64,
     /// gradient bytes each rank contributes to the sum per step (fp32)
     pub reduce_bytes_per_rank: usize,
-    /// bytes each rank copies between device and host per step for it (0 with NCCL)
+    /// bytes each rank copies between device and host per step for it (0 with NCCL, and on cpu,
+    /// whose buffers are summed in place)
     pub host_copy_bytes_per_rank: usize,
     pub engine: String,
 }
@@ -358,7 +359,6 @@ pub fn run_data_parallel(a: &BenchArgs) -> Result<Option<DataParallelReport>> {
     let ms = timed(&s.step_ms);
     let (cfg, _) = load_or_init(&a.model, 42)?;
     let params = crate::model::ParamLayout::new(&cfg).total;
-    let nccl = s.reduce_engine.starts_with("by NCCL");
     Ok(Some(DataParallelReport {
         backend: match &a.devices {
             Some(d) => format!("{d} (rank 0: {})", s.backend),
@@ -375,7 +375,7 @@ pub fn run_data_parallel(a: &BenchArgs) -> Result<Option<DataParallelReport>> {
         reduce_ms: timed(&s.reduce_ms),
         reduce_hidden_ms: 0.0,
         reduce_bytes_per_rank: 4 * params,
-        host_copy_bytes_per_rank: if nccl { 0 } else { 8 * params },
+        host_copy_bytes_per_rank: if s.host_copies { 8 * params } else { 0 },
         engine: s.reduce_engine,
     }))
 }

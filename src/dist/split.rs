@@ -94,6 +94,17 @@ pub fn proportional(b: usize, speeds: &[f64], caps: &[usize]) -> Result<Vec<usiz
     Ok(split)
 }
 
+/// When the ranks together fit fewer than `b` sequences per micro-step (`fit`, the sum of what
+/// each device fits): the largest global micro-batch d that divides `b`, with at least one
+/// sequence per rank, and the factor b/d by which gradient accumulation grows, so the tokens per
+/// optimiser step stay the same. None when no such d exists.
+pub fn fit_by_accumulation(b: usize, fit: usize, ranks: usize) -> Option<(usize, usize)> {
+    if fit >= b {
+        return Some((b, 1));
+    }
+    (ranks..=fit.min(b)).rev().find(|d| b % d == 0).map(|d| (d, b / d))
+}
+
 /// The first row of rank r: the sum of the micro-batches before it.
 pub fn offset(split: &[usize], r: usize) -> usize {
     split[..r].iter().sum()
@@ -113,6 +124,17 @@ mod tests {
         assert_eq!(even(5, 3).unwrap(), vec![2, 2, 1]);
         assert!(even(1, 2).unwrap_err().to_string().contains("--batch"));
         assert_eq!(offset(&[1, 3, 2], 2), 4);
+    }
+
+    #[test]
+    fn what_does_not_fit_becomes_accumulation() {
+        assert_eq!(fit_by_accumulation(16, 40, 2), Some((16, 1)));
+        // 16 sequences, the two devices fit 5 + 4 = 9: micro-batch 8, accumulation ×2
+        assert_eq!(fit_by_accumulation(16, 9, 2), Some((8, 2)));
+        assert_eq!(fit_by_accumulation(12, 5, 3), Some((4, 3)));
+        // 7 is prime: only 7 itself divides it, and it does not fit
+        assert_eq!(fit_by_accumulation(7, 6, 2), None);
+        assert_eq!(fit_by_accumulation(8, 1, 2), None);
     }
 
     #[test]

@@ -241,6 +241,9 @@ pub struct TrainSummary {
     pub split: Vec<usize>,
     /// rank 0's backend
     pub backend: String,
+    /// with several ranks: whether the gradients went through host copies (false: summed in
+    /// place, in host memory on cpu or by NCCL on the GPUs)
+    pub host_copies: bool,
 }
 
 /// Checks the flags against the model; returns the accumulation steps per optimiser step. `b` is
@@ -398,8 +401,10 @@ fn rank_rows(x: &[i32], y: &[i32], row0: usize, b: usize, t: usize) -> (Vec<i32>
 
 /// `--batch-split auto`: time one micro-step at the even split on every rank, find the largest
 /// micro-batch each device fits (the backend's own memory check, before allocating), and split
-/// the global micro-batch in proportion to the measured tokens/s within those caps.
-fn calibrate_split(a: &TrainArgs, comm: &dyn Comm, cfg: &Config, make_backend: &MakeBackend, b: usize) -> Result<(Vec<usize>, Vec<f64>)> {
+/// the global micro-batch in proportion to the measured tokens/s within those caps. When the
+/// devices together do not fit B, the global micro-batch becomes the largest divisor of B they
+/// fit and the rest becomes gradient accumulation (the returned factor).
+fn calibrate_split(a: &TrainArgs, comm: &dyn Comm, cfg: &Config, make_backend: &MakeBackend, b: usize) -> Result<(Vec<usize>, Vec<f64>, usize)> {
     let even = split::even(b, comm.size())?;
     let backend = make_backend()?;
     let opts = |b: usize| TrainOptions { b, t: a.seq_len, grad_accum: 1, weight_decay: a.weight_decay, decay_all: false, grad_clip: a.grad_clip };
@@ -437,7 +442,13 @@ fn calibrate_split(a: &TrainArgs, comm: &dyn Comm, cfg: &Config, make_backend: &
     };
     let speeds = comm::gather_f64(comm, speed)?;
     let caps: Vec<usize> = comm::gather_u64(comm, cap as u64)?.into_iter().map(|c| c as usize).collect();
-    Ok((split::proportional(b, &speeds, &caps)?, speeds))
+    let Some((micro, factor)) = split::fit_by_accumulation(b, caps.iter().sum(), comm.size()) else {
+        return Err(Error::flag(
+            "--batch-split",
+            format!("auto: the ranks fit {} sequences per micro-step ({} per rank) and no divisor of --batch {b} from {} up fits", caps.iter().sum::<usize>(), split::join(&caps), comm.size()),
+        ));
+    };
+    Ok((split::proportional(micro, &speeds, &caps)?, speeds, factor))
 }
 
 /// One rank's training run (the whole run when `comm` is `Solo`). Every rank follows the same
@@ -462,8 +473,8 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
         (Some(s), Some(dir)) => read_checkpoint(&state::model_path(dir, s))?,
         _ => load_or_init(&a.init, a.seed)?,
     };
-    let global_b = global_batch(a);
-    let grad_accum = check_args(a, &cfg, global_b)?;
+    let asked_b = global_batch(a);
+    let asked_accum = check_args(a, &cfg, asked_b)?;
     if let BatchSplit::List(v) = &a.batch_split {
         if v.len() != world {
             return Err(Error::flag("--batch-split", format!("lists {} micro-batches for {world} ranks", v.len())));
@@ -474,6 +485,17 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
     }
     if world > 1 && a.hellaswag.is_some() {
         return Err(Error::flag("--hellaswag", "is not supported with several ranks yet; run the eval with `wgpt eval` on the checkpoint"));
+    }
+    let (split, speeds, factor) = match &a.batch_split {
+        _ if world == 1 => (vec![asked_b], Vec::new(), 1),
+        BatchSplit::Even => (split::even(asked_b, world)?, Vec::new(), 1),
+        BatchSplit::List(v) => (v.clone(), Vec::new(), 1),
+        BatchSplit::Auto => calibrate_split(a, comm, &cfg, make_backend, asked_b)?,
+    };
+    // (auto, when the devices do not fit B: a smaller micro-batch, more accumulation)
+    let (global_b, grad_accum) = (asked_b / factor, asked_accum * factor);
+    if factor > 1 && lead {
+        eprintln!("wgpt: --batch-split auto: the devices fit {global_b} of --batch {asked_b} sequences per micro-step; {grad_accum} accumulation steps keep the tokens per step");
     }
     // every rank reads the batches one device would (rank 0 of 1, global B) and takes its rows:
     // any split then sees the same tokens, and the loader state does not depend on the world
@@ -494,12 +516,6 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
         None => None,
     };
 
-    let (split, speeds) = match &a.batch_split {
-        _ if world == 1 => (vec![global_b], Vec::new()),
-        BatchSplit::Even => (split::even(global_b, world)?, Vec::new()),
-        BatchSplit::List(v) => (v.clone(), Vec::new()),
-        BatchSplit::Auto => calibrate_split(a, comm, &cfg, make_backend, global_b)?,
-    };
     let (my_b, row0) = (split[rank], split::offset(&split, rank));
     let backend = make_backend()?;
     let num_params = params.len();
@@ -591,7 +607,13 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
             if copy_params { " | ranks on different backends: rank 0's parameters copied after each update" } else { "" }
         ));
     }
-    let mut summary = TrainSummary { reduce_engine: nccl_note.clone(), split: split.clone(), backend: sess.backend.name(), ..TrainSummary::default() };
+    let mut summary = TrainSummary {
+        reduce_engine: nccl_note.clone(),
+        split: split.clone(),
+        backend: sess.backend.name(),
+        host_copies: world > 1 && nccl.is_none() && (shard.is_some() || !in_host_memory(&mut sess)?),
+        ..TrainSummary::default()
+    };
 
     // from here on, Ctrl-C / SIGTERM stop after the current step with a checkpoint (a second one
     // exits at once); before, there is nothing to save and they end the process as usual
@@ -826,6 +848,12 @@ fn nccl_setup(a: &TrainArgs, comm: &dyn Comm, sess: &mut Session, kinds: &[u8], 
     let v = lib.version();
     let old = if v.has_avg_and_bf16() { "" } else { "; < 2.10: no Avg or bf16, neither is used" };
     Ok((Some(nc), format!("by NCCL {v} ({}) on the GPUs, fp32 Sum{old}", lib.path())))
+}
+
+/// Whether the backend's gradient buffers are host memory (the cpu backend).
+fn in_host_memory(sess: &mut Session) -> Result<bool> {
+    let first = sess.graph.io.grads.expect("a training graph")[0];
+    Ok(matches!(sess.backend.raw_buffer(first)?, crate::backend::RawBuffer::Host(_)))
 }
 
 /// Sum every gradient buffer over the ranks through host memory, one buffer at a time: in place

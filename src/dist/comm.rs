@@ -41,6 +41,12 @@ pub trait Comm: Send + Sync {
     /// `buf` on every rank becomes `root`'s.
     fn bcast(&self, buf: &mut [u8], root: usize) -> Result<()>;
     fn barrier(&self) -> Result<()>;
+    /// Run `f`, a collective of another engine (NCCL), under this communicator's timeout where it
+    /// has a watchdog (MPI: past `--dist-timeout` the job is aborted, which also ends a rank stuck
+    /// in NCCL); elsewhere just run it.
+    fn watched(&self, _what: &'static str, f: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        f()
+    }
     /// This rank has failed with `why`: make the other ranks stop instead of waiting for it.
     /// For MPI this ends the job (`MPI_Abort`) and does not return.
     fn fail(&self, why: &str);
@@ -201,6 +207,9 @@ impl Comm for MpiComm {
     }
     fn barrier(&self) -> Result<()> {
         self.guard("MPI_Barrier", |m| m.barrier())
+    }
+    fn watched(&self, what: &'static str, f: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        self.guard(what, |_| f())
     }
     fn fail(&self, why: &str) {
         eprintln!("wgpt: error: rank {} of {}: {why}; aborting the job", self.rank(), self.size());

@@ -706,7 +706,7 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
             let tr = Instant::now();
             let mut g = if shard.is_some() { sess.download_grads()? } else { Vec::new() };
             match &shard {
-                None if nccl.is_some() => nccl_allreduce(nccl.as_ref().unwrap(), &mut sess)?,
+                None if nccl.is_some() => comm.watched("ncclAllReduce", &mut || nccl_allreduce(nccl.as_ref().unwrap(), &mut sess))?,
                 None => host_allreduce(comm, &mut sess)?,
                 Some(r) => {
                     g.resize(chunk * world, 0.0);

@@ -67,6 +67,9 @@ pub struct BenchArgs {
     /// with several ranks: where gradients are summed (see `wgpt train --reduce`)
     #[arg(long, value_enum, default_value_t = crate::train::ReduceMode::Auto)]
     pub reduce: crate::train::ReduceMode,
+    /// with several GPU ranks: sum gradient buckets while backward runs (see `wgpt train --overlap`)
+    #[arg(long, value_enum, default_value_t = crate::train::Overlap::Auto)]
+    pub overlap: crate::train::Overlap,
     /// --decode: weight storage (f16 where the backend has it)
     #[arg(long, value_enum, default_value_t = crate::infer::WeightDtype::F32)]
     pub dtype: crate::infer::WeightDtype,
@@ -306,7 +309,8 @@ pub struct DataParallelReport {
     pub tokens_per_s: f64,
     /// the part of the step spent summing gradients (download, collective, upload)
     pub reduce_ms: f64,
-    /// the part of `reduce_ms` hidden behind backward (0: the reduce does not overlap backward yet)
+    /// the part of `reduce_ms` hidden behind backward (GPU ranks summing through host memory sum
+    /// each bucket while backward runs; cpu ranks sum in place after it: 0)
     pub reduce_hidden_ms: f64,
     /// gradient bytes each rank contributes to the sum per step (fp32)
     pub reduce_bytes_per_rank: usize,
@@ -343,6 +347,7 @@ pub fn run_data_parallel(a: &BenchArgs) -> Result<Option<DataParallelReport>> {
     ta.batch_split = a.batch_split.clone();
     ta.zero = a.zero;
     ta.reduce = a.reduce;
+    ta.overlap = a.overlap;
     let world = crate::dist::World::from_env()?;
     let s = crate::train::run(&ta)?;
     if world.rank != 0 {
@@ -373,7 +378,7 @@ pub fn run_data_parallel(a: &BenchArgs) -> Result<Option<DataParallelReport>> {
         ms_per_step: ms,
         tokens_per_s: (s.split.iter().sum::<usize>() * a.seq_len) as f64 / (ms / 1e3),
         reduce_ms: timed(&s.reduce_ms),
-        reduce_hidden_ms: 0.0,
+        reduce_hidden_ms: timed(&s.reduce_hidden_ms),
         reduce_bytes_per_rank: 4 * params,
         host_copy_bytes_per_rank: if s.host_copies { 8 * params } else { 0 },
         engine: s.reduce_engine,

@@ -274,8 +274,19 @@ fn two_wgpu_devices_in_one_process_follow_one_device() {
     }
     let dir = tempfile::tempdir().unwrap();
     let reference = single(&dir.path().join("one"), &["--backend", "wgpu", "--batch", "4"]);
-    let got = single(&dir.path().join("two"), &["--backend", "wgpu", "--devices", "0,0", "--batch-split", "3,1", "--check-sync", "1"]);
+    // summed after backward (auto on a software adapter), and bucket by bucket while backward runs
+    let got = single(&dir.path().join("after"), &["--backend", "wgpu", "--devices", "0,0", "--batch-split", "3,1", "--check-sync", "1"]);
     assert_same_run(&reference, &got, "--devices 0,0 (lavapipe twice)");
+    let args = ["--backend", "wgpu", "--devices", "0,0", "--batch-split", "3,1", "--check-sync", "1", "--overlap", "on"];
+    assert_same_run(&reference, &single(&dir.path().join("two"), &args), "--devices 0,0 --overlap on");
+    // every step logs the reduce and the part of it that overlapped backward (how much overlaps
+    // is timing, measured by `wgpt bench`)
+    let log = std::fs::read_to_string(dir.path().join("two/log.jsonl")).unwrap();
+    let steps: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).filter(|v: &serde_json::Value| v["train_loss"].is_f64()).collect();
+    for v in &steps {
+        let (r, h) = (v["reduce_ms"].as_f64().unwrap(), v["reduce_hidden_ms"].as_f64().unwrap());
+        assert!(r > 0.0 && (0.0..=r).contains(&h), "{v}");
+    }
     // a cpu rank and a wgpu rank: they stay in sync (rank 0's parameters are copied) and follow the cpu
     let cpu = single(&dir.path().join("cpu"), &["--backend", "cpu", "--batch", "4"]);
     let mixed = single(&dir.path().join("mixed"), &["--devices", "cpu,wgpu:0", "--batch-split", "2,2", "--check-sync", "1"]);

@@ -40,6 +40,11 @@ pub trait Backend: Send {
     fn name(&self) -> String;
     /// Which implementation this is (never `Auto`): backends of one kind run the same kernels.
     fn kind(&self) -> BackendKind;
+    /// Whether its kernels run on this machine's CPU cores (the cpu backend, a software adapter
+    /// such as lavapipe): work overlapped with them on the host competes for the same cores.
+    fn runs_on_host_cores(&self) -> bool {
+        false
+    }
     /// Whether this backend has kernels and storage for `dtype`.
     fn supports(&self, dtype: DType) -> bool;
     /// Check, before anything is allocated, that the buffers and launches fit this device (sizes,

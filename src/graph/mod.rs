@@ -10,7 +10,7 @@ pub mod kernels;
 pub mod signature;
 
 pub use build::{
-    add_decoder, build_decoder, build_decoder_with, build_forward, build_train_step, build_train_step_sharded, DecodeIo, DecodeOptions, GraphIo, OptShard,
+    add_decoder, build_decoder, build_decoder_with, build_forward, build_train_step, build_train_step_sharded, DecodeIo, DecodeOptions, GradBucket, GraphIo, OptShard,
     TrainOptions, WEIGHT_TENSORS,
 };
 pub use kernels::{BufId, Kernel, Launch, Scalars, View};

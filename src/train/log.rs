@@ -137,13 +137,14 @@ impl Logger {
         self.line(&format!("--- sample at step {step} ---\n{text}\n---"));
     }
 
-    /// `reduce_ms`: with several ranks, the time the gradient all-reduce took (host staging included).
-    pub fn step(&mut self, step: usize, loss: f32, lr: f32, norm: f32, ms: f64, reduce_ms: Option<f64>) -> Result<()> {
+    /// `reduce`: with several ranks, the time the gradient sum took (host staging included) and
+    /// the part of it that ran while backward was still running.
+    pub fn step(&mut self, step: usize, loss: f32, lr: f32, norm: f32, ms: f64, reduce: Option<(f64, f64)>) -> Result<()> {
         if self.quiet {
             return Ok(());
         }
         let tps = self.tokens_per_step as f64 / (ms / 1e3);
-        let red = reduce_ms.map_or(String::new(), |r| format!(" | reduce {r:.0} ms"));
+        let red = reduce.map_or(String::new(), |(r, h)| if h > 0.0 { format!(" | reduce {r:.0} ms ({h:.0} hidden)") } else { format!(" | reduce {r:.0} ms") });
         match &self.bar {
             Some(b) => {
                 b.set_position(step as u64);
@@ -158,8 +159,9 @@ impl Logger {
         let mut v = serde_json::json!({
             "step": step, "train_loss": loss, "lr": lr, "grad_norm": norm, "ms": ms, "tokens_per_s": tps,
         });
-        if let Some(r) = reduce_ms {
+        if let Some((r, h)) = reduce {
             v["reduce_ms"] = r.into();
+            v["reduce_hidden_ms"] = h.into();
         }
         self.write_json(v)
     }

@@ -179,6 +179,12 @@ pub struct TrainArgs {
     /// in-process sum with --devices); nccl: NCCL or an error saying why not
     #[arg(long, value_enum, default_value_t = ReduceMode::Auto)]
     pub reduce: ReduceMode,
+    /// with several GPU ranks summing through host memory: sum each gradient bucket while the rest
+    /// of backward runs. auto: on, except where the device's kernels run on this machine's CPU
+    /// cores (cpu ranks, which sum in place anyway, and software adapters such as lavapipe),
+    /// where the sum would slow backward down; on; off
+    #[arg(long, value_enum, default_value_t = Overlap::Auto)]
+    pub overlap: Overlap,
     /// with several ranks: 1 = ZeRO-1 (llm.c's -z 1), AdamW's m and v sharded over the ranks (each
     /// keeps and updates 1/N of them; gradients reduce-scattered, parameters all-gathered); 0 = off
     #[arg(long, default_value_t = 0, value_name = "0|1")]
@@ -191,6 +197,14 @@ pub enum ReduceMode {
     Auto,
     Host,
     Nccl,
+}
+
+/// `--overlap`: whether GPU ranks sum gradient buckets while backward runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Overlap {
+    Auto,
+    On,
+    Off,
 }
 
 /// Parse `dN` (llm.c) or `dN:cC` (wgpt's small models: N layers, C channels, C/64 heads, at least 1).
@@ -235,6 +249,8 @@ pub struct TrainSummary {
     pub step_ms: Vec<f64>,
     /// with several ranks: the part of each step spent summing gradients (ms)
     pub reduce_ms: Vec<f64>,
+    /// with several ranks: the part of `reduce_ms` that ran while backward was still running
+    pub reduce_hidden_ms: Vec<f64>,
     /// with several ranks: how the gradients were summed (the header's words)
     pub reduce_engine: String,
     /// the micro-batch of each rank
@@ -542,6 +558,17 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
     let kinds = comm.allgather(&[sess.backend.kind() as u8])?;
     let copy_params = shard.is_none() && kinds.iter().any(|&k| k != kinds[0]);
     let (nccl, nccl_note) = if world > 1 { nccl_setup(a, comm, &mut sess, &kinds, shard.is_some())? } else { (None, String::new()) };
+    // GPU ranks summing through host memory: each gradient bucket is downloaded as soon as
+    // backward has finished it and summed on another thread while the rest of backward runs (the
+    // cpu backend's buffers are summed in place instead: its cores are the ones backward uses)
+    // (every rank must make the same collective calls: overlap only when no rank sums in place)
+    let mine = match a.overlap {
+        Overlap::Off => false,
+        Overlap::On => !in_host_memory(&mut sess)?,
+        Overlap::Auto => !in_host_memory(&mut sess)? && !sess.backend.runs_on_host_cores(),
+    };
+    let all = comm.allgather(&[mine as u8])?;
+    let overlap = world > 1 && nccl.is_none() && shard.is_none() && all.iter().all(|&f| f == 1);
 
     let mut start = 0;
     let mut saved_outliers = None;
@@ -690,14 +717,20 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
         fault_hook(rank, step + 1);
         let t0 = Instant::now();
         sess.zero_grad()?;
-        for _ in 0..grad_accum {
+        let mut overlapped = None;
+        for micro in 0..grad_accum {
             let (x, y) = train_loader.next_batch()?;
             let (x, y) = if world == 1 { (x, y) } else { rank_rows(&x, &y, row0, my_b, a.seq_len) };
-            // the micro-steps' losses add up on the device: no host wait until the step's end
-            sess.train_micro_async(&x, &y)?;
+            if overlap && micro + 1 == grad_accum {
+                overlapped = Some(train_overlapped(&mut sess, comm, &x, &y)?);
+            } else {
+                // the micro-steps' losses add up on the device: no host wait until the step's end
+                sess.train_micro_async(&x, &y)?;
+            }
         }
         // several ranks: sum the gradients (host staging) and the per-position losses
         let mut reduce_ms = None;
+        let mut hidden_ms = None;
         let mut global_loss = None;
         // ZeRO-1: the global gradient norm (every rank's range's part), computed on the host
         let mut zero_norm = None;
@@ -705,8 +738,15 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
             sess.backend.sync()?;
             let tr = Instant::now();
             let mut g = if shard.is_some() { sess.download_grads()? } else { Vec::new() };
+            let mut before = 0.0;
             match &shard {
                 None if nccl.is_some() => comm.watched("ncclAllReduce", &mut || nccl_allreduce(nccl.as_ref().unwrap(), &mut sess))?,
+                None if overlapped.is_some() => {
+                    let o = overlapped.take().expect("checked");
+                    sess.upload_grad_buckets(&o.sums)?;
+                    hidden_ms = Some(o.hidden_ms);
+                    before = o.busy_ms;
+                }
                 None => host_allreduce(comm, &mut sess)?,
                 Some(r) => {
                     g.resize(chunk * world, 0.0);
@@ -724,7 +764,7 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
             let mut l = [sess.loss_sum()?];
             comm.allreduce_sum_f64(&mut l)?;
             global_loss = Some((l[0] / n_global as f64) as f32);
-            reduce_ms = Some(tr.elapsed().as_secs_f64() * 1e3);
+            reduce_ms = Some(before + tr.elapsed().as_secs_f64() * 1e3);
         }
         let lr = sched.lr_at(step);
         let (loss, norm);
@@ -793,7 +833,8 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
         summary.train_losses.push(loss);
         summary.step_ms.push(ms);
         summary.reduce_ms.extend(reduce_ms);
-        logger.step(step + 1, loss, lr, norm, ms, reduce_ms)?;
+        summary.reduce_hidden_ms.extend(hidden_ms.or(reduce_ms.map(|_| 0.0)));
+        logger.step(step + 1, loss, lr, norm, ms, reduce_ms.map(|r| (r, hidden_ms.unwrap_or(0.0))))?;
         step += 1;
         summary.steps_done = step;
     }
@@ -848,6 +889,46 @@ fn nccl_setup(a: &TrainArgs, comm: &dyn Comm, sess: &mut Session, kinds: &[u8], 
     let v = lib.version();
     let old = if v.has_avg_and_bf16() { "" } else { "; < 2.10: no Avg or bf16, neither is used" };
     Ok((Some(nc), format!("by NCCL {v} ({}) on the GPUs, fp32 Sum{old}", lib.path())))
+}
+
+/// What the last micro-step's overlapped reduce left: every bucket summed over ranks, the
+/// reduce thread's busy time, and the part of it before backward ended.
+struct Overlapped {
+    sums: Vec<Vec<f32>>,
+    busy_ms: f64,
+    hidden_ms: f64,
+}
+
+/// One micro-step with its gradient buckets summed over ranks on a second thread as backward
+/// finishes them (`Session::train_micro_overlapped`).
+fn train_overlapped(sess: &mut Session, comm: &dyn Comm, x: &[i32], y: &[i32]) -> Result<Overlapped> {
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<f32>>();
+    std::thread::scope(|s| {
+        let reducer = s.spawn(move || -> Result<(Vec<Vec<f32>>, Vec<(Instant, Instant)>)> {
+            let mut sums = Vec::new();
+            let mut spans = Vec::new();
+            for mut bucket in rx {
+                let t0 = Instant::now();
+                comm.allreduce_sum_f32(&mut bucket)?;
+                spans.push((t0, Instant::now()));
+                sums.push(bucket);
+            }
+            Ok((sums, spans))
+        });
+        let ran = sess.train_micro_overlapped(x, y, &mut |_, values| {
+            tx.send(values).map_err(|_| Error::Dist("the gradient reduce thread stopped".into()))
+        });
+        let backward_done = Instant::now();
+        drop(tx);
+        let joined = reducer.join().unwrap_or_else(|_| Err(Error::Internal("the gradient reduce thread panicked".into())));
+        // the micro-step's own error first (the reducer's would only say the channel closed)
+        ran?;
+        let (sums, spans) = joined?;
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        let busy_ms = spans.iter().map(|(a, b)| ms(*b - *a)).sum();
+        let hidden_ms = spans.iter().map(|(a, b)| ms((*b).min(backward_done).saturating_duration_since(*a))).sum();
+        Ok(Overlapped { sums, busy_ms, hidden_ms })
+    })
 }
 
 /// Whether the backend's gradient buffers are host memory (the cpu backend).

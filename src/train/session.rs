@@ -33,6 +33,8 @@ pub struct Session {
     prepared: BTreeMap<Phase, Prepared>,
     /// the host's copy of the device scalars (uploaded whole when a host-written slot changes)
     scalars: [f32; Scalars::LEN],
+    /// `Train` cut at the gradient buckets, prepared on the first `train_micro_overlapped`
+    train_parts: Option<Vec<Prepared>>,
 }
 
 impl Session {
@@ -50,7 +52,7 @@ impl Session {
         scalars[Scalars::GRAD_SCALE] = 1.0;
         scalars[Scalars::LOSS_SCALE] = 1.0;
         scalars[Scalars::LOSS_SEED] = 1.0 / (graph.b * graph.t * graph.grad_accum.max(1)) as f32;
-        let mut s = Session { backend, graph, layout, micro: 0, prepared, scalars };
+        let mut s = Session { backend, graph, layout, micro: 0, prepared, scalars, train_parts: None };
         s.upload_scalars()?;
         Ok(s)
     }
@@ -203,6 +205,53 @@ impl Session {
         self.upload_batch(x, y)?;
         self.run_phase(Phase::Train)?;
         self.micro += 1;
+        Ok(())
+    }
+
+    /// `train_micro_async` with `Train` run bucket by bucket (`GraphIo::grad_buckets`): after each
+    /// part, the gradients it finished are downloaded and handed to `on_bucket(k, values)`
+    /// (the views' values concatenated), which can sum them over ranks on another thread while
+    /// the next part runs on the device. Put the sums back with `upload_grad_buckets`.
+    pub fn train_micro_overlapped(&mut self, x: &[i32], y: &[i32], on_bucket: &mut dyn FnMut(usize, Vec<f32>) -> Result<()>) -> Result<()> {
+        if self.train_parts.is_none() {
+            let launches = self.graph.phase(Phase::Train).to_vec();
+            let mut parts = Vec::new();
+            let mut start = 0;
+            for b in &self.graph.io.grad_buckets {
+                parts.push(self.backend.prepare(&launches[start..b.end])?);
+                start = b.end;
+            }
+            self.train_parts = Some(parts);
+        }
+        self.upload_batch(x, y)?;
+        let parts = self.train_parts.clone().expect("prepared above");
+        for (k, p) in parts.into_iter().enumerate() {
+            self.backend.run_prepared(p)?;
+            let mut values = Vec::new();
+            for &(_, v) in &self.graph.io.grad_buckets[k].grads {
+                values.extend(self.backend.download_view(v)?);
+            }
+            on_bucket(k, values)?;
+        }
+        self.micro += 1;
+        Ok(())
+    }
+
+    /// The summed gradient buckets (`sums[k]` for bucket k, as `train_micro_overlapped` handed
+    /// them out) written back: each tensor put together on the host and uploaded whole.
+    pub fn upload_grad_buckets(&mut self, sums: &[Vec<f32>]) -> Result<()> {
+        let ids = self.graph.io.grads.ok_or_else(|| not_train("gradients"))?;
+        let mut tensors: Vec<Vec<f32>> = self.layout.sizes.iter().map(|&n| vec![0f32; n]).collect();
+        for (b, sum) in self.graph.io.grad_buckets.iter().zip(sums) {
+            let mut at = 0;
+            for &(i, v) in &b.grads {
+                tensors[i][v.offset..v.offset + v.len].copy_from_slice(&sum[at..at + v.len]);
+                at += v.len;
+            }
+        }
+        for (id, t) in ids.iter().zip(&tensors) {
+            self.backend.upload_f32(*id, t)?;
+        }
         Ok(())
     }
 

@@ -274,6 +274,10 @@ impl Backend for CpuBackend {
         crate::backend::BackendKind::Cpu
     }
 
+    fn runs_on_host_cores(&self) -> bool {
+        true
+    }
+
     /// f16 buffers (the weights of f16 inference) are kept as f32 holding exactly the f16
     /// values (rounded on upload), so a kernel reading them computes what a GPU kernel that
     /// converts each f16 to f32 computes: the reference for f16 weights, not a faster path.

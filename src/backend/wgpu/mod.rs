@@ -572,6 +572,10 @@ impl Backend for WgpuBackend {
         crate::backend::BackendKind::Wgpu
     }
 
+    fn runs_on_host_cores(&self) -> bool {
+        self.info.device_type == wgpu::DeviceType::Cpu
+    }
+
     /// f16 buffers (the weights of f16 inference: `Class::Weight` views of the matmul forward
     /// and the cached encoder, read by shaders specialised for f16 and converted to f32) where
     /// the adapter has SHADER_F16; no bf16.

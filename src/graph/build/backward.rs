@@ -34,7 +34,9 @@ impl ActGrads {
 
 /// Appends to `out` (which holds the forward pass) the classifier and loss with their gradient,
 /// then the backward pass down to the encoder. Parameter gradients are accumulated.
-pub(super) fn backward(net: &Net, tb: &TrainBufs, out: &mut Vec<Launch>) {
+/// Returns, for each block in the order backward finishes them, (the number of launches in `out`
+/// once block l's backward is done, l): from there on layer l's weight gradients are final.
+pub(super) fn backward(net: &Net, tb: &TrainBufs, out: &mut Vec<Launch>) -> Vec<(usize, usize)> {
     let Dims { b, t, n, c, .. } = net.d;
     let (a, p, dp, dg) = (&net.acts, &net.params, &tb.grads, &tb.dacts);
     classifier_and_loss(net, tb, out);
@@ -43,12 +45,15 @@ pub(super) fn backward(net: &Net, tb: &TrainBufs, out: &mut Vec<Launch>) {
         dinp: dg.dres, dweight: dp.whole(idx::LNFW), dbias: dp.whole(idx::LNFB), dout: dg.dtmp, inp: a.last(),
         weight: p.whole(idx::LNFW), mean: a.lnf_mean, rstd: a.lnf_rstd, n, c, accumulate: false,
     });
+    let mut done = Vec::new();
     for (l, blk) in a.blocks.iter().enumerate().rev() {
         block_backward(out, l, blk, &p.block(l), &dp.block(l), dg, net.d);
+        done.push((out.len(), l));
     }
     launch(out, "encoder.bwd", Kernel::EncoderBackward {
         dwte: dp.whole(idx::WTE), dwpe: dp.whole(idx::WPE), dout: dg.dres, tokens: net.io.tokens, b, t, c,
     });
+    done
 }
 
 /// Chunk by chunk: logits, loss (added to `losses`) with dlogits in place of the logits, and the

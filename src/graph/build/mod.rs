@@ -67,6 +67,14 @@ pub struct OptShard {
     pub range: std::ops::Range<usize>,
 }
 
+/// Gradient views (with their tensor index, checkpoint order) that are final once the first `end`
+/// launches of `Train` have run.
+#[derive(Clone, Debug)]
+pub struct GradBucket {
+    pub end: usize,
+    pub grads: Vec<(usize, View)>,
+}
+
 /// Buffers the host talks to.
 #[derive(Clone, Debug)]
 pub struct GraphIo {
@@ -76,6 +84,9 @@ pub struct GraphIo {
     pub v: Option<[BufId; NUM_PARAM_TENSORS]>,
     /// ZeRO-1: the moments of this rank's parameter range only (then `m` and `v` are None)
     pub opt_shard: Option<OptShard>,
+    /// the parameter gradients in the order `Train` finishes them (empty without training), so a
+    /// data-parallel step can sum each bucket while the rest of backward runs
+    pub grad_buckets: Vec<GradBucket>,
     /// i32 (B·T) inputs and targets
     pub tokens: BufId,
     pub targets: BufId,
@@ -132,7 +143,7 @@ fn build_params_only(cfg: &Config, weights: DType) -> Graph {
     let losses = g.table.add("losses", 1, DType::F32, Role::Losses);
     let logits = g.table.add("logits", 1, DType::F32, Role::Activation);
     let scalars = g.table.add("scalars", Scalars::LEN, DType::F32, Role::Scalars);
-    let io = GraphIo { params: params.ids(), grads: None, m: None, v: None, opt_shard: None, tokens, targets, losses, logits, logits_rows: 0, scalars };
+    let io = GraphIo { params: params.ids(), grads: None, m: None, v: None, opt_shard: None, grad_buckets: Vec::new(), tokens, targets, losses, logits, logits_rows: 0, scalars };
     Graph { cfg: *cfg, b: 1, t: 1, grad_accum: 1, buffers: g.table, io, phases: BTreeMap::new(), decode: None }
 }
 
@@ -336,9 +347,18 @@ fn build(cfg: &Config, b: usize, t: usize, train: Option<&TrainOptions>, shard: 
     let mut eval = fwd.clone();
     forward::eval_loss(&net, &mut eval);
     let (mut train_l, mut zero_grad, mut norm, mut update) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut grad_buckets = Vec::new();
     if let (Some(opts), Some(tb)) = (train, &train_bufs) {
         train_l = fwd;
-        backward::backward(&net, tb, &mut train_l);
+        // gradient buckets: each block's weight gradients once its backward is done, then the
+        // embeddings' and the final layernorm's at the end (wte takes the classifier's and the
+        // encoder's parts)
+        for (end, l) in backward::backward(&net, tb, &mut train_l) {
+            let grads = (idx::LN1W..=idx::FCPROJB).map(|i| (i, tb.grads.layer(i, l))).collect();
+            grad_buckets.push(GradBucket { end, grads });
+        }
+        let tail = [idx::WTE, idx::WPE, idx::LNFW, idx::LNFB].map(|i| (i, tb.grads.whole(i))).to_vec();
+        grad_buckets.push(GradBucket { end: train_l.len(), grads: tail });
         zero_grad = optim::zero_grad(&net, tb);
         norm = optim::grad_norm(&net, tb, opts);
         update = optim::update(&net, tb, opts, &layout);
@@ -361,6 +381,7 @@ fn build(cfg: &Config, b: usize, t: usize, train: Option<&TrainOptions>, shard: 
             Moments::Shard { m, v, range } => Some(OptShard { m: m.buf, v: v.buf, range: range.clone() }),
             Moments::Full { .. } => None,
         }),
+        grad_buckets,
         tokens,
         targets,
         losses,

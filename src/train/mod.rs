@@ -348,13 +348,19 @@ pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
 }
 
 /// The model configuration `--init` (or the checkpoint to resume) names, for checking flags
-/// before MPI starts.
+/// before MPI starts: an llm.c file's header only (the weights are read once, by the rank).
 fn config_only(a: &TrainArgs) -> Result<Config> {
+    use crate::model::checkpoint::read_header;
+    use crate::model::hf::{detect, ModelFormat};
     let resume = a.out.as_ref().filter(|_| a.resume).and_then(|d| state::latest_done(d).map(|s| state::model_path(d, s)));
     match resume {
-        Some(p) => Ok(crate::model::checkpoint::read_header(&p)?),
+        Some(p) => read_header(&p),
         None if a.init.ends_with(".bin") || a.init.ends_with(".safetensors") || Path::new(&a.init).exists() => {
-            Ok(crate::model::hf::load_model(Path::new(&a.init))?.0)
+            let p = Path::new(&a.init);
+            match detect(p) {
+                ModelFormat::Llmc => read_header(p),
+                _ => Ok(crate::model::hf::load_model(p)?.0),
+            }
         }
         None => config_from_descriptor(&a.init),
     }
@@ -562,10 +568,11 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
     // backward has finished it and summed on another thread while the rest of backward runs (the
     // cpu backend's buffers are summed in place instead: its cores are the ones backward uses)
     // (every rank must make the same collective calls: overlap only when no rank sums in place)
+    let host_memory = in_host_memory(&mut sess)?;
     let mine = match a.overlap {
         Overlap::Off => false,
-        Overlap::On => !in_host_memory(&mut sess)?,
-        Overlap::Auto => !in_host_memory(&mut sess)? && !sess.backend.runs_on_host_cores(),
+        Overlap::On => !host_memory,
+        Overlap::Auto => !host_memory && !sess.backend.runs_on_host_cores(),
     };
     let all = comm.allgather(&[mine as u8])?;
     let overlap = world > 1 && nccl.is_none() && shard.is_none() && all.iter().all(|&f| f == 1);
@@ -638,7 +645,7 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
         reduce_engine: nccl_note.clone(),
         split: split.clone(),
         backend: sess.backend.name(),
-        host_copies: world > 1 && nccl.is_none() && (shard.is_some() || !in_host_memory(&mut sess)?),
+        host_copies: world > 1 && nccl.is_none() && (shard.is_some() || !host_memory),
         ..TrainSummary::default()
     };
 

@@ -45,6 +45,26 @@ enum Cmd {
     /// Check MPI's collectives (under mpirun: each rank prints "ok rank R of N (library)")
     #[command(hide = true)]
     MpiSelftest,
+    /// Pass rank 0's NCCL id to every rank through --dist-init (each prints its hash); with
+    /// --join, also join on the GPU and check every collective
+    #[command(hide = true)]
+    NcclSelftest(NcclSelftestArgs),
+}
+
+#[derive(clap::Args)]
+struct NcclSelftestArgs {
+    /// fs:DIR or tcp[:HOST:PORT]
+    #[arg(long, value_parser = wgpt::dist::rendezvous::DistInit::parse)]
+    dist_init: wgpt::dist::rendezvous::DistInit,
+    /// seconds any wait may take
+    #[arg(long, default_value_t = 60)]
+    dist_timeout: u64,
+    /// also join on the GPU (--device) and check every collective
+    #[arg(long)]
+    join: bool,
+    /// CUDA device for --join
+    #[arg(long, default_value_t = 0)]
+    device: usize,
 }
 
 #[derive(clap::Args)]
@@ -309,6 +329,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::MpiSelftest => {
             println!("{}", wgpt::dist::mpi::self_test()?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::NcclSelftest(a) => {
+            let t = std::time::Duration::from_secs(a.dist_timeout.max(1));
+            println!("{}", wgpt::dist::nccl_world::self_test(&a.dist_init, t, a.join, a.device)?);
             Ok(ExitCode::SUCCESS)
         }
     }

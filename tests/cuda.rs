@@ -385,6 +385,11 @@ fn device_tests_on_the_cuda_emulator() {
     for must in ["tiny fixture on", "decode on cuda", "verify --backend cuda", "attention", "matmul", "norm/clip/adamw", "CUDA 11.4 driver + NVRTC 12", "host wait", "1 GiB GPU", "resume on cuda", "cuBLAS failing", "two ranks on one GPU"] {
         assert!(stdout.contains(must), "`{must}` missing from the emulated run:\n{stdout}");
     }
+    if std::env::var("WGPT_TEST_NCCL_LIB").is_ok_and(|v| !v.is_empty()) {
+        for must in ["CUDA ranks without MPI, --dist-init tcp", "CUDA ranks without MPI, --dist-init fs"] {
+            assert!(stdout.contains(must), "`{must}` missing from the emulated run:\n{stdout}");
+        }
+    }
     // the conformance suite ran twice there: every case with cuBLAS, the matmuls on the built-in GEMM
     let suites: Vec<&str> = stdout.lines().filter(|l| l.contains(" f32 cases on cuda: ")).collect();
     assert!(suites.len() == 2 && suites[1].contains("built-in GEMM"), "the conformance suites did not both run:\n{stdout}");
@@ -530,6 +535,54 @@ fn two_ranks_on_the_one_gpu_are_refused() {
     let line = err.lines().next().unwrap_or("");
     assert!(line.contains("would both use CUDA device 0") && line.contains("--device-per-rank"), "{line}");
     println!("two ranks on one GPU: {line}");
+}
+
+/// Emulator only: CUDA ranks with no MPI (`--dist-init tcp`, then `fs:DIR`) find each other, pass
+/// rank 0's real NCCL id and reach ncclCommInitRank, which the emulated driver cannot serve: every
+/// rank then stops with NCCL's reason on one line, within bounded time, instead of hanging. (On a
+/// GPU, `wgpt nccl-selftest --join` checks the collectives themselves; see tests/nccl.rs.)
+#[test]
+#[ignore = "emulator only: device_tests_on_the_cuda_emulator runs it"]
+fn cuda_ranks_without_mpi_reach_nccl() {
+    if !on_emulator() {
+        return;
+    }
+    let Some(nccl) = std::env::var("WGPT_TEST_NCCL_LIB").ok().filter(|p| !p.is_empty()) else {
+        assert!(std::env::var("WGPT_REQUIRE_NCCL").as_deref() != Ok("1"), "WGPT_REQUIRE_NCCL=1 but WGPT_TEST_NCCL_LIB is not set");
+        skip_note("skipped: CUDA ranks without MPI (set WGPT_TEST_NCCL_LIB)");
+        return;
+    };
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let fs = format!("fs:{}", dir.path().display());
+    for init in ["tcp", fs.as_str()] {
+        let t0 = std::time::Instant::now();
+        let ranks: Vec<_> = (0..2)
+            .map(|r| {
+                let (nccl, port, init) = (nccl.clone(), port.clone(), init.to_string());
+                std::thread::spawn(move || {
+                    let r = r.to_string();
+                    // one rank per node (each has its own GPU 0); no MPI to be found
+                    let env = [
+                        ("WGPT_RANK", r.as_str()), ("WGPT_WORLD_SIZE", "2"), ("WGPT_LOCAL_RANK", "0"), ("WGPT_LOCAL_SIZE", "1"),
+                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port.as_str()), ("WGPT_NCCL_LIB", nccl.as_str()),
+                        ("WGPT_MPI_LIB", "/no/such/libmpi.so"), ("WGPT_RUN_ID", "emu"),
+                    ];
+                    let args = ["train", "--backend", "cuda", "--init", "tests/data/tiny/model.bin", "--steps", "1", "--dist-init", init.as_str(), "--dist-timeout", "30"];
+                    wgpt_env(&args, &env)
+                })
+            })
+            .collect();
+        for (r, h) in ranks.into_iter().enumerate() {
+            let o = h.join().unwrap();
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(!o.status.success() && !err.contains("panicked"), "rank {r}: {err}");
+            let line = err.lines().find(|l| l.starts_with("error")).expect("an error line");
+            assert!(line.contains("ncclCommInitRank"), "rank {r} ({init}) did not reach NCCL: {err}");
+        }
+        assert!(t0.elapsed().as_secs() < 60, "{init}: took {:?}", t0.elapsed());
+        println!("CUDA ranks without MPI, --dist-init {}: both reached ncclCommInitRank in {:.1} s", init.split(':').next().unwrap(), t0.elapsed().as_secs_f64());
+    }
 }
 
 /// Emulator only (its cuBLAS can be made to fail): a cuBLAS that cannot start is a warning, and

@@ -191,3 +191,73 @@ fn found_by_nccl_home_and_ld_library_path() {
         assert_eq!(Path::new(n.path()), real, "found through {k}");
     }
 }
+
+/// `wgpt nccl-selftest` as rank `rank` of 2 (explicit `WGPT_RANK`, no MPI), with `args`.
+fn selftest(rank: usize, lib: &str, port: &str, args: &[&str]) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_wgpt"))
+        .arg("nccl-selftest")
+        .args(args)
+        .args(["--dist-timeout", "30"])
+        .env("WGPT_RANK", rank.to_string())
+        .env("WGPT_WORLD_SIZE", "2")
+        .env("WGPT_NCCL_LIB", lib)
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port)
+        .env("WGPT_RUN_ID", format!("selftest-{}", std::process::id()))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running wgpt nccl-selftest")
+}
+
+/// Two processes with no MPI: rank 0's real NCCL unique id reaches rank 1 through a shared
+/// directory (`--dist-init fs:DIR`) and through rank 0's TCP port (`--dist-init tcp`, from
+/// MASTER_ADDR/MASTER_PORT), whichever rank starts first; both print the same id hash.
+#[test]
+fn rank0_nccl_id_reaches_every_process_through_fs_and_tcp() {
+    let Some(lib) = test_lib() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let fs = format!("fs:{}", dir.path().display());
+    for (init, rank1_first) in [(fs.as_str(), true), (fs.as_str(), false), ("tcp", true), ("tcp", false)] {
+        let port = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port().to_string();
+        let order: [usize; 2] = if rank1_first { [1, 0] } else { [0, 1] };
+        let mut children = Vec::new();
+        for r in order {
+            children.push((r, selftest(r, &lib, &port, &["--dist-init", init])));
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let mut hashes = Vec::new();
+        for (r, c) in children {
+            let o = c.wait_with_output().unwrap();
+            let out = String::from_utf8_lossy(&o.stdout);
+            assert!(o.status.success(), "{init}: rank {r}: {out}{}", String::from_utf8_lossy(&o.stderr));
+            assert!(out.starts_with(&format!("rank {r} of 2: NCCL ")), "{out}");
+            let h = out.split("id fnv1a=").nth(1).and_then(|s| s.split_whitespace().next()).expect("a hash").to_string();
+            hashes.push(h);
+        }
+        assert_eq!(hashes[0], hashes[1], "{init}: the ranks hold different ids");
+        eprintln!("--dist-init {init} (rank {} first): both ranks hold id {}", order[0], hashes[0]);
+    }
+    // rank 0's file is left for the ranks to read (the self-test makes no communicator)
+    assert!(std::fs::read_dir(dir.path()).unwrap().count() == 1);
+}
+
+/// A world joined by NCCL alone (`NcclWorld`): every collective of `Comm` on known values, on a
+/// machine with a GPU (one rank, through `fs`). Elsewhere: skipped, visibly.
+#[test]
+fn nccl_world_collectives_on_a_gpu() {
+    let Some(lib) = test_lib() else { return };
+    if !Path::new("/dev/nvidia0").exists() {
+        eprintln!("skipped: no CUDA device (the collectives of a world NCCL joins alone)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_wgpt"))
+        .args(["nccl-selftest", "--join", "--dist-timeout", "60", "--dist-init", &format!("fs:{}", dir.path().display())])
+        .env("WGPT_NCCL_LIB", &lib)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && out.starts_with("ok rank 0 of 1"), "{out}{}", String::from_utf8_lossy(&o.stderr));
+    eprintln!("{out}");
+}

@@ -47,6 +47,11 @@ pub trait Comm: Send + Sync {
     fn watched(&self, _what: &'static str, f: &mut dyn FnMut() -> Result<()>) -> Result<()> {
         f()
     }
+    /// The NCCL communicator that joins the ranks, where NCCL is the engine itself (CUDA ranks
+    /// without MPI, `NcclWorld`): the gradient sum uses it instead of making a second one.
+    fn nccl(&self) -> Option<&Arc<Mutex<super::nccl::NcclComm>>> {
+        None
+    }
     /// This rank has failed with `why`: make the other ranks stop instead of waiting for it.
     /// For MPI this ends the job (`MPI_Abort`) and does not return.
     fn fail(&self, why: &str);
@@ -113,27 +118,26 @@ impl Comm for Solo {
     fn fail(&self, _: &str) {}
 }
 
-/// MPI between processes, with a watchdog: a collective that has not returned after `timeout`
-/// ends the job with `MPI_Abort` and a line naming the collective and this rank.
-pub struct MpiComm {
-    mpi: Arc<Mpi>,
+/// A thread that ends a rank stuck in a collective: past `timeout` it prints one line naming
+/// the collective and the rank, then runs `on_timeout` (MPI_Abort; for NCCL alone, the process
+/// exits). Joined on drop.
+pub struct Watchdog {
     /// what the collective in progress is ("" when none) and since when (ms since `epoch`)
     busy: Arc<(Mutex<&'static str>, AtomicU64)>,
     epoch: Instant,
     stop: Arc<AtomicBool>,
-    /// the watchdog holds a reference to `mpi`: joined on drop, so MPI_Finalize runs
-    watchdog: Option<std::thread::JoinHandle<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl MpiComm {
-    pub fn new(mpi: Mpi, timeout: Duration) -> MpiComm {
-        let mpi = Arc::new(mpi);
+impl Watchdog {
+    /// `ending` finishes the line ("aborting the job").
+    pub fn new(rank: usize, size: usize, timeout: Duration, ending: &'static str, on_timeout: Box<dyn Fn() + Send>) -> Watchdog {
         let busy: Arc<(Mutex<&'static str>, AtomicU64)> = Arc::new((Mutex::new(""), AtomicU64::new(0)));
         let epoch = Instant::now();
         let stop = Arc::new(AtomicBool::new(false));
-        let (m, b, s) = (mpi.clone(), busy.clone(), stop.clone());
-        let watchdog = std::thread::Builder::new()
-            .name("wgpt-mpi-watchdog".into())
+        let (b, s) = (busy.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("wgpt-dist-watchdog".into())
             .spawn(move || {
                 while !s.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(200));
@@ -145,35 +149,56 @@ impl MpiComm {
                     let waited = epoch.elapsed().saturating_sub(since);
                     if waited > timeout {
                         eprintln!(
-                            "wgpt: error: rank {} of {}: {what} has waited {:.0} s for the other ranks (--dist-timeout {}): a peer died or hangs; aborting the job",
-                            m.rank(),
-                            m.size(),
+                            "wgpt: error: rank {rank} of {size}: {what} has waited {:.0} s for the other ranks (--dist-timeout {}): a peer died or hangs; {ending}",
                             waited.as_secs_f64(),
                             timeout.as_secs()
                         );
-                        m.abort(1);
+                        on_timeout();
+                        return;
                     }
                 }
             })
-            .expect("spawning the MPI watchdog thread");
-        MpiComm { mpi, busy, epoch, stop, watchdog: Some(watchdog) }
+            .expect("spawning the watchdog thread");
+        Watchdog { busy, epoch, stop, thread: Some(thread) }
     }
 
-    fn guard<T>(&self, what: &'static str, f: impl FnOnce(&Mpi) -> Result<T>) -> Result<T> {
+    /// Run `f`, a collective called `what`, under the watchdog.
+    pub fn guard<T>(&self, what: &'static str, f: impl FnOnce() -> T) -> T {
         self.busy.1.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
         *self.busy.0.lock().unwrap_or_else(|e| e.into_inner()) = what;
-        let r = f(&self.mpi);
+        let r = f();
         *self.busy.0.lock().unwrap_or_else(|e| e.into_inner()) = "";
         r
     }
 }
 
-impl Drop for MpiComm {
+impl Drop for Watchdog {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(w) = self.watchdog.take() {
+        if let Some(w) = self.thread.take() {
             let _ = w.join();
         }
+    }
+}
+
+/// MPI between processes, with a watchdog: a collective that has not returned after `timeout`
+/// ends the job with `MPI_Abort` and a line naming the collective and this rank.
+pub struct MpiComm {
+    /// first, so it is joined (and lets go of its `mpi`) before `mpi` drops: MPI_Finalize runs
+    dog: Watchdog,
+    mpi: Arc<Mpi>,
+}
+
+impl MpiComm {
+    pub fn new(mpi: Mpi, timeout: Duration) -> MpiComm {
+        let mpi = Arc::new(mpi);
+        let m = mpi.clone();
+        let dog = Watchdog::new(mpi.rank(), mpi.size(), timeout, "aborting the job", Box::new(move || m.abort(1)));
+        MpiComm { dog, mpi }
+    }
+
+    fn guard<T>(&self, what: &'static str, f: impl FnOnce(&Mpi) -> Result<T>) -> Result<T> {
+        self.dog.guard(what, || f(&self.mpi))
     }
 }
 

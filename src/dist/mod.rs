@@ -2,6 +2,8 @@
 //! - `world`: which rank this process is, whichever launcher started it, and which device its
 //!   local rank uses (pure: environment maps in, values out);
 //! - `mpi`: the site's MPI, loaded at run time, which joins processes;
+//! - `nccl`: NCCL, loaded at run time, which sums CUDA ranks' gradients on the GPUs;
+//! - `rendezvous` and `nccl_world`: CUDA ranks joined by NCCL alone, without MPI (`--dist-init`);
 //! - `comm`: the collectives a rank uses, over MPI, over threads of one process, or none;
 //! - `split`: how the global micro-batch is divided among ranks (`--batch-split`);
 //! - `local`: `--devices`, several devices in one process, and the parameter checksum.
@@ -13,6 +15,8 @@ pub mod comm;
 pub mod local;
 pub mod mpi;
 pub mod nccl;
+pub mod nccl_world;
+pub mod rendezvous;
 pub mod split;
 pub mod world;
 
@@ -35,7 +39,9 @@ pub fn one_api(adapters: &[AdapterReport], candidates: &[usize]) -> Vec<usize> {
         let api = adapters.iter().find(|a| a.index == i).map_or("", |a| a.backend.as_str());
         ORDER.iter().position(|o| *o == api).unwrap_or(ORDER.len())
     };
-    let Some(best) = candidates.iter().map(|&i| rank(i)).min() else { return Vec::new() };
+    let Some(best) = candidates.iter().map(|&i| rank(i)).min() else {
+        return Vec::new();
+    };
     candidates.iter().copied().filter(|&i| rank(i) == best).collect()
 }
 

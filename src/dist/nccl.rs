@@ -18,8 +18,8 @@
 //! - `ncclInProgress = 7` (types.html: only nonblocking communicators, made with
 //!   ncclCommInitRankConfig, return it; 2.13.4's nccl.h has no such value, 7 is its
 //!   `ncclNumResults`). wgpt makes blocking communicators only, so it is never expected;
-//! - `ncclFloat32 = 7` (ncclDataType_t; nccl.h 2.13.4 `ncclFloat32 = 7, ncclFloat = 7`);
-//! - `ncclSum = 0` (ncclRedOp_t; nccl.h 2.13.4);
+//! - `ncclUint8 = 1`, `ncclFloat32 = 7`, `ncclFloat64 = 8` (ncclDataType_t; nccl.h 2.13.4);
+//! - `ncclSum = 0`, `ncclMax = 2` (ncclRedOp_t; nccl.h 2.13.4);
 //! - `NCCL_UNIQUE_ID_BYTES = 128` (nccl.h 2.13.4; ncclUniqueId is a struct of that many chars,
 //!   passed by value to ncclCommInitRank);
 //! - the version code: `NCCL_VERSION(X,Y,Z)` is `X*1000 + Y*100 + Z` up to 2.8 and
@@ -44,8 +44,50 @@ pub const UNIQUE_ID_BYTES: usize = 128;
 const NCCL_SUCCESS: c_int = 0;
 /// Newer NCCLs only, and only from nonblocking communicators (see the module comment).
 const NCCL_IN_PROGRESS: c_int = 7;
-const NCCL_FLOAT32: c_int = 7;
 const NCCL_SUM: c_int = 0;
+const NCCL_MAX: c_int = 2;
+
+/// The element types wgpt moves through NCCL (every one exists since NCCL 2.0; bf16 is never
+/// used, so NCCL 2.9 works).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NcclType {
+    U8,
+    F32,
+    F64,
+}
+
+impl NcclType {
+    fn code(self) -> c_int {
+        match self {
+            NcclType::U8 => 1,
+            NcclType::F32 => 7,
+            NcclType::F64 => 8,
+        }
+    }
+    pub fn size(self) -> usize {
+        match self {
+            NcclType::U8 => 1,
+            NcclType::F32 => 4,
+            NcclType::F64 => 8,
+        }
+    }
+}
+
+/// The reductions used: sums (gradients, losses) and maxima (timeouts, flags).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NcclOp {
+    Sum,
+    Max,
+}
+
+impl NcclOp {
+    fn code(self) -> c_int {
+        match self {
+            NcclOp::Sum => NCCL_SUM,
+            NcclOp::Max => NCCL_MAX,
+        }
+    }
+}
 
 /// NCCL's version, decoded from `ncclGetVersion`'s code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -88,7 +130,9 @@ fn get<'a>(env: &'a HashMap<String, String>, k: &str) -> Option<&'a String> {
 
 /// The `python3*` directories in `lib_dir`, newest Python first (3.12 before 3.9).
 fn python_dirs(lib_dir: &Path) -> Vec<PathBuf> {
-    let Ok(rd) = std::fs::read_dir(lib_dir) else { return Vec::new() };
+    let Ok(rd) = std::fs::read_dir(lib_dir) else {
+        return Vec::new();
+    };
     let mut v: Vec<(u32, PathBuf)> = rd
         .flatten()
         .filter_map(|e| {
@@ -202,6 +246,12 @@ type GetUniqueIdFn = unsafe extern "C" fn(*mut UniqueId) -> R;
 type CommInitRankFn = unsafe extern "C" fn(*mut Comm, c_int, UniqueId, c_int) -> R;
 // sendbuff, recvbuff, count, datatype, op, comm, stream
 type AllReduceFn = unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, *mut c_void) -> R;
+// sendbuff, recvbuff, count, datatype, op, root, comm, stream
+type ReduceFn = unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, c_int, Comm, *mut c_void) -> R;
+// sendbuff, recvbuff, count, datatype, root, comm, stream
+type BroadcastFn = unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, *mut c_void) -> R;
+// sendbuff, recvbuff, sendcount, datatype, comm, stream
+type AllGatherFn = unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, Comm, *mut c_void) -> R;
 type VoidFn = unsafe extern "C" fn() -> R;
 type CommFn = unsafe extern "C" fn(Comm) -> R;
 type AsyncErrorFn = unsafe extern "C" fn(Comm, *mut R) -> R;
@@ -214,6 +264,9 @@ struct Api {
     get_unique_id: GetUniqueIdFn,
     comm_init_rank: CommInitRankFn,
     all_reduce: AllReduceFn,
+    reduce: ReduceFn,
+    broadcast: BroadcastFn,
+    all_gather: AllGatherFn,
     group_start: VoidFn,
     group_end: VoidFn,
     comm_get_async_error: AsyncErrorFn,
@@ -230,6 +283,9 @@ pub const SYMBOLS: &[&str] = &[
     "ncclGetUniqueId",
     "ncclCommInitRank",
     "ncclAllReduce",
+    "ncclReduce",
+    "ncclBroadcast",
+    "ncclAllGather",
     "ncclGroupStart",
     "ncclGroupEnd",
     "ncclCommGetAsyncError",
@@ -253,6 +309,9 @@ impl Api {
             get_unique_id: f!("ncclGetUniqueId", GetUniqueIdFn),
             comm_init_rank: f!("ncclCommInitRank", CommInitRankFn),
             all_reduce: f!("ncclAllReduce", AllReduceFn),
+            reduce: f!("ncclReduce", ReduceFn),
+            broadcast: f!("ncclBroadcast", BroadcastFn),
+            all_gather: f!("ncclAllGather", AllGatherFn),
             group_start: f!("ncclGroupStart", VoidFn),
             group_end: f!("ncclGroupEnd", VoidFn),
             comm_get_async_error: f!("ncclCommGetAsyncError", AsyncErrorFn),
@@ -333,9 +392,8 @@ fn open(cand: &Path) -> std::result::Result<Nccl, String> {
 
 /// The one line for "nothing usable found", with why each library found could not be used.
 fn not_found(errs: &[String]) -> Error {
-    let mut msg = format!(
-        "no NCCL library ({SONAME}) found in $WGPT_NCCL_LIB, $NCCL_HOME/lib, LD_LIBRARY_PATH, the loader path or pip's nvidia/nccl/lib"
-    );
+    let mut msg =
+        format!("no NCCL library ({SONAME}) found in $WGPT_NCCL_LIB, $NCCL_HOME/lib, LD_LIBRARY_PATH, the loader path or pip's nvidia/nccl/lib");
     if !errs.is_empty() {
         msg += &format!(" that wgpt can use ({})", errs.join("; "));
     }
@@ -422,10 +480,71 @@ impl NcclComm {
     /// ncclAllReduce in place: the sum over ranks of `count` f32 at device pointer `ptr`
     /// (ncclFloat32, ncclSum), enqueued on `stream` (a CUstream; 0 is the legacy default stream).
     pub fn allreduce_sum_f32(&self, ptr: u64, count: usize, stream: usize) -> Result<()> {
+        self.allreduce(ptr, ptr, count, NcclType::F32, NcclOp::Sum, stream)
+    }
+
+    /// ncclAllReduce from `send` into `recv` (device pointers; equal is in place) of `count`
+    /// elements, enqueued on `stream`.
+    pub fn allreduce(&self, send: u64, recv: u64, count: usize, ty: NcclType, op: NcclOp, stream: usize) -> Result<()> {
         let comm = self.handle()?;
-        let p = ptr as usize as *mut c_void;
-        let r = unsafe { (self.api.all_reduce)(p, p, count, NCCL_FLOAT32, NCCL_SUM, comm, stream as *mut c_void) };
+        let r = unsafe {
+            (self.api.all_reduce)(
+                send as usize as *const c_void,
+                recv as usize as *mut c_void,
+                count,
+                ty.code(),
+                op.code(),
+                comm,
+                stream as *mut c_void,
+            )
+        };
         self.api.check_on(comm, "ncclAllReduce", r)
+    }
+
+    /// ncclReduce: the sum over ranks of `count` elements at `send`, into `recv` on `root` only
+    /// (ZeRO-1 sums each piece of the gradients onto the rank that owns its optimiser state).
+    pub fn reduce_sum(&self, send: u64, recv: u64, count: usize, ty: NcclType, root: usize, stream: usize) -> Result<()> {
+        let comm = self.handle()?;
+        let r = unsafe {
+            (self.api.reduce)(
+                send as usize as *const c_void,
+                recv as usize as *mut c_void,
+                count,
+                ty.code(),
+                NCCL_SUM,
+                root as c_int,
+                comm,
+                stream as *mut c_void,
+            )
+        };
+        self.api.check_on(comm, "ncclReduce", r)
+    }
+
+    /// ncclBroadcast: `count` elements at `root`'s `send` into every rank's `recv`.
+    pub fn broadcast(&self, send: u64, recv: u64, count: usize, ty: NcclType, root: usize, stream: usize) -> Result<()> {
+        let comm = self.handle()?;
+        let r = unsafe {
+            (self.api.broadcast)(
+                send as usize as *const c_void,
+                recv as usize as *mut c_void,
+                count,
+                ty.code(),
+                root as c_int,
+                comm,
+                stream as *mut c_void,
+            )
+        };
+        self.api.check_on(comm, "ncclBroadcast", r)
+    }
+
+    /// ncclAllGather: every rank's `count` elements at `send`, into `recv` (count × ranks), in
+    /// rank order.
+    pub fn allgather(&self, send: u64, recv: u64, count: usize, ty: NcclType, stream: usize) -> Result<()> {
+        let comm = self.handle()?;
+        let r = unsafe {
+            (self.api.all_gather)(send as usize as *const c_void, recv as usize as *mut c_void, count, ty.code(), comm, stream as *mut c_void)
+        };
+        self.api.check_on(comm, "ncclAllGather", r)
     }
 
     /// ncclGroupStart: the calls until `group_end` are launched together.
@@ -532,11 +651,7 @@ mod tests {
     fn candidates_in_order() {
         let p = PathBuf::from;
         assert_eq!(up_to_soname(&env(&[])), vec![p(SONAME)]);
-        let e = env(&[
-            ("WGPT_NCCL_LIB", "/opt/x/libnccl.so.2"),
-            ("NCCL_HOME", "/opt/nccl"),
-            ("LD_LIBRARY_PATH", "/a/lib::relative/lib:/b/lib64"),
-        ]);
+        let e = env(&[("WGPT_NCCL_LIB", "/opt/x/libnccl.so.2"), ("NCCL_HOME", "/opt/nccl"), ("LD_LIBRARY_PATH", "/a/lib::relative/lib:/b/lib64")]);
         assert_eq!(
             up_to_soname(&e),
             vec![
@@ -550,10 +665,7 @@ mod tests {
         );
         // empty values count as unset; a directory named twice is tried once
         let e = env(&[("WGPT_NCCL_LIB", ""), ("NCCL_HOME", "/opt/nccl"), ("LD_LIBRARY_PATH", "/opt/nccl/lib:/c")]);
-        assert_eq!(
-            up_to_soname(&e),
-            vec![p("/opt/nccl/lib/libnccl.so.2"), p("/opt/nccl/lib64/libnccl.so.2"), p("/c/libnccl.so.2"), p(SONAME)]
-        );
+        assert_eq!(up_to_soname(&e), vec![p("/opt/nccl/lib/libnccl.so.2"), p("/opt/nccl/lib64/libnccl.so.2"), p("/c/libnccl.so.2"), p(SONAME)]);
     }
 
     #[test]

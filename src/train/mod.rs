@@ -12,12 +12,14 @@ pub mod session;
 pub mod state;
 
 use crate::backend::{Backend, BackendArgs, BackendKind};
-use crate::dist::comm::{self, Comm, MpiComm, Solo, ThreadComm};
-use crate::dist::mpi::Mpi;
-use crate::dist::nccl::{Nccl, NcclComm};
-use crate::dist::split::{self, BatchSplit};
 use crate::data::shards::{DataLoader, LoaderOptions};
 use crate::data::tokenizer::Tokenizer;
+use crate::dist::comm::{self, Comm, MpiComm, Solo, ThreadComm};
+use crate::dist::mpi::Mpi;
+use crate::dist::nccl::{Nccl, NcclComm, NcclType};
+use crate::dist::nccl_world::NcclWorld;
+use crate::dist::rendezvous::DistInit;
+use crate::dist::split::{self, BatchSplit};
 use crate::error::{Error, Result};
 use crate::graph::{build_train_step, TrainOptions};
 use crate::model::checkpoint::{read_checkpoint, write_checkpoint, Precision};
@@ -25,7 +27,9 @@ use crate::model::init::init_params;
 use crate::model::{config, Config};
 use schedule::{Schedule, ScheduleKind};
 use session::{AdamConsts, Session};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Checkpoint precision on disk: llm.c version 3 (fp32) or 5 (bf16).
@@ -189,6 +193,13 @@ pub struct TrainArgs {
     /// keeps and updates 1/N of them; gradients reduce-scattered, parameters all-gathered); 0 = off
     #[arg(long, default_value_t = 0, value_name = "0|1")]
     pub zero: u8,
+    /// with several processes: how they find each other. auto: MPI, except for CUDA ranks started
+    /// by torchrun or given MASTER_ADDR/MASTER_PORT by a non-MPI launcher (then tcp); mpi; and,
+    /// for CUDA ranks without MPI (NCCL then carries everything): fs:DIR (a directory every rank
+    /// sees; rank 0 writes NCCL's id there), tcp (rank 0 listens at MASTER_ADDR:MASTER_PORT) or
+    /// tcp:HOST:PORT
+    #[arg(long, value_name = "auto|mpi|fs:DIR|tcp[:HOST:PORT]", default_value_t = DistInit::Auto, value_parser = DistInit::parse)]
+    pub dist_init: DistInit,
 }
 
 /// `--reduce`: where a data-parallel run sums its gradients.
@@ -310,7 +321,10 @@ pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
         if world.size > 1 {
             return Err(Error::flag(
                 "--devices",
-                format!("several devices in one process cannot be combined with a launch of {} processes ({}); use one or the other", world.size, world.launcher),
+                format!(
+                    "several devices in one process cannot be combined with a launch of {} processes ({}); use one or the other",
+                    world.size, world.launcher
+                ),
             ));
         }
         let devices = crate::dist::local::parse_devices(list, a.backend.backend)?;
@@ -319,13 +333,37 @@ pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
     if world.size == 1 {
         return run_rank(a, &Solo, &|| a.backend.create(), None);
     }
-    // several processes: MPI joins them (no MPI is needed, or loaded, for one). The flags and
-    // this rank's device (two local ranks on one GPU are refused) are checked first.
+    // several processes: MPI joins them (no MPI is needed, or loaded, for one), or, for CUDA
+    // ranks, NCCL alone. The flags and this rank's device (two local ranks on one GPU are
+    // refused) are checked first.
     check_args(a, &config_only(a)?, global_batch(a))?;
     if a.backend.device.is_none() {
         a.backend.rank_device()?;
     }
-    let mpi = Mpi::init(&env)?;
+    let cuda = match a.backend.backend {
+        BackendKind::Cuda => true,
+        BackendKind::Auto => matches!(crate::dist::probe_devices(BackendKind::Auto), crate::dist::Devices::Cuda { .. }),
+        _ => false,
+    };
+    if let Some(init) = nccl_only_init(&a.dist_init, &world, &env, cuda)? {
+        let device = match a.backend.device {
+            Some(d) => d,
+            None => a.backend.rank_device()?.unwrap_or(0),
+        };
+        let comm = NcclWorld::join(&env, world.rank, world.size, device, &init, timeout)?;
+        let header = format!("{world} ({}); {}", world.launcher, comm.describe());
+        let r = run_rank(a, &comm, &|| a.backend.create(), Some(header));
+        if let Err(e) = &r {
+            comm.fail(&e.to_string());
+        }
+        return r;
+    }
+    let mpi = Mpi::init(&env).map_err(|e| match e {
+        Error::Unavailable(m) if cuda => Error::Unavailable(format!(
+            "{m}; CUDA ranks can also be joined by NCCL alone: --dist-init tcp (with MASTER_ADDR/MASTER_PORT) or --dist-init fs:DIR"
+        )),
+        e => e,
+    })?;
     if (mpi.rank(), mpi.size()) != (world.rank, world.size) {
         return Err(Error::Unavailable(format!(
             "MPI ({}) says rank {} of {}, but {} says rank {} of {}: that library is not the launcher's MPI; set WGPT_MPI_LIB to the libmpi of the mpirun/mpiexec used",
@@ -349,6 +387,26 @@ pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
 
 /// The model configuration `--init` (or the checkpoint to resume) names, for checking flags
 /// before MPI starts: an llm.c file's header only (the weights are read once, by the rank).
+/// `--dist-init`: the rendezvous of a world joined by NCCL alone (None: MPI joins it). `auto`
+/// takes tcp for CUDA ranks that a non-MPI launcher started with MASTER_ADDR and MASTER_PORT set
+/// (torchrun always sets them); everything else is MPI's.
+fn nccl_only_init(init: &DistInit, world: &crate::dist::World, env: &HashMap<String, String>, cuda: bool) -> Result<Option<DistInit>> {
+    use crate::dist::Launcher;
+    match init {
+        DistInit::Mpi => Ok(None),
+        DistInit::Fs(_) | DistInit::Tcp(_) if !cuda => Err(Error::flag(
+            "--dist-init",
+            format!("{init} joins CUDA ranks through NCCL alone; cpu and wgpu ranks are joined by MPI (--dist-init auto or mpi)"),
+        )),
+        DistInit::Fs(_) | DistInit::Tcp(_) => Ok(Some(init.clone())),
+        DistInit::Auto => {
+            let mpi_launcher = matches!(world.launcher, Launcher::OpenMpi | Launcher::Pmi | Launcher::Mvapich | Launcher::Horovod);
+            let master = ["MASTER_ADDR", "MASTER_PORT"].iter().all(|k| env.get(*k).is_some_and(|v| !v.is_empty()));
+            Ok((cuda && !mpi_launcher && master).then_some(DistInit::Tcp(None)))
+        }
+    }
+}
+
 fn config_only(a: &TrainArgs) -> Result<Config> {
     use crate::model::checkpoint::read_header;
     use crate::model::hf::{detect, ModelFormat};
@@ -467,7 +525,12 @@ fn calibrate_split(a: &TrainArgs, comm: &dyn Comm, cfg: &Config, make_backend: &
     let Some((micro, factor)) = split::fit_by_accumulation(b, caps.iter().sum(), comm.size()) else {
         return Err(Error::flag(
             "--batch-split",
-            format!("auto: the ranks fit {} sequences per micro-step ({} per rank) and no divisor of --batch {b} from {} up fits", caps.iter().sum::<usize>(), split::join(&caps), comm.size()),
+            format!(
+                "auto: the ranks fit {} sequences per micro-step ({} per rank) and no divisor of --batch {b} from {} up fits",
+                caps.iter().sum::<usize>(),
+                split::join(&caps),
+                comm.size()
+            ),
         ));
     };
     Ok((split::proportional(micro, &speeds, &caps)?, speeds, factor))
@@ -563,7 +626,7 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
     // all-gather does that anyway)
     let kinds = comm.allgather(&[sess.backend.kind() as u8])?;
     let copy_params = shard.is_none() && kinds.iter().any(|&k| k != kinds[0]);
-    let (nccl, nccl_note) = if world > 1 { nccl_setup(a, comm, &mut sess, &kinds, shard.is_some())? } else { (None, String::new()) };
+    let (nccl, nccl_note) = if world > 1 { nccl_setup(a, comm, &mut sess, &kinds)? } else { (None, String::new()) };
     // GPU ranks summing through host memory: each gradient bucket is downloaded as soon as
     // backward has finished it and summed on another thread while the rest of backward runs (the
     // cpu backend's buffers are summed in place instead: its cores are the ones backward uses)
@@ -584,10 +647,7 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
         // not exist in it takes rank 0's: without ZeRO every rank's state is the same)
         let st = state::read_full_state(dir, s, rank, num_params)?;
         if st.step != s {
-            return Err(Error::format(
-                state::state_path(dir, s),
-                format!("says step {}, but it belongs to the checkpoint of step {s}", st.step),
-            ));
+            return Err(Error::format(state::state_path(dir, s), format!("says step {}, but it belongs to the checkpoint of step {s}", st.step)));
         }
         if s > a.steps {
             return Err(Error::flag(
@@ -744,7 +804,7 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
         if world > 1 {
             sess.backend.sync()?;
             let tr = Instant::now();
-            let mut g = if shard.is_some() { sess.download_grads()? } else { Vec::new() };
+            let mut g = if shard.is_some() && nccl.is_none() { sess.download_grads()? } else { Vec::new() };
             let mut before = 0.0;
             match &shard {
                 None if nccl.is_some() => comm.watched("ncclAllReduce", &mut || nccl_allreduce(nccl.as_ref().unwrap(), &mut sess))?,
@@ -755,6 +815,16 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
                     before = o.busy_ms;
                 }
                 None => host_allreduce(comm, &mut sess)?,
+                Some(r) if nccl.is_some() => {
+                    let nc = nccl.as_ref().expect("checked");
+                    let ids = sess.graph.io.grads.expect("a training graph");
+                    comm.watched("ncclReduce", &mut || nccl_zero(nc, &mut sess, ids, chunk, true))?;
+                    // the norm from every rank's range (each rank holds its range's sum)
+                    let g = sess.download_grads()?;
+                    let mut sq = [g[r.clone()].iter().map(|&x| x as f64 * x as f64).sum::<f64>()];
+                    comm.allreduce_sum_f64(&mut sq)?;
+                    zero_norm = Some(sq[0].sqrt() as f32);
+                }
                 Some(r) => {
                     g.resize(chunk * world, 0.0);
                     let mine = comm.reduce_scatter_sum_f32(&g)?;
@@ -787,12 +857,17 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
                 sess.update_with_norm(lr, adam, step + 1, norm, a.grad_clip)?;
                 // every rank's updated range, to every rank
                 let r = shard.clone().expect("ZeRO-1");
-                let p = sess.download_params()?;
-                let mut mine = p[r].to_vec();
-                mine.resize(chunk, 0.0);
-                let mut all = comm.allgather_f32(&mine)?;
-                all.truncate(num_params);
-                sess.upload_params(&all)?;
+                if let Some(nc) = nccl.as_ref() {
+                    let ids = sess.graph.io.params;
+                    comm.watched("ncclBroadcast", &mut || nccl_zero(nc, &mut sess, ids, chunk, false))?;
+                } else {
+                    let p = sess.download_params()?;
+                    let mut mine = p[r].to_vec();
+                    mine.resize(chunk, 0.0);
+                    let mut all = comm.allgather_f32(&mine)?;
+                    all.truncate(num_params);
+                    sess.upload_params(&all)?;
+                }
             }
         } else if a.skip_loss_z == 0.0 && a.skip_grad_z == 0.0 {
             norm = sess.update(lr, adam, step + 1)?;
@@ -849,21 +924,23 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
     Ok(summary)
 }
 
+/// NCCL's communicator for the gradients (shared with a world NCCL joins alone).
+type Nc = Arc<Mutex<NcclComm>>;
+
 /// `--reduce`: NCCL for the gradient sum when every rank is CUDA and the library loads (auto),
 /// or as asked. Every rank decides the same way (the reasons are gathered). Returns the
 /// communicator (None: through host memory) and the header's words for it.
-fn nccl_setup(a: &TrainArgs, comm: &dyn Comm, sess: &mut Session, kinds: &[u8], zero: bool) -> Result<(Option<NcclComm>, String)> {
+fn nccl_setup(a: &TrainArgs, comm: &dyn Comm, sess: &mut Session, kinds: &[u8]) -> Result<(Option<Nc>, String)> {
     let host = |why: &str| format!("through host memory ({why})");
+    let zero = if a.zero == 1 { "; ZeRO-1 by ncclReduce and ncclBroadcast of each rank's range" } else { "" };
+    if let Some(nc) = comm.nccl() {
+        // NCCL joins the ranks: it sums the gradients too, whatever --reduce says
+        return Ok((Some(nc.clone()), format!("by NCCL on the GPUs, fp32 Sum{zero}")));
+    }
     if a.reduce == ReduceMode::Host {
         return Ok((None, host("--reduce host")));
     }
-    let why_not = if kinds.iter().any(|&k| k != BackendKind::Cuda as u8) {
-        Some("not every rank is on the CUDA backend".to_string())
-    } else if zero {
-        Some("NCCL's ZeRO-1 path is not built; --zero 1 reduces through host memory".to_string())
-    } else {
-        None
-    };
+    let why_not = kinds.iter().any(|&k| k != BackendKind::Cuda as u8).then(|| "not every rank is on the CUDA backend".to_string());
     let lib = match &why_not {
         Some(_) => None,
         None => match Nccl::load(&crate::dist::env_map()) {
@@ -895,7 +972,7 @@ fn nccl_setup(a: &TrainArgs, comm: &dyn Comm, sess: &mut Session, kinds: &[u8], 
     let nc = lib.init_rank(comm.size(), &id, comm.rank())?;
     let v = lib.version();
     let old = if v.has_avg_and_bf16() { "" } else { "; < 2.10: no Avg or bf16, neither is used" };
-    Ok((Some(nc), format!("by NCCL {v} ({}) on the GPUs, fp32 Sum{old}", lib.path())))
+    Ok((Some(Arc::new(Mutex::new(nc))), format!("by NCCL {v} ({}) on the GPUs, fp32 Sum{old}{zero}", lib.path())))
 }
 
 /// What the last micro-step's overlapped reduce left: every bucket summed over ranks, the
@@ -922,9 +999,8 @@ fn train_overlapped(sess: &mut Session, comm: &dyn Comm, x: &[i32], y: &[i32]) -
             }
             Ok((sums, spans))
         });
-        let ran = sess.train_micro_overlapped(x, y, &mut |_, values| {
-            tx.send(values).map_err(|_| Error::Dist("the gradient reduce thread stopped".into()))
-        });
+        let ran =
+            sess.train_micro_overlapped(x, y, &mut |_, values| tx.send(values).map_err(|_| Error::Dist("the gradient reduce thread stopped".into())));
         let backward_done = Instant::now();
         drop(tx);
         let joined = reducer.join().unwrap_or_else(|_| Err(Error::Internal("the gradient reduce thread panicked".into())));
@@ -962,14 +1038,51 @@ fn host_allreduce(comm: &dyn Comm, sess: &mut Session) -> Result<()> {
 
 /// Sum every gradient buffer over the ranks in place on the GPUs: one NCCL group of all-reduces
 /// on the stream the backend queues its work on (ordered after backward, before `GradNorm`).
-fn nccl_allreduce(nc: &NcclComm, sess: &mut Session) -> Result<()> {
+fn nccl_allreduce(nc: &Nc, sess: &mut Session) -> Result<()> {
+    let nc = nc.lock().unwrap_or_else(|e| e.into_inner());
     let ids = sess.graph.io.grads.expect("a training graph");
     nc.group_start()?;
     for id in ids {
-        match sess.backend.raw_buffer(id)? {
-            crate::backend::RawBuffer::Cuda { ptr, bytes, stream } => nc.allreduce_sum_f32(ptr, bytes / 4, stream)?,
-            _ => return Err(Error::Internal("NCCL on a backend that is not CUDA".into())),
+        let (ptr, bytes, stream) = cuda_buffer(sess, id)?;
+        nc.allreduce_sum_f32(ptr, bytes / 4, stream)?;
+    }
+    nc.group_end()?;
+    sess.backend.sync()?;
+    nc.async_error()
+}
+
+/// A CUDA buffer's device pointer, bytes and the backend's stream.
+fn cuda_buffer(sess: &mut Session, id: crate::graph::BufId) -> Result<(u64, usize, usize)> {
+    match sess.backend.raw_buffer(id)? {
+        crate::backend::RawBuffer::Cuda { ptr, bytes, stream } => Ok((ptr, bytes, stream)),
+        _ => Err(Error::Internal("NCCL on a backend that is not CUDA".into())),
+    }
+}
+
+/// ZeRO-1 on NCCL: every piece of `ids` (parameters or gradients, flat in checkpoint order)
+/// that falls in rank r's range [r·chunk, (r+1)·chunk) goes to or from rank r, in place on the
+/// GPUs, in one NCCL group: `reduce` sums the gradients onto their owner (ncclReduce), else the
+/// owners' updated parameters reach every rank (ncclBroadcast).
+fn nccl_zero(nc: &Nc, sess: &mut Session, ids: [crate::graph::BufId; crate::model::NUM_PARAM_TENSORS], chunk: usize, reduce: bool) -> Result<()> {
+    let nc = nc.lock().unwrap_or_else(|e| e.into_inner());
+    let mut offset = 0usize;
+    nc.group_start()?;
+    for id in ids {
+        let (ptr, bytes, stream) = cuda_buffer(sess, id)?;
+        let (start, end) = (offset, offset + bytes / 4);
+        let mut at = start;
+        while at < end {
+            let owner = at / chunk;
+            let stop = ((owner + 1) * chunk).min(end);
+            let p = ptr + ((at - start) * 4) as u64;
+            if reduce {
+                nc.reduce_sum(p, p, stop - at, NcclType::F32, owner, stream)?;
+            } else {
+                nc.broadcast(p, p, stop - at, NcclType::F32, owner, stream)?;
+            }
+            at = stop;
         }
+        offset = end;
     }
     nc.group_end()?;
     sess.backend.sync()?;

@@ -122,6 +122,27 @@ enum A {
     F(f32),
 }
 
+/// Load and initialise the driver and check that `device` exists, with one-line errors ("no
+/// CUDA driver found (libcuda.so); use --backend wgpu or cpu"): what must hold before cudarc
+/// is called at all (it panics where there is no driver).
+pub fn open_device(device: usize) -> Result<DriverInfo> {
+    let driver = probe::init_driver().map_err(|e| {
+        if e.not_found {
+            Error::Unavailable(format!("{e}; use --backend wgpu or cpu"))
+        } else {
+            Error::Unavailable(format!("CUDA driver unusable: {e}; use --backend wgpu or cpu"))
+        }
+    })?;
+    let count = drv::device::get_count().map_err(|e| drv_err("cuDeviceGetCount", e))?;
+    if count <= 0 {
+        return Err(Error::Unavailable("no CUDA device found; use --backend wgpu or cpu".into()));
+    }
+    if device >= count as usize {
+        return Err(Error::flag("--device", format!("CUDA device {device} does not exist ({count} found; see wgpt info)")));
+    }
+    Ok(driver)
+}
+
 /// The CUDA backend. Create with [`CudaBackend::new`].
 pub struct CudaBackend {
     bufs: Vec<Buf>,
@@ -164,20 +185,7 @@ impl CudaBackend {
     }
 
     pub fn with_options(device: usize, opts: CudaOptions) -> Result<CudaBackend> {
-        let driver = probe::init_driver().map_err(|e| {
-            if e.not_found {
-                Error::Unavailable(format!("{e}; use --backend wgpu or cpu"))
-            } else {
-                Error::Unavailable(format!("CUDA driver unusable: {e}; use --backend wgpu or cpu"))
-            }
-        })?;
-        let count = drv::device::get_count().map_err(|e| drv_err("cuDeviceGetCount", e))?;
-        if count <= 0 {
-            return Err(Error::Unavailable("no CUDA device found; use --backend wgpu or cpu".into()));
-        }
-        if device >= count as usize {
-            return Err(Error::flag("--device", format!("CUDA device {device} does not exist ({count} found; see wgpt info)")));
-        }
+        let driver = open_device(device)?;
         let info = probe::device_info(device).map_err(|e| berr(format!("device {device}: {e}")))?;
         dl::lib(dl::Which::Nvrtc).map_err(|e| {
             Error::Unavailable(format!("{e}; the CUDA backend compiles its kernels with NVRTC (or use --backend wgpu or cpu)"))

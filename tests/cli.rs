@@ -367,6 +367,34 @@ fn eval_scores_multiple_choice_like_llmc() {
     assert_eq!(evals, vec![(1, 5), (2, 5)]);
     let main_log = std::fs::read_to_string(out_dir.join("main.log")).unwrap();
     assert!(main_log.lines().any(|l| l.starts_with("s:2 eval:")), "{main_log}");
+    // two ranks (in one process) score 3 and 2 of the examples, each in its micro-batch of 4,
+    // and log the same counts as one rank; a split that leaves a rank fewer than 4 rows is refused
+    let counts = |log: &std::path::Path| -> Vec<(u64, u64, u64)> {
+        std::fs::read_to_string(log)
+            .unwrap()
+            .lines()
+            .filter_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                Some((v["step"].as_u64()?, v["eval_correct"].as_u64()?, v["eval_total"].as_u64()?))
+            })
+            .collect()
+    };
+    let one = counts(&log);
+    for (split, ok) in [("4,4", true), ("5,3", false)] {
+        let log2 = dir.path().join(format!("train-{split}.jsonl"));
+        let o = wgpt(&[
+            "train", "--devices", "cpu,cpu", "--batch-split", split, "--init", "tests/data/tiny/model.bin", "--train", "tests/data/tiny/train.bin",
+            "--val", "tests/data/tiny/train.bin", "--batch", "8", "--seq-len", "16", "--steps", "2", "--val-every", "1",
+            "--val-batches", "1", "--gen-tokens", "0", "--hellaswag", file.to_str().unwrap(), "--log-json", log2.to_str().unwrap(),
+        ]);
+        if ok {
+            assert!(o.status.success(), "{}", stderr(&o));
+            assert_eq!(counts(&log2), one, "two ranks' eval differs from one rank's");
+        } else {
+            let err = stderr(&o);
+            assert!(!o.status.success() && err.lines().next().unwrap_or("").starts_with("error: --hellaswag: each rank scores"), "{err}");
+        }
+    }
     // too few rows for one example, and a row longer than --seq-len: one-line errors naming the flag
     for (flag, args) in [("--batch", vec!["--batch", "2"]), ("--seq-len", vec!["--seq-len", "4"])] {
         let mut a = vec!["eval", "--model", "tests/data/tiny/model.bin", "--data", file.to_str().unwrap(), "--backend", "cpu"];

@@ -267,6 +267,25 @@ fn bad_data_parallel_flags_are_one_line_errors() {
     }
 }
 
+/// `--dist-init` for a world of processes: fs and tcp join CUDA ranks through NCCL alone, so cpu
+/// ranks asking for them are refused (one line, before anything waits); a malformed value too.
+#[test]
+fn dist_init_for_cpu_ranks_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for (init, want) in [
+        ("tcp", "error: --dist-init: tcp joins CUDA ranks through NCCL alone; cpu and wgpu ranks are joined by MPI"),
+        ("fs:/tmp", "error: --dist-init: fs:/tmp joins CUDA ranks through NCCL alone"),
+        ("tcp:host", "error: invalid value 'tcp:host' for '--dist-init"),
+    ] {
+        let mut args = train_args(&dir.path().join("bad"), &["--backend", "cpu", "--dist-init", init]);
+        args.extend(["--batch".to_string(), "4".to_string()]);
+        let o = Command::new(env!("CARGO_BIN_EXE_wgpt")).args(&args).env("WGPT_RANK", "0").env("WGPT_WORLD_SIZE", "2").output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && !err.contains("panicked"), "{init}: {err}");
+        assert!(err.lines().next().unwrap_or("").starts_with(want), "{init}: {err}");
+    }
+}
+
 #[test]
 fn two_wgpu_devices_in_one_process_follow_one_device() {
     if common::wgpu_adapter().is_none() {

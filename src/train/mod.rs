@@ -568,9 +568,6 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
     if a.zero > 1 {
         return Err(Error::flag("--zero", format!("{}: only 0 (off) and 1 (shard the optimiser state) exist", a.zero)));
     }
-    if world > 1 && a.hellaswag.is_some() {
-        return Err(Error::flag("--hellaswag", "is not supported with several ranks yet; run the eval with `wgpt eval` on the checkpoint"));
-    }
     let (split, speeds, factor) = match &a.batch_split {
         _ if world == 1 => (vec![asked_b], Vec::new(), 1),
         BatchSplit::Even => (split::even(asked_b, world)?, Vec::new(), 1),
@@ -595,7 +592,15 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
     let eval_set = match &a.hellaswag {
         Some(p) => {
             let ex = crate::data::evalset::read_eval_file(p)?;
-            hellaswag::check_examples(&ex, p, a.batch, a.seq_len, cfg.v)?;
+            // with several ranks, each scores its share of the examples in its own micro-batch
+            let b = if world > 1 { split.iter().copied().min().unwrap_or(0) } else { a.batch };
+            if world > 1 && b < 4 {
+                return Err(Error::flag(
+                    "--hellaswag",
+                    format!("each rank scores its share of the examples, 4 rows per example, in its own micro-batch, and the split {} gives a rank fewer than 4; use a larger --batch or --batch-split", split::join(&split)),
+                ));
+            }
+            hellaswag::check_examples(&ex, p, b, a.seq_len, cfg.v)?;
             Some(ex)
         }
         None => None,
@@ -734,7 +739,7 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
         }
         if let Some(ex) = eval_set.as_ref().filter(|_| stop.is_none()) {
             if step > 0 && ((a.val_every > 0 && step % a.val_every == 0) || last) {
-                let score = hellaswag::evaluate(&mut sess, ex, a.batch, a.seq_len)?;
+                let score = evaluate_choices(&mut sess, ex, comm, my_b, a.seq_len)?;
                 logger.eval(step, score)?;
             }
         }
@@ -1012,6 +1017,17 @@ fn train_overlapped(sess: &mut Session, comm: &dyn Comm, x: &[i32], y: &[i32]) -
         let hidden_ms = spans.iter().map(|(a, b)| ms((*b).min(backward_done).saturating_duration_since(*a))).sum();
         Ok(Overlapped { sums, busy_ms, hidden_ms })
     })
+}
+
+/// The multiple-choice eval over the ranks: rank r scores examples [r·n/N, (r+1)·n/N) in its own
+/// micro-batch of `b` rows, and the counts are summed (every rank gets the whole score).
+fn evaluate_choices(sess: &mut Session, ex: &[crate::data::evalset::EvalExample], comm: &dyn Comm, b: usize, t: usize) -> Result<hellaswag::EvalScore> {
+    let (r, n) = (comm.rank(), comm.size());
+    let mine = &ex[r * ex.len() / n..(r + 1) * ex.len() / n];
+    let s = hellaswag::evaluate(sess, mine, b, t)?;
+    let mut counts = [s.correct as f64, s.total as f64];
+    comm.allreduce_sum_f64(&mut counts)?;
+    Ok(hellaswag::EvalScore { correct: counts[0] as usize, total: counts[1] as usize })
 }
 
 /// Whether the backend's gradient buffers are host memory (the cpu backend).

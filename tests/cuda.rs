@@ -386,7 +386,7 @@ fn device_tests_on_the_cuda_emulator() {
         assert!(stdout.contains(must), "`{must}` missing from the emulated run:\n{stdout}");
     }
     if std::env::var("WGPT_TEST_NCCL_LIB").is_ok_and(|v| !v.is_empty()) {
-        for must in ["CUDA ranks without MPI, --dist-init tcp", "CUDA ranks without MPI, --dist-init fs"] {
+        for must in ["CUDA ranks without MPI, --dist-init tcp", "CUDA ranks without MPI, --dist-init fs", "CUDA ranks without MPI, --dist-init auto"] {
             assert!(stdout.contains(must), "`{must}` missing from the emulated run:\n{stdout}");
         }
     }
@@ -555,7 +555,8 @@ fn cuda_ranks_without_mpi_reach_nccl() {
     let port = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port().to_string();
     let dir = tempfile::tempdir().unwrap();
     let fs = format!("fs:{}", dir.path().display());
-    for init in ["tcp", fs.as_str()] {
+    // auto: no MPI and no MASTER_ADDR, so the id goes through a file in the cache directory
+    for init in ["tcp", fs.as_str(), "auto"] {
         let t0 = std::time::Instant::now();
         let ranks: Vec<_> = (0..2)
             .map(|r| {
@@ -563,11 +564,13 @@ fn cuda_ranks_without_mpi_reach_nccl() {
                 std::thread::spawn(move || {
                     let r = r.to_string();
                     // one rank per node (each has its own GPU 0); no MPI to be found
-                    let env = [
+                    let mut env = vec![
                         ("WGPT_RANK", r.as_str()), ("WGPT_WORLD_SIZE", "2"), ("WGPT_LOCAL_RANK", "0"), ("WGPT_LOCAL_SIZE", "1"),
-                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port.as_str()), ("WGPT_NCCL_LIB", nccl.as_str()),
-                        ("WGPT_MPI_LIB", "/no/such/libmpi.so"), ("WGPT_RUN_ID", "emu"),
+                        ("WGPT_NCCL_LIB", nccl.as_str()), ("WGPT_MPI_LIB", "/no/such/libmpi.so"), ("WGPT_RUN_ID", "emu"),
                     ];
+                    if init != "auto" {
+                        env.extend([("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port.as_str())]);
+                    }
                     let args = ["train", "--backend", "cuda", "--init", "tests/data/tiny/model.bin", "--steps", "1", "--dist-init", init.as_str(), "--dist-timeout", "30"];
                     wgpt_env(&args, &env)
                 })
@@ -579,6 +582,10 @@ fn cuda_ranks_without_mpi_reach_nccl() {
             assert!(!o.status.success() && !err.contains("panicked"), "rank {r}: {err}");
             let line = err.lines().find(|l| l.starts_with("error")).expect("an error line");
             assert!(line.contains("ncclCommInitRank"), "rank {r} ({init}) did not reach NCCL: {err}");
+            if init == "auto" {
+                let dir = std::path::Path::new(&std::env::var("WGPT_CACHE_DIR").unwrap()).join("rendezvous/wgpt-rendezvous-emu.bin");
+                assert!(dir.exists(), "auto did not go through {}", dir.display());
+            }
         }
         assert!(t0.elapsed().as_secs() < 60, "{init}: took {:?}", t0.elapsed());
         println!("CUDA ranks without MPI, --dist-init {}: both reached ncclCommInitRank in {:.1} s", init.split(':').next().unwrap(), t0.elapsed().as_secs_f64());

@@ -345,25 +345,40 @@ pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
         BackendKind::Auto => matches!(crate::dist::probe_devices(BackendKind::Auto), crate::dist::Devices::Cuda { .. }),
         _ => false,
     };
-    if let Some(init) = nccl_only_init(&a.dist_init, &world, &env, cuda)? {
-        let device = match a.backend.device {
-            Some(d) => d,
-            None => a.backend.rank_device()?.unwrap_or(0),
-        };
-        let comm = NcclWorld::join(&env, world.rank, world.size, device, &init, timeout)?;
-        let header = format!("{world} ({}); {}", world.launcher, comm.describe());
-        let r = run_rank(a, &comm, &|| a.backend.create(), Some(header));
-        if let Err(e) = &r {
-            comm.fail(&e.to_string());
+    // Ok(MPI) or Err(the rendezvous of a world NCCL joins alone)
+    let engine: std::result::Result<Mpi, DistInit> = match nccl_only_init(&a.dist_init, &world, &env, cuda)? {
+        Some(init) => Err(init),
+        None => match Mpi::init(&env) {
+            Ok(m) => Ok(m),
+            // CUDA ranks with no MPI to be found (auto): the NCCL id goes through a file in wgpt's
+            // cache directory (shared by the ranks of one node; across nodes, where home is shared)
+            Err(Error::Unavailable(m)) if cuda => match (a.dist_init == DistInit::Auto).then(|| crate::cache::cache_dir("rendezvous")).flatten() {
+                Some(dir) => Err(DistInit::Fs(dir)),
+                None => {
+                    return Err(Error::Unavailable(format!(
+                        "{m}; CUDA ranks can also be joined by NCCL alone: --dist-init tcp (with MASTER_ADDR/MASTER_PORT) or --dist-init fs:DIR"
+                    )))
+                }
+            },
+            Err(e) => return Err(e),
+        },
+    };
+    let mpi = match engine {
+        Ok(m) => m,
+        Err(init) => {
+            let device = match a.backend.device {
+                Some(d) => d,
+                None => a.backend.rank_device()?.unwrap_or(0),
+            };
+            let comm = NcclWorld::join(&env, world.rank, world.size, device, &init, timeout)?;
+            let header = format!("{world} ({}); {}", world.launcher, comm.describe());
+            let r = run_rank(a, &comm, &|| a.backend.create(), Some(header));
+            if let Err(e) = &r {
+                comm.fail(&e.to_string());
+            }
+            return r;
         }
-        return r;
-    }
-    let mpi = Mpi::init(&env).map_err(|e| match e {
-        Error::Unavailable(m) if cuda => Error::Unavailable(format!(
-            "{m}; CUDA ranks can also be joined by NCCL alone: --dist-init tcp (with MASTER_ADDR/MASTER_PORT) or --dist-init fs:DIR"
-        )),
-        e => e,
-    })?;
+    };
     if (mpi.rank(), mpi.size()) != (world.rank, world.size) {
         return Err(Error::Unavailable(format!(
             "MPI ({}) says rank {} of {}, but {} says rank {} of {}: that library is not the launcher's MPI; set WGPT_MPI_LIB to the libmpi of the mpirun/mpiexec used",

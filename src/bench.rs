@@ -73,6 +73,18 @@ pub struct BenchArgs {
     /// --decode: weight storage (f16 where the backend has it)
     #[arg(long, value_enum, default_value_t = crate::infer::WeightDtype::F32)]
     pub dtype: crate::infer::WeightDtype,
+    /// time every launch of one training step on its own (wgpu timestamp queries, CUDA events,
+    /// the wall clock on cpu): totals per kernel family, the slowest launches, achieved GFLOP/s
+    /// and GB/s, and each as a fraction of the device's roofline bound
+    #[arg(long)]
+    pub profile: bool,
+    /// --profile: the device's fp32 GFLOP/s peak (default: the table of known GPUs by adapter
+    /// name; measured on cpu and software adapters)
+    #[arg(long, value_name = "GFLOPS")]
+    pub peak_gflops: Option<f64>,
+    /// --profile: the device's memory bandwidth in GB/s (default: as --peak-gflops)
+    #[arg(long, value_name = "GBS")]
+    pub peak_gbs: Option<f64>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]

@@ -248,6 +248,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Bench(a) => {
             match a.kernel {
+                BenchKernel::Step if a.profile => {
+                    let r = wgpt::profile::run(&a)?;
+                    wgpt::profile::print(&r);
+                    if a.json {
+                        println!("{}", serde_json::to_string(&r).unwrap());
+                    }
+                }
                 BenchKernel::Step if a.decode => {
                     let r = wgpt::bench::run_decode(&a)?;
                     println!(

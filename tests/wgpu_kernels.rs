@@ -288,7 +288,7 @@ fn step_profile() {
     let mut all = Vec::new();
     for phase in names.map(|p| graph.phase(p)) {
         let times = be.profile(phase).unwrap();
-        for (l, (_, ms)) in phase.iter().zip(times) {
+        for (l, ms) in phase.iter().zip(times.ms) {
             all.push((ms, l.label.clone()));
             let key = match &l.kernel {
                 Kernel::MatmulForward { .. } => "matmul fwd",

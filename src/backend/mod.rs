@@ -28,6 +28,15 @@ pub enum RawBuffer<'a> {
     Staged,
 }
 
+/// Per-launch times from [`Backend::profile`].
+#[derive(Clone, Debug)]
+pub struct Profile {
+    /// milliseconds of each launch, in order
+    pub ms: Vec<f64>,
+    /// how they were measured: "timestamp queries", "CUDA events" or "wall clock"
+    pub clock: &'static str,
+}
+
 /// What every backend implements. A typical life: `alloc` once with the graph's buffer table,
 /// `prepare` each phase once, `upload` parameters, then per step `upload` tokens/targets/scalars,
 /// `run_prepared` the phases and `download` the losses. Running may return before the device
@@ -73,6 +82,9 @@ pub trait Backend: Send {
     fn sync(&mut self) -> Result<()>;
     /// The door for collectives, see [`RawBuffer`]. Pending work is flushed first.
     fn raw_buffer(&mut self, id: BufId) -> Result<RawBuffer<'_>>;
+    /// Run launches already checked by `graph::validate` once, each timed on its own, and wait
+    /// for them (see [`Backend::profile`]).
+    fn profile_valid(&mut self, launches: &[Launch]) -> Result<Profile>;
 
     // ---- provided: everything below is written once for every backend ----
 
@@ -90,6 +102,17 @@ pub trait Backend: Send {
     fn prepare(&mut self, launches: &[Launch]) -> Result<Prepared> {
         validate(self.table(), launches)?;
         self.prepare_valid(launches)
+    }
+    /// Run `launches` once with every launch timed on its own: device timestamps on wgpu where
+    /// the adapter has them, CUDA events, the wall clock on cpu (and on wgpu without timestamps,
+    /// waiting for the device after each launch). Pending work finishes first, so it is not
+    /// counted. Timing each launch alone costs a little: compare totals with an untimed step.
+    fn profile(&mut self, launches: &[Launch]) -> Result<Profile> {
+        validate(self.table(), launches)?;
+        self.sync()?;
+        let p = self.profile_valid(launches)?;
+        debug_assert_eq!(p.ms.len(), launches.len());
+        Ok(p)
     }
     /// Execute launches once (prepare, run, release): for tests and one-off work. Steps replay
     /// prepared phases instead.

@@ -6,6 +6,7 @@
 //! * `build/`      — the only code that knows GPT-2: the training and forward graphs.
 
 pub mod build;
+pub mod cost;
 pub mod kernels;
 pub mod signature;
 

@@ -1,3 +1,4 @@
+#include <chrono>
 // A stand-in for libcuda.so.1, for testing only: the part of the CUDA driver API that the wgpt
 // CUDA backend (through cudarc) calls, on host memory, launching the kernels of cuda/*.cu
 // compiled for the host with shim.h. Device pointers are host pointers. Launches run at once
@@ -279,6 +280,25 @@ CUresult cuStreamCreate(void** s, unsigned) {
 CUresult cuStreamDestroy_v2(void*) { return OK; }
 CUresult cuStreamSynchronize(void*) {
     g_syncs++;
+    return OK;
+}
+// events: launches run to completion when called, so an event records the host clock then
+CUresult cuEventCreate(void** e, unsigned) {
+    *e = new double(0.0);
+    return OK;
+}
+CUresult cuEventRecord(void* e, void*) {
+    *(double*)e = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+    return OK;
+}
+CUresult cuEventSynchronize(void*) { return OK; }
+CUresult cuEventQuery(void*) { return OK; }
+CUresult cuEventElapsedTime(float* ms, void* a, void* b) {
+    *ms = (float)(*(double*)b - *(double*)a);
+    return OK;
+}
+CUresult cuEventDestroy_v2(void* e) {
+    delete (double*)e;
     return OK;
 }
 static size_t g_used = 0;

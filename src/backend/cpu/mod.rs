@@ -349,6 +349,16 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn profile_valid(&mut self, launches: &[Launch]) -> Result<crate::backend::Profile> {
+        let mut ms = Vec::with_capacity(launches.len());
+        for l in launches {
+            let t0 = std::time::Instant::now();
+            self.run_one(l)?;
+            ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok(crate::backend::Profile { ms, clock: "wall clock" })
+    }
+
     fn raw_buffer(&mut self, id: BufId) -> Result<RawBuffer<'_>> {
         if self.table.try_get(id).is_some_and(|d| d.dtype == DType::F16) {
             return Err(Error::Internal("raw_buffer: the cpu backend keeps f16 buffers as f32".into()));

@@ -990,4 +990,33 @@ impl Backend for CudaBackend {
         self.retired.clear();
         Ok(())
     }
+
+    /// An event before the first launch and after each one, on the backend's stream.
+    fn profile_valid(&mut self, launches: &[Launch]) -> Result<crate::backend::Profile> {
+        let need = launches.iter().map(|l| Self::scratch_floats(&l.kernel)).max().unwrap_or(0);
+        self.reserve_scratch(need)?;
+        self.bind()?;
+        let mut events = Vec::with_capacity(launches.len() + 1);
+        let stream = self.stream.cu_stream();
+        let r = (|| -> Result<Vec<f64>> {
+            for i in 0..=launches.len() {
+                let e = drv::event::create(drv_sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(|e| drv_err("cuEventCreate", e))?;
+                events.push(e);
+                unsafe { drv::event::record(e, stream) }.map_err(|e| drv_err("cuEventRecord", e))?;
+                if let Some(l) = launches.get(i) {
+                    self.exec(l)?;
+                }
+            }
+            self.sync()?;
+            let mut ms = Vec::with_capacity(launches.len());
+            for w in events.windows(2) {
+                ms.push(unsafe { drv::event::elapsed(w[0], w[1]) }.map_err(|e| drv_err("cuEventElapsedTime", e))? as f64);
+            }
+            Ok(ms)
+        })();
+        for e in events {
+            let _ = unsafe { drv::event::destroy(e) };
+        }
+        Ok(crate::backend::Profile { ms: r?, clock: "CUDA events" })
+    }
 }

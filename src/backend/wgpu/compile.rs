@@ -47,6 +47,8 @@ pub struct DispatchDesc {
     pub params: [u32; PARAM_WORDS],
     pub groups: [u32; 3],
     pub label: String,
+    /// the index of its launch in the list compiled (a launch may take several dispatches)
+    pub launch: usize,
 }
 
 /// How matmuls are done on this adapter.
@@ -183,9 +185,10 @@ pub fn plan_memory(table: &BufferTable, phases: &[&[Launch]], caps: &DeviceCaps)
 /// Compiles a launch list into dispatches. The launches must satisfy the kernel contract
 /// (`graph::validate`, done by `Backend::prepare` and `plan_memory`).
 pub fn compile(table: &BufferTable, launches: &[Launch], caps: &DeviceCaps) -> Result<Compiled> {
-    let mut c = Compiler { table, caps, out: Vec::new(), scratch: 0, label: String::new() };
-    for l in launches {
+    let mut c = Compiler { table, caps, out: Vec::new(), scratch: 0, label: String::new(), launch: 0 };
+    for (i, l) in launches.iter().enumerate() {
         c.label = l.label.clone();
+        c.launch = i;
         c.launch(&l.kernel).map_err(|e| match e {
             Error::Backend { backend, msg } => Error::Backend { backend, msg: format!("launch '{}': {msg}", l.label) },
             other => other,
@@ -245,6 +248,7 @@ struct Compiler<'a> {
     out: Vec<DispatchDesc>,
     scratch: u64,
     label: String,
+    launch: usize,
 }
 
 fn ceil_div(a: u64, b: u64) -> u64 {
@@ -405,6 +409,7 @@ impl Compiler<'_> {
             params: call.params,
             groups: call.groups,
             label: self.label.clone(),
+            launch: self.launch,
         });
     }
 

@@ -154,6 +154,7 @@ struct Ready {
     pipeline: wgpu::ComputePipeline,
     bind_group: wgpu::BindGroup,
     groups: [u32; 3],
+    launch: usize,
 }
 
 /// Downloads up to this size keep their staging buffer.
@@ -208,7 +209,8 @@ impl WgpuBackend {
         let info = adapter.get_info();
         let limits = adapter.limits();
         // SHADER_F16: f16 weights (inference), read by the f16-specialised matmul and encoder
-        let features = adapter.features() & (wgpu::Features::SUBGROUP | wgpu::Features::SHADER_F16);
+        // TIMESTAMP_QUERY: per-launch device times for `wgpt bench --profile`
+        let features = adapter.features() & (wgpu::Features::SUBGROUP | wgpu::Features::SHADER_F16 | wgpu::Features::TIMESTAMP_QUERY);
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("wgpt"),
             required_features: features,
@@ -467,7 +469,7 @@ impl WgpuBackend {
             if let Some(e) = pollster::block_on(scope.pop()) {
                 return Err(Error::backend("wgpu", format!("launch '{}' ({}): {e}", d.label, d.entry)));
             }
-            ready.push(Ready { pipeline, bind_group, groups: d.groups });
+            ready.push(Ready { pipeline, bind_group, groups: d.groups, launch: d.launch });
         }
         let label = launches.first().map(|l| l.label.clone()).unwrap_or_default();
         Ok(Plan { label, dispatches: ready, _params: params, _scratch: scratch })
@@ -533,32 +535,6 @@ impl WgpuBackend {
             view[(first - start) as usize..(last - start) as usize].to_vec()
         };
         staging.unmap();
-        Ok(out)
-    }
-
-    /// Runs each launch on its own and waits for it: (label, milliseconds) per launch, for
-    /// profiling (`wgpt bench`). Pipelines are shared with normal runs; nothing is cached.
-    pub fn profile(&mut self, launches: &[Launch]) -> Result<Vec<(String, f64)>> {
-        self.sync()?;
-        let mut out = Vec::with_capacity(launches.len());
-        for l in launches {
-            let plan = self.build_plan(std::slice::from_ref(l))?;
-            self.wait()?;
-            let t0 = std::time::Instant::now();
-            let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("profile") });
-            {
-                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(&l.label), timestamp_writes: None });
-                for d in &plan.dispatches {
-                    pass.set_pipeline(&d.pipeline);
-                    pass.set_bind_group(0, &d.bind_group, &[]);
-                    pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
-                }
-            }
-            self.queue.submit([enc.finish()]);
-            self.wait()?;
-            out.push((l.label.clone(), t0.elapsed().as_secs_f64() * 1e3));
-        }
-        self.take_errors()?;
         Ok(out)
     }
 }
@@ -698,6 +674,79 @@ impl Backend for WgpuBackend {
     fn raw_buffer(&mut self, _id: BufId) -> Result<RawBuffer<'_>> {
         self.flush();
         Ok(RawBuffer::Staged)
+    }
+
+    /// Each dispatch in a compute pass of its own with a timestamp at its start and end (where
+    /// the adapter has TIMESTAMP_QUERY), summed per launch; else each launch's dispatches are
+    /// submitted alone and the device waited for, on the wall clock.
+    fn profile_valid(&mut self, launches: &[Launch]) -> Result<crate::backend::Profile> {
+        let plan = self.build_plan(launches)?;
+        let mut ms = vec![0f64; launches.len()];
+        let encode = |enc: &mut wgpu::CommandEncoder, d: &Ready, ts: Option<wgpu::ComputePassTimestampWrites<'_>>| {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("profile"), timestamp_writes: ts });
+            pass.set_pipeline(&d.pipeline);
+            pass.set_bind_group(0, &d.bind_group, &[]);
+            pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
+        };
+        if !self.features.contains(wgpu::Features::TIMESTAMP_QUERY) {
+            for (i, slot) in ms.iter_mut().enumerate() {
+                let t0 = std::time::Instant::now();
+                let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("profile") });
+                for d in plan.dispatches.iter().filter(|d| d.launch == i) {
+                    encode(&mut enc, d, None);
+                }
+                self.queue.submit([enc.finish()]);
+                self.wait()?;
+                *slot = t0.elapsed().as_secs_f64() * 1e3;
+            }
+            self.take_errors()?;
+            return Ok(crate::backend::Profile { ms, clock: "wall clock" });
+        }
+        let period_ns = self.queue.get_timestamp_period() as f64;
+        // two timestamps per dispatch, at most QUERY_SET_MAX_QUERIES per set
+        for chunk in plan.dispatches.chunks((wgpu::QUERY_SET_MAX_QUERIES / 2) as usize) {
+            let n = 2 * chunk.len() as u32;
+            let set = self.device.create_query_set(&wgpu::QuerySetDescriptor { label: Some("profile"), ty: wgpu::QueryType::Timestamp, count: n });
+            let bytes = n as u64 * 8;
+            let resolve = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("profile resolve"),
+                size: bytes,
+                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            let read = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("profile read"),
+                size: bytes,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("profile") });
+            for (k, d) in chunk.iter().enumerate() {
+                let ts = wgpu::ComputePassTimestampWrites {
+                    query_set: &set,
+                    beginning_of_pass_write_index: Some(2 * k as u32),
+                    end_of_pass_write_index: Some(2 * k as u32 + 1),
+                };
+                encode(&mut enc, d, Some(ts));
+            }
+            enc.resolve_query_set(&set, 0..n, &resolve, 0);
+            enc.copy_buffer_to_buffer(&resolve, 0, &read, 0, bytes);
+            self.queue.submit([enc.finish()]);
+            let slice = read.slice(..);
+            slice.map_async(wgpu::MapMode::Read, |_| {});
+            self.wait()?;
+            let stamps: Vec<u64> = {
+                let view = slice.get_mapped_range().map_err(|e| Error::backend("wgpu", format!("reading the timestamps: {e}")))?;
+                bytemuck::pod_collect_to_vec(&view[..])
+            };
+            read.unmap();
+            for (k, d) in chunk.iter().enumerate() {
+                let ticks = stamps[2 * k + 1].saturating_sub(stamps[2 * k]);
+                ms[d.launch] += ticks as f64 * period_ns / 1e6;
+            }
+        }
+        self.take_errors()?;
+        Ok(crate::backend::Profile { ms, clock: "timestamp queries" })
     }
 }
 

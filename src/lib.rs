@@ -10,6 +10,7 @@ pub mod graph;
 pub mod infer;
 pub mod info;
 pub mod model;
+pub mod plan;
 pub mod profile;
 pub mod rng;
 pub mod roofline;

@@ -30,6 +30,9 @@ enum Cmd {
     Eval(EvalArgs),
     /// Time training steps or a kernel
     Bench(BenchArgs),
+    /// Plan a training step before running it: device memory by role (--memory SIZE: does it
+    /// fit), and with --roofline DEVICE the least step time that device's peaks allow
+    Plan(wgpt::plan::PlanArgs),
     /// List the backends and devices available here, and why an absent one is absent
     Info,
     /// Compile the CUDA kernels with NVRTC for the given architectures (no GPU needed)
@@ -244,6 +247,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("train: {} ({} tokens)", s.train_path.display(), s.train_tokens);
             println!("val:   {} ({} tokens)", s.val_path.display(), s.val_tokens);
             println!("tokenizer: {}", s.tokenizer_path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Plan(a) => {
+            let p = wgpt::plan::plan(&a)?;
+            wgpt::plan::print(&p);
+            if a.json {
+                println!("{}", serde_json::to_string(&p).unwrap());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Bench(a) => {

@@ -135,7 +135,7 @@ pub fn run(a: &BenchArgs) -> Result<ProfileReport> {
                 ms,
                 flops: c.flops,
                 bytes: c.bytes,
-                bound_ms: roofline::bound_ms(c.flops, c.bytes, peaks.fp32_gflops, peaks.gbs),
+                bound_ms: roofline::launch_bound_ms(&l.kernel, c, &peaks, a.backend.tf32),
             });
         }
     }

@@ -15,6 +15,8 @@ use crate::error::{Error, Result};
 pub struct Peaks {
     pub name: String,
     pub fp32_gflops: f64,
+    /// matmuls with TF32 inputs on tensor cores (sm_80+, `--tf32`; dense); the fp32 figure elsewhere
+    pub tf32_gflops: f64,
     /// f16 with f32 accumulation on the device's fastest path (tensor cores where it has them)
     pub fp16_gflops: f64,
     pub gbs: f64,
@@ -23,45 +25,46 @@ pub struct Peaks {
 }
 
 /// Known devices: (what the adapter name contains, lower-case; name, fp32 GFLOP/s, f16 GFLOP/s,
-/// GB/s). Published peak figures, rounded; the first match wins, so longer names come first.
-const KNOWN: &[(&str, &str, f64, f64, f64)] = &[
-    ("h200", "NVIDIA H200", 67_000.0, 989_000.0, 4_800.0),
-    ("h100 pcie", "NVIDIA H100 PCIe", 51_000.0, 756_000.0, 2_000.0),
-    ("h100", "NVIDIA H100 SXM", 67_000.0, 989_000.0, 3_350.0),
-    ("a100-sxm4-80gb", "NVIDIA A100 80GB", 19_500.0, 312_000.0, 2_039.0),
-    ("a100", "NVIDIA A100 40GB", 19_500.0, 312_000.0, 1_555.0),
-    ("v100", "NVIDIA V100", 15_700.0, 125_000.0, 900.0),
-    ("rtx 4090", "GeForce RTX 4090", 82_600.0, 165_200.0, 1_008.0),
-    ("rtx 4080", "GeForce RTX 4080", 48_700.0, 97_500.0, 717.0),
-    ("rtx 4070", "GeForce RTX 4070", 29_100.0, 58_300.0, 504.0),
-    ("rtx 4060", "GeForce RTX 4060", 15_100.0, 30_200.0, 272.0),
-    ("rtx 3090", "GeForce RTX 3090", 35_600.0, 71_000.0, 936.0),
-    ("rtx 3080", "GeForce RTX 3080", 29_800.0, 59_500.0, 760.0),
-    ("rtx 3070", "GeForce RTX 3070", 20_300.0, 40_600.0, 448.0),
-    ("rtx 3060", "GeForce RTX 3060", 12_700.0, 25_400.0, 360.0),
-    ("rtx 2080 ti", "GeForce RTX 2080 Ti", 13_400.0, 53_800.0, 616.0),
-    ("rtx 2080", "GeForce RTX 2080", 10_100.0, 40_300.0, 448.0),
-    ("rtx 2070", "GeForce RTX 2070", 7_500.0, 29_900.0, 448.0),
-    ("rtx 2060", "GeForce RTX 2060", 6_500.0, 26_000.0, 336.0),
-    ("apple m4 max", "Apple M4 Max", 18_400.0, 18_400.0, 546.0),
-    ("apple m4 pro", "Apple M4 Pro", 9_200.0, 9_200.0, 273.0),
-    ("apple m4", "Apple M4", 4_300.0, 4_300.0, 120.0),
-    ("apple m3 max", "Apple M3 Max", 16_400.0, 16_400.0, 400.0),
-    ("apple m3 pro", "Apple M3 Pro", 7_400.0, 7_400.0, 150.0),
-    ("apple m3", "Apple M3", 4_100.0, 4_100.0, 100.0),
-    ("apple m2 max", "Apple M2 Max", 13_600.0, 13_600.0, 400.0),
-    ("apple m2 pro", "Apple M2 Pro", 6_800.0, 6_800.0, 200.0),
-    ("apple m2", "Apple M2", 3_600.0, 3_600.0, 100.0),
-    ("apple m1 max", "Apple M1 Max", 10_400.0, 10_400.0, 400.0),
-    ("apple m1 pro", "Apple M1 Pro", 5_200.0, 5_200.0, 200.0),
-    ("apple m1", "Apple M1", 2_600.0, 2_600.0, 68.0),
-    ("arc(tm) a770", "Intel Arc A770", 19_700.0, 39_300.0, 560.0),
-    ("iris(r) xe", "Intel Iris Xe (96 EU)", 2_200.0, 4_400.0, 68.0),
-    ("uhd graphics 620", "Intel UHD Graphics 620", 400.0, 800.0, 34.0),
-    ("radeon 780m", "AMD Radeon 780M", 4_100.0, 8_200.0, 120.0),
-    ("radeon 680m", "AMD Radeon 680M", 3_400.0, 6_800.0, 102.0),
-    ("rx 7900 xtx", "AMD Radeon RX 7900 XTX", 61_400.0, 122_800.0, 960.0),
-    ("rx 6600", "AMD Radeon RX 6600", 8_900.0, 17_900.0, 224.0),
+/// GB/s, TF32 GFLOP/s or 0 for none). Published peak figures (dense), rounded; the first match
+/// wins, so longer names come first.
+const KNOWN: &[(&str, &str, f64, f64, f64, f64)] = &[
+    ("h200", "NVIDIA H200", 67_000.0, 989_000.0, 4_800.0, 494700.0),
+    ("h100 pcie", "NVIDIA H100 PCIe", 51_000.0, 756_000.0, 2_000.0, 378000.0),
+    ("h100", "NVIDIA H100 SXM", 67_000.0, 989_000.0, 3_350.0, 494700.0),
+    ("a100-sxm4-80gb", "NVIDIA A100 80GB", 19_500.0, 312_000.0, 2_039.0, 156000.0),
+    ("a100", "NVIDIA A100 40GB", 19_500.0, 312_000.0, 1_555.0, 156000.0),
+    ("v100", "NVIDIA V100", 15_700.0, 125_000.0, 900.0, 0.0),
+    ("rtx 4090", "GeForce RTX 4090", 82_600.0, 165_200.0, 1_008.0, 82600.0),
+    ("rtx 4080", "GeForce RTX 4080", 48_700.0, 97_500.0, 717.0, 48700.0),
+    ("rtx 4070", "GeForce RTX 4070", 29_100.0, 58_300.0, 504.0, 29100.0),
+    ("rtx 4060", "GeForce RTX 4060", 15_100.0, 30_200.0, 272.0, 15100.0),
+    ("rtx 3090", "GeForce RTX 3090", 35_600.0, 71_000.0, 936.0, 35600.0),
+    ("rtx 3080", "GeForce RTX 3080", 29_800.0, 59_500.0, 760.0, 29800.0),
+    ("rtx 3070", "GeForce RTX 3070", 20_300.0, 40_600.0, 448.0, 20300.0),
+    ("rtx 3060", "GeForce RTX 3060", 12_700.0, 25_400.0, 360.0, 12700.0),
+    ("rtx 2080 ti", "GeForce RTX 2080 Ti", 13_400.0, 53_800.0, 616.0, 0.0),
+    ("rtx 2080", "GeForce RTX 2080", 10_100.0, 40_300.0, 448.0, 0.0),
+    ("rtx 2070", "GeForce RTX 2070", 7_500.0, 29_900.0, 448.0, 0.0),
+    ("rtx 2060", "GeForce RTX 2060", 6_500.0, 26_000.0, 336.0, 0.0),
+    ("apple m4 max", "Apple M4 Max", 18_400.0, 18_400.0, 546.0, 0.0),
+    ("apple m4 pro", "Apple M4 Pro", 9_200.0, 9_200.0, 273.0, 0.0),
+    ("apple m4", "Apple M4", 4_300.0, 4_300.0, 120.0, 0.0),
+    ("apple m3 max", "Apple M3 Max", 16_400.0, 16_400.0, 400.0, 0.0),
+    ("apple m3 pro", "Apple M3 Pro", 7_400.0, 7_400.0, 150.0, 0.0),
+    ("apple m3", "Apple M3", 4_100.0, 4_100.0, 100.0, 0.0),
+    ("apple m2 max", "Apple M2 Max", 13_600.0, 13_600.0, 400.0, 0.0),
+    ("apple m2 pro", "Apple M2 Pro", 6_800.0, 6_800.0, 200.0, 0.0),
+    ("apple m2", "Apple M2", 3_600.0, 3_600.0, 100.0, 0.0),
+    ("apple m1 max", "Apple M1 Max", 10_400.0, 10_400.0, 400.0, 0.0),
+    ("apple m1 pro", "Apple M1 Pro", 5_200.0, 5_200.0, 200.0, 0.0),
+    ("apple m1", "Apple M1", 2_600.0, 2_600.0, 68.0, 0.0),
+    ("arc(tm) a770", "Intel Arc A770", 19_700.0, 39_300.0, 560.0, 0.0),
+    ("iris(r) xe", "Intel Iris Xe (96 EU)", 2_200.0, 4_400.0, 68.0, 0.0),
+    ("uhd graphics 620", "Intel UHD Graphics 620", 400.0, 800.0, 34.0, 0.0),
+    ("radeon 780m", "AMD Radeon 780M", 4_100.0, 8_200.0, 120.0, 0.0),
+    ("radeon 680m", "AMD Radeon 680M", 3_400.0, 6_800.0, 102.0, 0.0),
+    ("rx 7900 xtx", "AMD Radeon RX 7900 XTX", 61_400.0, 122_800.0, 960.0, 0.0),
+    ("rx 6600", "AMD Radeon RX 6600", 8_900.0, 17_900.0, 224.0, 0.0),
 ];
 
 /// The table's entry for an adapter or GPU name ("NVIDIA H200", "NVIDIA GeForce RTX 3060 Laptop
@@ -69,9 +72,10 @@ const KNOWN: &[(&str, &str, f64, f64, f64)] = &[
 pub fn lookup(name: &str) -> Option<Peaks> {
     let lower = name.to_lowercase();
     // a short name on the command line ("m2 pro", "4090") matches the table's key too
-    KNOWN.iter().find(|(key, ..)| lower.contains(key) || (lower.len() >= 3 && key.ends_with(&lower))).map(|&(_, n, f32g, f16g, gbs)| Peaks {
+    KNOWN.iter().find(|(key, ..)| lower.contains(key) || (lower.len() >= 3 && key.ends_with(&lower))).map(|&(_, n, f32g, f16g, gbs, tf32)| Peaks {
         name: n.to_string(),
         fp32_gflops: f32g,
+        tf32_gflops: if tf32 > 0.0 { tf32 } else { f32g },
         fp16_gflops: f16g,
         gbs,
         source: "table".into(),
@@ -100,6 +104,7 @@ pub fn with_overrides(base: Option<Peaks>, gflops: Option<f64>, gbs: Option<f64>
             }
             if let Some(g) = g {
                 p.fp32_gflops = g;
+                p.tf32_gflops = p.tf32_gflops.max(g);
                 p.fp16_gflops = p.fp16_gflops.max(g);
             }
             if let Some(b) = b {
@@ -107,7 +112,7 @@ pub fn with_overrides(base: Option<Peaks>, gflops: Option<f64>, gbs: Option<f64>
             }
             Ok(p)
         }
-        (None, Some(g), Some(b)) => Ok(Peaks { name: "given".into(), fp32_gflops: g, fp16_gflops: g, gbs: b, source: "--peak-gflops/--peak-gbs".into() }),
+        (None, Some(g), Some(b)) => Ok(Peaks { name: "given".into(), fp32_gflops: g, tf32_gflops: g, fp16_gflops: g, gbs: b, source: "--peak-gflops/--peak-gbs".into() }),
         (None, ..) => Err(Error::flag(
             "--peak-gflops",
             "this device is not in the table of known GPUs: give both --peak-gflops and --peak-gbs (its fp32 GFLOP/s and memory GB/s)",
@@ -118,6 +123,14 @@ pub fn with_overrides(base: Option<Peaks>, gflops: Option<f64>, gbs: Option<f64>
 /// The least milliseconds `flops` and `bytes` can take at `gflops` and `gbs`.
 pub fn bound_ms(flops: f64, bytes: f64, gflops: f64, gbs: f64) -> f64 {
     (flops / (gflops * 1e9)).max(bytes / (gbs * 1e9)) * 1e3
+}
+
+/// The least milliseconds of a launch of `kernel` costing `c` on `peaks`: matmuls at the TF32
+/// peak when `tf32` (cuBLAS with `--tf32`), everything else at the fp32 vector peak.
+pub fn launch_bound_ms(kernel: &crate::graph::Kernel, c: crate::graph::cost::Cost, peaks: &Peaks, tf32: bool) -> f64 {
+    let matmul = matches!(kernel, crate::graph::Kernel::MatmulForward { .. } | crate::graph::Kernel::MatmulBackward { .. });
+    let gflops = if tf32 && matmul { peaks.tf32_gflops } else { peaks.fp32_gflops };
+    bound_ms(c.flops, c.bytes, gflops, peaks.gbs)
 }
 
 /// Whether the bound of (flops, bytes) is compute (true) or memory.
@@ -171,7 +184,7 @@ pub fn measure_cpu(threads: Option<usize>) -> Result<Peaks> {
         best = best.min(t0.elapsed().as_secs_f64());
     }
     let gbs = (2 * len * 4) as f64 / best / 1e9;
-    Ok(Peaks { name: be.name(), fp32_gflops: gflops, fp16_gflops: gflops, gbs, source: "measured".into() })
+    Ok(Peaks { name: be.name(), fp32_gflops: gflops, tf32_gflops: gflops, fp16_gflops: gflops, gbs, source: "measured".into() })
 }
 
 #[cfg(test)]

@@ -382,7 +382,7 @@ fn device_tests_on_the_cuda_emulator() {
         skip_note(&format!("(on the emulator) {l}"));
     }
     assert!(stdout.contains("CUDA emulator"), "the child did not run on the emulator:\n{stdout}");
-    for must in ["tiny fixture on", "decode on cuda", "verify --backend cuda", "attention", "matmul", "norm/clip/adamw", "CUDA 11.4 driver + NVRTC 12", "host wait", "1 GiB GPU", "resume on cuda", "cuBLAS failing", "two ranks on one GPU"] {
+    for must in ["tiny fixture on", "decode on cuda", "verify --backend cuda", "attention", "matmul", "norm/clip/adamw", "CUDA 11.4 driver + NVRTC 12", "host wait", "1 GiB GPU", "resume on cuda", "cuBLAS failing", "two ranks on one GPU", "profile on cuda"] {
         assert!(stdout.contains(must), "`{must}` missing from the emulated run:\n{stdout}");
     }
     if std::env::var("WGPT_TEST_NCCL_LIB").is_ok_and(|v| !v.is_empty()) {
@@ -535,6 +535,35 @@ fn two_ranks_on_the_one_gpu_are_refused() {
     let line = err.lines().next().unwrap_or("");
     assert!(line.contains("would both use CUDA device 0") && line.contains("--device-per-rank"), "{line}");
     println!("two ranks on one GPU: {line}");
+}
+
+/// `wgpt bench --profile` on CUDA: every launch timed between two events on the backend's stream
+/// (the emulator records its clock when a launch has run). Its name is in no table of GPUs, so
+/// the peaks are given.
+#[test]
+#[ignore = "emulator only: device_tests_on_the_cuda_emulator runs it"]
+fn profile_on_cuda() {
+    if !on_emulator() {
+        return;
+    }
+    let args = [
+        "bench", "--profile", "--json", "--backend", "cuda", "--model", "d2:c64", "--batch", "2", "--seq-len", "32", "--steps", "1",
+        "--peak-gflops", "1000", "--peak-gbs", "100",
+    ];
+    let o = wgpt(&args);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(r["clock"], "CUDA events");
+    let launches = r["launches"].as_array().unwrap();
+    assert!(launches.len() > 40 && launches.iter().all(|l| l["ms"].as_f64().unwrap() >= 0.0));
+    let sum: f64 = launches.iter().map(|l| l["ms"].as_f64().unwrap()).sum();
+    assert!(sum > 0.0, "{out}");
+    // without given peaks, a GPU missing from the table is a one-line error naming the flags
+    let o = wgpt(&args[..13]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.lines().next().unwrap_or("").contains("--peak-gflops"), "{err}");
+    println!("profile on cuda: {} launches timed by CUDA events, {sum:.1} ms", launches.len());
 }
 
 /// Emulator only: CUDA ranks with no MPI (`--dist-init tcp`, then `fs:DIR`) find each other, pass

@@ -423,19 +423,25 @@ fn nccl_only_init(init: &DistInit, world: &crate::dist::World, env: &HashMap<Str
 }
 
 fn config_only(a: &TrainArgs) -> Result<Config> {
-    use crate::model::checkpoint::read_header;
-    use crate::model::hf::{detect, ModelFormat};
     let resume = a.out.as_ref().filter(|_| a.resume).and_then(|d| state::latest_done(d).map(|s| state::model_path(d, s)));
     match resume {
-        Some(p) => read_header(&p),
-        None if a.init.ends_with(".bin") || a.init.ends_with(".safetensors") || Path::new(&a.init).exists() => {
-            let p = Path::new(&a.init);
-            match detect(p) {
-                ModelFormat::Llmc => read_header(p),
-                _ => Ok(crate::model::hf::load_model(p)?.0),
-            }
+        Some(p) => crate::model::checkpoint::read_header(&p),
+        None => model_config(&a.init),
+    }
+}
+
+/// The configuration of `--init`/`--model` (a descriptor, an llm.c checkpoint whose header alone
+/// is read, or a Hugging Face GPT-2), without making or reading the weights where it can.
+pub fn model_config(init: &str) -> Result<Config> {
+    use crate::model::hf::{detect, ModelFormat};
+    if init.ends_with(".bin") || init.ends_with(".safetensors") || Path::new(init).exists() {
+        let p = Path::new(init);
+        match detect(p) {
+            ModelFormat::Llmc => crate::model::checkpoint::read_header(p),
+            _ => Ok(crate::model::hf::load_model(p)?.0),
         }
-        None => config_from_descriptor(&a.init),
+    } else {
+        config_from_descriptor(init)
     }
 }
 

@@ -1,0 +1,92 @@
+//! `wgpt plan`: the training step's device memory by role and its roofline bound.
+
+mod common;
+
+use common::wgpt;
+
+fn plan(args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["plan", "--json"];
+    all.extend_from_slice(args);
+    let o = wgpt(&all);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{args:?}: {out}{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_str(out.lines().last().unwrap()).unwrap()
+}
+
+fn u(v: &serde_json::Value) -> u64 {
+    v.as_u64().unwrap()
+}
+
+#[test]
+fn memory_by_role_adds_up_and_matches_the_model() {
+    // GPT-2 124M at B=1, T=1024: parameters, gradients and AdamW's two moments, fp32
+    let r = plan(&["--model", "d12", "--batch", "1", "--seq-len", "1024", "--memory", "2GiB"]);
+    let n = u(&r["params"]);
+    assert_eq!(n, 124_475_904);
+    let by = &r["by_role"];
+    assert_eq!(u(&by["params"]), 4 * n);
+    assert_eq!(u(&by["grads"]), 4 * n);
+    assert_eq!(u(&by["optimizer"]), 8 * n);
+    assert_eq!(u(&by["master"]), 0);
+    // the logits chunk: rows of Vp = 50304 columns, at most 32 Mi floats (a WebGPU binding)
+    let logits = u(&by["logits"]);
+    assert!(logits % (50304 * 4) == 0 && logits <= 4 << 25 && logits > 0, "{logits}");
+    let sum: u64 = ["params", "master", "grads", "optimizer", "activations", "logits", "scratch"].iter().map(|k| u(&by[*k])).sum();
+    assert_eq!(sum, u(&r["total_bytes"]));
+    assert!(u(&r["total_bytes"]) > 2 << 30);
+    assert_eq!(r["fits"], false, "fp32 124M training does not fit 2 GiB");
+    assert_eq!(plan(&["--model", "d12", "--batch", "1", "--seq-len", "1024", "--memory", "4GiB"])["fits"], true);
+    // ZeRO-1 over 4 ranks: a quarter of the optimiser state per rank, the rest unchanged
+    let z = plan(&["--model", "d12", "--batch", "1", "--seq-len", "1024", "--zero", "1", "--world", "4"]);
+    assert_eq!(u(&z["by_role"]["optimizer"]), 8 * n.div_ceil(4));
+    assert_eq!(u(&z["by_role"]["params"]), 4 * n);
+}
+
+#[test]
+fn roofline_bound() {
+    let base = ["--model", "d2:c64", "--batch", "2", "--seq-len", "32"];
+    let at = |g: &str, b: &str| {
+        let mut a = base.to_vec();
+        a.extend(["--roofline", "any", "--peak-gflops", g, "--peak-gbs", b]);
+        plan(&a)["roofline"].clone()
+    };
+    let r = at("1000", "100");
+    let (flops, bytes, ms) = (r["flops"].as_f64().unwrap(), r["bytes"].as_f64().unwrap(), r["bound_ms"].as_f64().unwrap());
+    // the sum of per-launch maxima is at least each resource's total time, at most their sum
+    let (tc, tm) = (flops / 1e12 * 1e3, bytes / 100e9 * 1e3);
+    assert!(ms >= tc.max(tm) * (1.0 - 1e-9) && ms <= (tc + tm) * (1.0 + 1e-9), "{ms} vs compute {tc}, memory {tm}");
+    // twice the device is half the bound
+    let r2 = at("2000", "200");
+    assert!((r2["bound_ms"].as_f64().unwrap() * 2.0 - ms).abs() < 1e-9 * ms);
+    assert!((r["tokens_per_s"].as_f64().unwrap() - 64.0 / (ms / 1e3)).abs() < 1e-6 * r["tokens_per_s"].as_f64().unwrap());
+    // a device from the table; TF32 only speeds up matmuls on sm_80+
+    let mut a = base.to_vec();
+    a.extend(["--roofline", "v100"]);
+    let v = plan(&a)["roofline"].clone();
+    assert_eq!(v["peaks"]["name"], "NVIDIA V100");
+    a.push("--tf32");
+    assert_eq!(plan(&a)["roofline"]["bound_ms"], v["bound_ms"], "V100 has no TF32");
+    let mut a = base.to_vec();
+    a.extend(["--roofline", "a100"]);
+    let fp32 = plan(&a)["roofline"]["bound_ms"].as_f64().unwrap();
+    a.push("--tf32");
+    assert!(plan(&a)["roofline"]["bound_ms"].as_f64().unwrap() < fp32);
+}
+
+#[test]
+fn bad_plan_flags_are_one_line_errors() {
+    for (args, want) in [
+        (&["--roofline", "toaster"][..], "error: --roofline: 'toaster' is not in the table"),
+        (&["--memory", "2 parsecs"][..], "error: --memory:"),
+        (&["--seq-len", "5000"][..], "error: --seq-len: must be in 1..=1024"),
+        (&["--zero", "1"][..], "error: --zero: 1 needs --world"),
+        (&["--peak-gflops", "10"][..], "error: --peak-gflops: goes with --roofline"),
+    ] {
+        let mut all = vec!["plan"];
+        all.extend_from_slice(args);
+        let o = wgpt(&all);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && !err.contains("panicked"), "{args:?}: {err}");
+        assert!(err.lines().next().unwrap_or("").starts_with(want), "{args:?}: {err}");
+    }
+}

@@ -90,3 +90,42 @@ fn bad_plan_flags_are_one_line_errors() {
         assert!(err.lines().next().unwrap_or("").starts_with(want), "{args:?}: {err}");
     }
 }
+
+/// `train --batch auto`: the largest B dividing --total-batch / T whose step fits --memory (the
+/// budget is set between the plans of B=4 and B=8, so B=4 must be chosen), and the run is the
+/// fixed `--batch 4` run with the same accumulation; a budget below B=1 is a one-line error.
+#[test]
+fn batch_auto_takes_the_largest_batch_that_fits() {
+    let model = "tests/data/tiny/model.bin";
+    let bytes = |b: &str| u(&plan(&["--model", model, "--batch", b, "--seq-len", "32"])["total_bytes"]);
+    let (b4, b8) = (bytes("4"), bytes("8"));
+    assert!(b4 < b8);
+    let budget = ((b4 + b8) / 2).to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |batch: &str, name: &str| {
+        let log = dir.path().join(format!("{name}.jsonl"));
+        let o = wgpt(&[
+            "train", "--backend", "cpu", "--init", model, "--train", "tests/data/tiny/train.bin", "--seq-len", "32", "--total-batch", "512",
+            "--batch", batch, "--memory", &budget, "--steps", "2", "--val-every", "0", "--gen-tokens", "0", "--log-json", log.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "{batch}: {err}");
+        let losses: Vec<f64> = std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["train_loss"].as_f64())
+            .collect();
+        (err, losses)
+    };
+    let (err, auto) = run("auto", "auto");
+    assert!(err.contains("--batch auto: B=4 ") && err.contains("4 accumulation steps"), "{err}");
+    let (_, fixed) = run("4", "fixed");
+    assert_eq!(auto, fixed);
+    assert_eq!(auto.len(), 2);
+    // nothing fits, and a fixed batch over the budget
+    for (batch, mem, want) in [("auto", "1MiB", "error: --batch auto: not even B=1"), ("8", budget.as_str(), "error: the step's buffers need")] {
+        let o = wgpt(&["train", "--backend", "cpu", "--init", model, "--train", "tests/data/tiny/train.bin", "--val-every", "0", "--gen-tokens", "0", "--seq-len", "32", "--total-batch", "512", "--batch", batch, "--memory", mem, "--steps", "1"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.lines().next().unwrap_or("").starts_with(want), "{batch} {mem}: {err}");
+    }
+}

@@ -71,9 +71,10 @@ pub struct TrainArgs {
     /// shards if there is one, else the built-in GPT-2 BPE; without --train, the bundled gpt2_tokenizer.bin]
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-    /// micro-batch size B (sequences per forward/backward)
-    #[arg(long, default_value_t = 16)]
-    pub batch: usize,
+    /// micro-batch size B (sequences per forward/backward), or auto: the largest B whose step fits
+    /// the device (and --memory), with --total-batch reached by gradient accumulation
+    #[arg(long, default_value_t = Batch::N(16), value_parser = Batch::parse, value_name = "N|auto")]
+    pub batch: Batch,
     /// sequence length T (at most the model's max, 1024 for GPT-2)
     #[arg(long, default_value_t = 64)]
     pub seq_len: usize,
@@ -200,6 +201,42 @@ pub struct TrainArgs {
     /// tcp:HOST:PORT
     #[arg(long, value_name = "auto|mpi|fs:DIR|tcp[:HOST:PORT]", default_value_t = DistInit::Auto, value_parser = DistInit::parse)]
     pub dist_init: DistInit,
+    /// device memory the step may use, e.g. 2GiB or 1536MiB (with --batch auto: the largest B
+    /// whose buffers fit it; with a fixed --batch: an error if they do not)
+    #[arg(long, value_name = "SIZE", value_parser = crate::plan::parse_size)]
+    pub memory: Option<u64>,
+}
+
+/// `--batch`: sequences per micro-step, or the largest that fits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Batch {
+    Auto,
+    N(usize),
+}
+
+impl Batch {
+    pub fn parse(s: &str) -> std::result::Result<Batch, String> {
+        if s == "auto" {
+            return Ok(Batch::Auto);
+        }
+        s.parse::<usize>().map(Batch::N).map_err(|_| format!("'{s}': give a number of sequences or auto"))
+    }
+    /// The number (0 for auto, which `run` resolves before anything else reads it).
+    pub fn n(self) -> usize {
+        match self {
+            Batch::N(n) => n,
+            Batch::Auto => 0,
+        }
+    }
+}
+
+impl std::fmt::Display for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Batch::Auto => write!(f, "auto"),
+            Batch::N(n) => write!(f, "{n}"),
+        }
+    }
 }
 
 /// `--reduce`: where a data-parallel run sums its gradients.
@@ -304,7 +341,7 @@ fn check_args(a: &TrainArgs, cfg: &Config, b: usize) -> Result<usize> {
 fn global_batch(a: &TrainArgs) -> usize {
     match &a.batch_split {
         BatchSplit::List(v) => v.iter().sum(),
-        _ => a.batch,
+        _ => a.batch.n(),
     }
 }
 
@@ -316,6 +353,16 @@ type MakeBackend<'a> = dyn Fn() -> Result<Box<dyn Backend>> + Sync + 'a;
 pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
     let env = crate::dist::env_map();
     let world = crate::dist::World::from_env_map(&env)?;
+    let resolved;
+    let a = if a.batch == Batch::Auto {
+        if a.devices.is_some() || world.size > 1 {
+            return Err(Error::flag("--batch", "auto is for one device; with several ranks give --batch and --batch-split auto"));
+        }
+        resolved = auto_batch(a)?;
+        &resolved
+    } else {
+        a
+    };
     let timeout = Duration::from_secs(a.dist_timeout.max(1));
     if let Some(list) = &a.devices {
         if world.size > 1 {
@@ -402,6 +449,50 @@ pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
 
 /// The model configuration `--init` (or the checkpoint to resume) names, for checking flags
 /// before MPI starts: an llm.c file's header only (the weights are read once, by the rank).
+/// `--batch auto`: the largest B dividing --total-batch / T whose training step (with the
+/// sampler's decoder when --gen-tokens > 0) fits the device (`Backend::check_fits`) and --memory.
+/// The returned flags have that B and the accumulation that reaches --total-batch.
+fn auto_batch(a: &TrainArgs) -> Result<TrainArgs> {
+    if a.total_batch == 0 || a.seq_len == 0 || a.total_batch % a.seq_len != 0 {
+        return Err(Error::flag("--batch", "auto needs --total-batch (tokens per optimiser step, a multiple of --seq-len) to reach by accumulation"));
+    }
+    let cfg = config_only(a)?;
+    let rows = a.total_batch / a.seq_len;
+    let backend = a.backend.create()?;
+    let mut last = None;
+    for b in (1..=rows).rev().filter(|b| rows % b == 0) {
+        let mut g = build_train_step(&cfg, &TrainOptions { b, t: a.seq_len, grad_accum: rows / b, weight_decay: a.weight_decay, decay_all: false, grad_clip: a.grad_clip });
+        if a.gen_tokens > 0 {
+            crate::graph::add_decoder(&mut g, sample::decode_options(&cfg, a.gen_tokens.min(a.seq_len)));
+        }
+        let bytes = g.total_bytes() as u64;
+        if a.memory.is_some_and(|m| bytes > m) {
+            last = Some(format!("B={b} needs {:.2} GiB", bytes as f64 / (1u64 << 30) as f64));
+            continue;
+        }
+        let phases: Vec<&[crate::graph::Launch]> = g.iter_phases().map(|(_, l)| l).collect();
+        match backend.check_fits(&g.buffers, &phases) {
+            Ok(()) => {
+                let cap = a.memory.map(|m| format!(" and --memory {:.2} GiB", m as f64 / (1u64 << 30) as f64)).unwrap_or_default();
+                eprintln!(
+                    "wgpt: --batch auto: B={b} ({:.2} GiB of buffers) fits {}{cap}; {} accumulation steps reach --total-batch {}",
+                    bytes as f64 / (1u64 << 30) as f64,
+                    backend.name(),
+                    rows / b,
+                    a.total_batch
+                );
+                return Ok(TrainArgs { batch: Batch::N(b), ..a.clone() });
+            }
+            Err(e) => last = Some(e.to_string()),
+        }
+    }
+    Err(Error::OutOfMemory(format!(
+        "--batch auto: not even B=1 at --seq-len {} fits ({}); lower --seq-len or use a smaller model",
+        a.seq_len,
+        last.unwrap_or_default()
+    )))
+}
+
 /// `--dist-init`: the rendezvous of a world joined by NCCL alone (None: MPI joins it). `auto`
 /// takes tcp for CUDA ranks that a non-MPI launcher started with MASTER_ADDR and MASTER_PORT set
 /// (torchrun always sets them); everything else is MPI's.
@@ -614,7 +705,7 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
         Some(p) => {
             let ex = crate::data::evalset::read_eval_file(p)?;
             // with several ranks, each scores its share of the examples in its own micro-batch
-            let b = if world > 1 { split.iter().copied().min().unwrap_or(0) } else { a.batch };
+            let b = if world > 1 { split.iter().copied().min().unwrap_or(0) } else { a.batch.n() };
             if world > 1 && b < 4 {
                 return Err(Error::flag(
                     "--hellaswag",
@@ -640,6 +731,14 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
     };
     if lead && a.gen_tokens > 0 {
         crate::graph::add_decoder(&mut graph, sample::decode_options(&cfg, a.gen_tokens.min(a.seq_len)));
+    }
+    if let Some(m) = a.memory.filter(|&m| graph.total_bytes() as u64 > m) {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        return Err(Error::OutOfMemory(format!(
+            "the step's buffers need {:.2} GiB, more than --memory {:.2} GiB: lower --batch or --seq-len, or use --batch auto --total-batch N",
+            gib(graph.total_bytes() as u64),
+            gib(m)
+        )));
     }
     let mut sess = Session::new(backend, graph)?;
     // the one gradient rule: dL/dloss = 1/N_global at every position of every rank

@@ -106,7 +106,10 @@ fn median(xs: &mut [f64]) -> f64 {
     xs[xs.len() / 2]
 }
 
-pub fn run_step(a: &BenchArgs) -> Result<BenchReport> {
+/// The benchmark's training step: a session of the model's training graph on the backend,
+/// deterministic tokens, and the milliseconds of `steps` steps after `warmup` untimed ones.
+/// Returns (session, configuration, parameter count, times).
+pub(crate) fn time_train_steps(a: &BenchArgs, warmup: usize) -> Result<(Session, crate::model::Config, usize, Vec<f64>)> {
     if a.steps == 0 {
         return Err(Error::flag("--steps", "must be at least 1"));
     }
@@ -134,25 +137,31 @@ pub fn run_step(a: &BenchArgs) -> Result<BenchReport> {
     let x: Vec<i32> = (0..n).map(|_| (r.next_u32() % cfg.v as u32) as i32).collect();
     let y: Vec<i32> = (0..n).map(|_| (r.next_u32() % cfg.v as u32) as i32).collect();
     let mut times = Vec::new();
-    for s in 0..(a.warmup + a.steps) {
+    for s in 0..(warmup + a.steps) {
         let t0 = Instant::now();
         sess.zero_grad()?;
         sess.train_micro_async(&x, &y)?;
         sess.update(1e-4, AdamConsts::default(), s + 1)?;
         sess.step_loss()?;
         sess.backend.sync()?;
-        if s >= a.warmup {
+        if s >= warmup {
             times.push(t0.elapsed().as_secs_f64() * 1e3);
         }
     }
+    Ok((sess, cfg, params.len(), times))
+}
+
+pub fn run_step(a: &BenchArgs) -> Result<BenchReport> {
+    let (sess, cfg, num_params, times) = time_train_steps(a, a.warmup)?;
+    let n = a.batch * a.seq_len;
     let ms = median(&mut times.clone());
-    let flops_per_token = 6.0 * params.len() as f64 + 6.0 * (cfg.l * cfg.c * a.seq_len) as f64;
+    let flops_per_token = 6.0 * num_params as f64 + 6.0 * (cfg.l * cfg.c * a.seq_len) as f64;
     Ok(BenchReport {
         backend: sess.backend.name(),
         model: a.model.clone(),
         batch: a.batch,
         seq_len: a.seq_len,
-        params: params.len(),
+        params: num_params,
         ms_per_step: ms,
         ms_all: times,
         tokens_per_s: n as f64 / (ms / 1e3),

@@ -6,11 +6,8 @@
 use crate::backend::Backend;
 use crate::bench::BenchArgs;
 use crate::error::{Error, Result};
-use crate::graph::{build_train_step, Phase, TrainOptions};
+use crate::graph::Phase;
 use crate::roofline::{self, Peaks};
-use crate::train::load_or_init;
-use crate::train::session::{AdamConsts, Session};
-use std::time::Instant;
 
 /// One launch of the step.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -83,39 +80,12 @@ pub fn peaks_for(backend: &dyn Backend, threads: Option<usize>, gflops: Option<f
 
 /// Profile one training step of `a.model` at (`a.batch`, `a.seq_len`).
 pub fn run(a: &BenchArgs) -> Result<ProfileReport> {
-    if a.batch == 0 || a.steps == 0 {
-        return Err(Error::flag("--batch/--steps", "must be at least 1"));
-    }
-    let (cfg, params) = load_or_init(&a.model, 42).map_err(|e| match e {
-        Error::Flag { msg, .. } => Error::flag("--model", msg),
-        e => e,
-    })?;
-    if a.seq_len == 0 || a.seq_len > cfg.max_t {
-        return Err(Error::flag("--seq-len", format!("must be in 1..={}", cfg.max_t)));
-    }
-    let backend = a.backend.create()?;
-    let peaks = peaks_for(backend.as_ref(), a.backend.threads, a.peak_gflops, a.peak_gbs)?;
-    let opts = TrainOptions { b: a.batch, t: a.seq_len, grad_accum: 1, weight_decay: 0.1, decay_all: false, grad_clip: 1.0 };
-    let mut sess = Session::new(backend, build_train_step(&cfg, &opts))?;
-    sess.upload_params(&params)?;
-    let n = a.batch * a.seq_len;
-    let mut r = crate::rng::XorShift(12345);
-    let x: Vec<i32> = (0..n).map(|_| (r.next_u32() % cfg.v as u32) as i32).collect();
-    let y: Vec<i32> = (0..n).map(|_| (r.next_u32() % cfg.v as u32) as i32).collect();
     // untimed warm-up (shaders, kernels, first allocations), then steps as `wgpt bench` runs them
-    let mut times = Vec::new();
-    for s in 0..(a.warmup.max(1) + a.steps) {
-        let t0 = Instant::now();
-        sess.zero_grad()?;
-        sess.train_micro_async(&x, &y)?;
-        sess.update(1e-4, AdamConsts::default(), s + 1)?;
-        sess.backend.sync()?;
-        if s >= a.warmup.max(1) {
-            times.push(t0.elapsed().as_secs_f64() * 1e3);
-        }
-    }
+    let (mut sess, _, _, mut times) = crate::bench::time_train_steps(a, a.warmup.max(1))?;
+    let peaks = peaks_for(sess.backend.as_ref(), a.backend.threads, a.peak_gflops, a.peak_gbs)?;
     times.sort_by(|p, q| p.total_cmp(q));
     let step_ms = times[times.len() / 2];
+    let n = a.batch * a.seq_len;
     // the same step, launch by launch (the scalars and the batch are those of the last step)
     let mut launches = Vec::new();
     let mut clock = "";

@@ -139,6 +139,9 @@ fn a_broken_kernel_fails_the_suite() {
         fn raw_buffer(&mut self, id: BufId) -> Result<RawBuffer<'_>> {
             self.0.raw_buffer(id)
         }
+        fn profile_valid(&mut self, launches: &[Launch]) -> Result<wgpt::backend::Profile> {
+            self.0.profile_valid(launches)
+        }
     }
 
     let cases = selected(DType::F32, |c| c.name.starts_with("gelu") || c.name.starts_with("crossentropy") || c.name.starts_with("encoder"));

@@ -248,7 +248,9 @@ fn rank0_nccl_id_reaches_every_process_through_fs_and_tcp() {
 fn nccl_world_collectives_on_a_gpu() {
     let Some(lib) = test_lib() else { return };
     if !Path::new("/dev/nvidia0").exists() {
-        eprintln!("skipped: no CUDA device (the collectives of a world NCCL joins alone)");
+        // straight to stderr: libtest's capture would hide it
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr().lock(), "skipped: no CUDA device (the collectives of a world NCCL joins alone)");
         return;
     }
     let dir = tempfile::tempdir().unwrap();

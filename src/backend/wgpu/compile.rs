@@ -185,10 +185,17 @@ pub fn plan_memory(table: &BufferTable, phases: &[&[Launch]], caps: &DeviceCaps)
 /// Compiles a launch list into dispatches. The launches must satisfy the kernel contract
 /// (`graph::validate`, done by `Backend::prepare` and `plan_memory`).
 pub fn compile(table: &BufferTable, launches: &[Launch], caps: &DeviceCaps) -> Result<Compiled> {
-    let mut c = Compiler { table, caps, out: Vec::new(), scratch: 0, label: String::new(), launch: 0 };
+    compile_with(table, launches, caps, &[])
+}
+
+/// `compile`, with launch i's matmuls in `modes[i]` where it is given (the autotuner's choice)
+/// instead of `caps.matmul`.
+pub fn compile_with(table: &BufferTable, launches: &[Launch], caps: &DeviceCaps, modes: &[Option<MatmulMode>]) -> Result<Compiled> {
+    let mut c = Compiler { table, caps, out: Vec::new(), scratch: 0, label: String::new(), launch: 0, mode: caps.matmul };
     for (i, l) in launches.iter().enumerate() {
         c.label = l.label.clone();
         c.launch = i;
+        c.mode = modes.get(i).copied().flatten().unwrap_or(caps.matmul);
         c.launch(&l.kernel).map_err(|e| match e {
             Error::Backend { backend, msg } => Error::Backend { backend, msg: format!("launch '{}': {msg}", l.label) },
             other => other,
@@ -249,6 +256,8 @@ struct Compiler<'a> {
     scratch: u64,
     label: String,
     launch: usize,
+    /// the matmul kernels of the launch being compiled
+    mode: MatmulMode,
 }
 
 fn ceil_div(a: u64, b: u64) -> u64 {
@@ -783,12 +792,12 @@ impl Compiler<'_> {
         // B's element type: every matmul module (tiled, large, subgroup, naive) has an f16-B form
         let wt = self.weight_type_of("a matmul weight", b.buf)?;
         if vec4 {
-            let large = self.caps.matmul == MatmulMode::TiledLarge && mc >= 128 && nc >= 128;
+            let large = self.mode == MatmulMode::TiledLarge && mc >= 128 && nc >= 128;
             let tile = if large { 128 } else { 64 };
             let base = if large { super::shaders::matmul_large_variant(false) } else { Variant::plain("matmul") };
             let base = base.with_type("WeightT", wt);
             let sgv = Variant { subgroup: true, ..Variant::plain("matmul") }.with_type("WeightT", wt);
-            let (variant, entry) = match (layout, self.caps.matmul == MatmulMode::Subgroup) {
+            let (variant, entry) = match (layout, self.mode == MatmulMode::Subgroup) {
                 (Layout::Nt, false) => (base, "mm_nt"),
                 (Layout::Nn, false) => (base, "mm_nn"),
                 (Layout::Tn, false) => (base, "mm_tn"),

@@ -14,6 +14,7 @@
 //!   allocations rounded up to 4 bytes; the matmul and encoder modules are specialised for an f16
 //!   weight element type (`shaders.rs`, `alias WeightT`/`WteT`/`WpeT`), converting to f32.
 
+pub mod autotune;
 pub mod compile;
 pub mod shaders;
 #[cfg(test)]
@@ -24,7 +25,7 @@ pub use compile::{plan_memory, DeviceCaps, MatmulMode, MemoryPlan};
 use crate::backend::{Backend, Prepared, RawBuffer};
 use crate::error::{Error, Result};
 use crate::graph::{BufId, BufferTable, DType, Kernel, Launch, View};
-use compile::{buffer_bytes, compile, mib, Target, PARAM_WORDS};
+use compile::{buffer_bytes, compile_with, mib, Target, PARAM_WORDS};
 use shaders::Variant;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -177,6 +178,8 @@ pub struct WgpuBackend {
     /// matmul mode or the binding limit changes, rebuilt on the next run)
     plans: Vec<Option<(Vec<Launch>, Option<Plan>)>>,
     pending: Option<wgpu::CommandEncoder>,
+    /// the matmul autotuner (None: off; see `autotune`)
+    tuner: Option<autotune::Tuner>,
     errors: Arc<Mutex<Vec<String>>>,
 }
 
@@ -256,7 +259,7 @@ impl WgpuBackend {
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         });
-        Ok(WgpuBackend {
+        let mut b = WgpuBackend {
             info,
             features,
             limits,
@@ -271,8 +274,14 @@ impl WgpuBackend {
             pipelines: HashMap::new(),
             plans: Vec::new(),
             pending: None,
+            tuner: None,
             errors,
-        })
+        };
+        if autotune::enabled(&b.info) {
+            let path = crate::cache::cache_dir("wgpu-autotune").map(|d| d.join(autotune::cache_name(&b.info)));
+            b.tuner = Some(autotune::Tuner::load(path, &b.matmul_modes()));
+        }
+        Ok(b)
     }
 
     pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
@@ -316,6 +325,8 @@ impl WgpuBackend {
         }
         self.flush();
         self.caps.matmul = mode;
+        // a mode asked for is the mode used: no tuning from here on
+        self.tuner = None;
         self.drop_compiled();
         Ok(())
     }
@@ -412,7 +423,108 @@ impl WgpuBackend {
     }
 
     fn build_plan(&mut self, launches: &[Launch]) -> Result<Plan> {
-        let compiled = compile(&self.table, launches, &self.caps)?;
+        let modes = self.tuned_modes(launches)?;
+        self.build_plan_with(launches, &modes)
+    }
+
+    /// The autotuner's mode for each launch (tuning the matmul shapes it has not seen); empty
+    /// when it is off.
+    fn tuned_modes(&mut self, launches: &[Launch]) -> Result<Vec<Option<MatmulMode>>> {
+        if self.tuner.is_none() {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::with_capacity(launches.len());
+        let mut changed = false;
+        for l in launches {
+            let Some(shape) = autotune::shape_of(&l.kernel) else {
+                out.push(None);
+                continue;
+            };
+            if let Some(&m) = self.tuner.as_ref().and_then(|t| t.modes.get(&shape)) {
+                out.push(Some(m));
+                continue;
+            }
+            let m = self.tune(l)?;
+            self.tuner.as_mut().expect("on").modes.insert(shape, m);
+            changed = true;
+            out.push(Some(m));
+        }
+        if changed {
+            self.tuner.as_ref().expect("on").save();
+        }
+        Ok(out)
+    }
+
+    /// Time `l` (a matmul) in every mode this adapter has, on scratch buffers of its buffers'
+    /// sizes (the real ones are not touched: a backward accumulates into its gradients), best of
+    /// 3 after a warm-up; the fastest mode.
+    fn tune(&mut self, l: &Launch) -> Result<MatmulMode> {
+        let modes = self.matmul_modes();
+        if modes.len() == 1 {
+            return Ok(modes[0]);
+        }
+        self.flush();
+        self.wait()?;
+        let used: std::collections::HashSet<u32> = l.kernel.args().iter().map(|a| a.view.buf.0).collect();
+        let scratch: Vec<wgpu::Buffer> = self
+            .table
+            .iter()
+            .map(|(id, d)| {
+                if used.contains(&id.0) {
+                    self.device.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some("autotune scratch"),
+                        size: buffer_bytes(d),
+                        usage: wgpu::BufferUsages::STORAGE,
+                        mapped_at_creation: false,
+                    })
+                } else {
+                    self.dummy.clone()
+                }
+            })
+            .collect();
+        let real = std::mem::replace(&mut self.buffers, scratch);
+        let mut times = Vec::new();
+        let r = (|| -> Result<()> {
+            for &m in &modes {
+                let plan = self.build_plan_with(std::slice::from_ref(l), &[Some(m)])?;
+                let mut best = f64::MAX;
+                for i in 0..4 {
+                    let t0 = std::time::Instant::now();
+                    let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("autotune") });
+                    {
+                        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("autotune"), timestamp_writes: None });
+                        for d in &plan.dispatches {
+                            pass.set_pipeline(&d.pipeline);
+                            pass.set_bind_group(0, &d.bind_group, &[]);
+                            pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
+                        }
+                    }
+                    self.queue.submit([enc.finish()]);
+                    self.wait()?;
+                    if i > 0 {
+                        best = best.min(t0.elapsed().as_secs_f64() * 1e3);
+                    }
+                }
+                times.push((m, best));
+            }
+            self.take_errors()
+        })();
+        self.buffers = real;
+        r?;
+        let (best, _) = times.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1)).expect("at least one mode");
+        let (bwd, n, c, oc) = autotune::shape_of(&l.kernel).expect("a matmul");
+        let all: Vec<String> = times.iter().map(|(m, t)| format!("{} {t:.3} ms", autotune::mode_name(*m))).collect();
+        eprintln!(
+            "wgpt: wgpu autotune: matmul {} n={n} c={c} oc={oc}: {} -> {}",
+            if bwd { "bwd" } else { "fwd" },
+            all.join(", "),
+            autotune::mode_name(best)
+        );
+        Ok(best)
+    }
+
+    fn build_plan_with(&mut self, launches: &[Launch], modes: &[Option<MatmulMode>]) -> Result<Plan> {
+        let compiled = compile_with(&self.table, launches, &self.caps, modes)?;
         let stride = self.caps.uniform_align;
         let n = compiled.dispatches.len().max(1) as u64;
         let params = self.device.create_buffer(&wgpu::BufferDescriptor {

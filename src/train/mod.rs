@@ -195,7 +195,8 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0, value_name = "0|1")]
     pub zero: u8,
     /// with several processes: how they find each other. auto: MPI, except for CUDA ranks started
-    /// by torchrun or given MASTER_ADDR/MASTER_PORT by a non-MPI launcher (then tcp); mpi; and,
+    /// by torchrun or given MASTER_ADDR/MASTER_PORT by a non-MPI launcher (then tcp) and CUDA ranks
+    /// with no MPI to be found (then fs: in wgpt's cache directory); mpi; and,
     /// for CUDA ranks without MPI (NCCL then carries everything): fs:DIR (a directory every rank
     /// sees; rank 0 writes NCCL's id there), tcp (rank 0 listens at MASTER_ADDR:MASTER_PORT) or
     /// tcp:HOST:PORT
@@ -453,14 +454,14 @@ pub fn run(a: &TrainArgs) -> Result<TrainSummary> {
 /// sampler's decoder when --gen-tokens > 0) fits the device (`Backend::check_fits`) and --memory.
 /// The returned flags have that B and the accumulation that reaches --total-batch.
 fn auto_batch(a: &TrainArgs) -> Result<TrainArgs> {
-    if a.total_batch == 0 || a.seq_len == 0 || a.total_batch % a.seq_len != 0 {
+    if a.total_batch == 0 || a.seq_len == 0 || !a.total_batch.is_multiple_of(a.seq_len) {
         return Err(Error::flag("--batch", "auto needs --total-batch (tokens per optimiser step, a multiple of --seq-len) to reach by accumulation"));
     }
     let cfg = config_only(a)?;
     let rows = a.total_batch / a.seq_len;
     let backend = a.backend.create()?;
     let mut last = None;
-    for b in (1..=rows).rev().filter(|b| rows % b == 0) {
+    for b in (1..=rows).rev().filter(|b| rows.is_multiple_of(*b)) {
         let mut g = build_train_step(&cfg, &TrainOptions { b, t: a.seq_len, grad_accum: rows / b, weight_decay: a.weight_decay, decay_all: false, grad_clip: a.grad_clip });
         if a.gen_tokens > 0 {
             crate::graph::add_decoder(&mut g, sample::decode_options(&cfg, a.gen_tokens.min(a.seq_len)));

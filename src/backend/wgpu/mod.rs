@@ -78,8 +78,15 @@ fn adapters_lock() -> std::sync::MutexGuard<'static, ()> {
     ADAPTERS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Every adapter (call with `adapters_lock` held).
+/// Every adapter (call with `adapters_lock` held) of the primary APIs (Vulkan, Metal, DX12); GL's
+/// only where none of those has one (or `WGPU_BACKEND=gl` asks for it). GL is the fallback: a GPU
+/// with Vulkan shows up again under GL, and GL's EGL adapters still raced when dropped while
+/// other threads used wgpu (`make_current: BadAccess`, seen once in CI despite the lock).
 fn enumerate() -> Vec<wgpu::Adapter> {
+    let primary = pollster::block_on(instance().enumerate_adapters(wgpu::Backends::PRIMARY));
+    if !primary.is_empty() {
+        return primary;
+    }
     pollster::block_on(instance().enumerate_adapters(wgpu::Backends::all()))
 }
 

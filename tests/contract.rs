@@ -316,3 +316,20 @@ fn errors_say_who_can_fix_them() {
     assert_eq!(sorted.len(), slots.len());
     assert!(slots.iter().all(|&s| s < Scalars::LEN));
 }
+
+/// `Session::download_grads_range` (a ZeRO-1 rank's share of the gradients, read back for the
+/// norm) is exactly that slice of the whole flat gradient, across tensor boundaries.
+#[test]
+fn a_range_of_the_gradients_is_that_slice_of_all_of_them() {
+    let (cfg, params) = read_checkpoint(Path::new("tests/data/tiny/model.bin")).unwrap();
+    let opts = TrainOptions { b: 2, t: 8, grad_accum: 1, weight_decay: 0.0, decay_all: false, grad_clip: 0.0 };
+    let mut s = Session::new(Box::new(CpuBackend::new(Some(1)).unwrap()), build_train_step(&cfg, &opts)).unwrap();
+    s.upload_params(&params).unwrap();
+    let x: Vec<i32> = (0..16).map(|i| (i * 37 % cfg.v) as i32).collect();
+    s.train_micro(&x, &x).unwrap();
+    let all = s.download_grads().unwrap();
+    let n = all.len();
+    for r in [0..n, 0..1, n / 3..2 * n / 3, n - 5..n, 7..7] {
+        assert_eq!(s.download_grads_range(r.clone()).unwrap(), all[r.clone()].to_vec(), "{r:?}");
+    }
+}

@@ -945,9 +945,10 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
                     let nc = nccl.as_ref().expect("checked");
                     let ids = sess.graph.io.grads.expect("a training graph");
                     comm.watched("ncclReduce", &mut || nccl_zero(nc, &mut sess, ids, chunk, true))?;
-                    // the norm from every rank's range (each rank holds its range's sum)
-                    let g = sess.download_grads()?;
-                    let mut sq = [g[r.clone()].iter().map(|&x| x as f64 * x as f64).sum::<f64>()];
+                    // the norm from every rank's range (each rank holds its range's sum; only
+                    // that range is read back)
+                    let mine = sess.download_grads_range(r.clone())?;
+                    let mut sq = [mine.iter().map(|&x| x as f64 * x as f64).sum::<f64>()];
                     comm.allreduce_sum_f64(&mut sq)?;
                     zero_norm = Some(sq[0].sqrt() as f32);
                 }
@@ -1173,41 +1174,44 @@ fn host_allreduce(comm: &dyn Comm, sess: &mut Session) -> Result<()> {
     Ok(())
 }
 
-/// Sum every gradient buffer over the ranks in place on the GPUs: one NCCL group of all-reduces
-/// on the stream the backend queues its work on (ordered after backward, before `GradNorm`).
-fn nccl_allreduce(nc: &Nc, sess: &mut Session) -> Result<()> {
+/// One NCCL group over the CUDA buffers `ids` (flat in checkpoint order), queued on the stream the
+/// backend runs everything on (ordered after backward, before `GradNorm`): `each(comm, first
+/// flat element, device pointer, elements, stream)` per buffer; then the device is waited for.
+fn nccl_group(
+    nc: &Nc,
+    sess: &mut Session,
+    ids: [crate::graph::BufId; crate::model::NUM_PARAM_TENSORS],
+    mut each: impl FnMut(&NcclComm, usize, u64, usize, usize) -> Result<()>,
+) -> Result<()> {
     let nc = nc.lock().unwrap_or_else(|e| e.into_inner());
-    let ids = sess.graph.io.grads.expect("a training graph");
+    let mut offset = 0usize;
     nc.group_start()?;
     for id in ids {
-        let (ptr, bytes, stream) = cuda_buffer(sess, id)?;
-        nc.allreduce_sum_f32(ptr, bytes / 4, stream)?;
+        let (ptr, bytes, stream) = match sess.backend.raw_buffer(id)? {
+            crate::backend::RawBuffer::Cuda { ptr, bytes, stream } => (ptr, bytes, stream),
+            _ => return Err(Error::Internal("NCCL on a backend that is not CUDA".into())),
+        };
+        each(&nc, offset, ptr, bytes / 4, stream)?;
+        offset += bytes / 4;
     }
     nc.group_end()?;
     sess.backend.sync()?;
     nc.async_error()
 }
 
-/// A CUDA buffer's device pointer, bytes and the backend's stream.
-fn cuda_buffer(sess: &mut Session, id: crate::graph::BufId) -> Result<(u64, usize, usize)> {
-    match sess.backend.raw_buffer(id)? {
-        crate::backend::RawBuffer::Cuda { ptr, bytes, stream } => Ok((ptr, bytes, stream)),
-        _ => Err(Error::Internal("NCCL on a backend that is not CUDA".into())),
-    }
+/// Sum every gradient buffer over the ranks in place on the GPUs (ncclAllReduce).
+fn nccl_allreduce(nc: &Nc, sess: &mut Session) -> Result<()> {
+    let ids = sess.graph.io.grads.expect("a training graph");
+    nccl_group(nc, sess, ids, |nc, _, ptr, n, stream| nc.allreduce_sum_f32(ptr, n, stream))
 }
 
-/// ZeRO-1 on NCCL: every piece of `ids` (parameters or gradients, flat in checkpoint order)
-/// that falls in rank r's range [r·chunk, (r+1)·chunk) goes to or from rank r, in place on the
-/// GPUs, in one NCCL group: `reduce` sums the gradients onto their owner (ncclReduce), else the
-/// owners' updated parameters reach every rank (ncclBroadcast).
+/// ZeRO-1 on NCCL: every piece of `ids` (parameters or gradients) that falls in rank r's range
+/// [r·chunk, (r+1)·chunk) goes to or from rank r, in place on the GPUs: `reduce` sums the
+/// gradients onto their owner (ncclReduce), else the owners' updated parameters reach every rank
+/// (ncclBroadcast).
 fn nccl_zero(nc: &Nc, sess: &mut Session, ids: [crate::graph::BufId; crate::model::NUM_PARAM_TENSORS], chunk: usize, reduce: bool) -> Result<()> {
-    let nc = nc.lock().unwrap_or_else(|e| e.into_inner());
-    let mut offset = 0usize;
-    nc.group_start()?;
-    for id in ids {
-        let (ptr, bytes, stream) = cuda_buffer(sess, id)?;
-        let (start, end) = (offset, offset + bytes / 4);
-        let mut at = start;
+    nccl_group(nc, sess, ids, |nc, start, ptr, n, stream| {
+        let (mut at, end) = (start, start + n);
         while at < end {
             let owner = at / chunk;
             let stop = ((owner + 1) * chunk).min(end);
@@ -1219,11 +1223,8 @@ fn nccl_zero(nc: &Nc, sess: &mut Session, ids: [crate::graph::BufId; crate::mode
             }
             at = stop;
         }
-        offset = end;
-    }
-    nc.group_end()?;
-    sess.backend.sync()?;
-    nc.async_error()
+        Ok(())
+    })
 }
 
 /// A test hook for the failure paths of several ranks: `WGPT_FAULT=hang:R:S` makes rank R stop

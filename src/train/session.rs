@@ -106,6 +106,20 @@ impl Session {
         let ids = self.graph.io.grads.ok_or_else(|| not_train("gradients"))?;
         self.download_flat(ids)
     }
+    /// The gradients of the flat range `range` (checkpoint order) only: the parts of the tensors
+    /// that fall in it (a ZeRO-1 rank's range).
+    pub fn download_grads_range(&mut self, range: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        let ids = self.graph.io.grads.ok_or_else(|| not_train("gradients"))?;
+        let mut out = Vec::with_capacity(range.len());
+        for (i, id) in ids.into_iter().enumerate() {
+            let (o, n) = (self.layout.offsets[i], self.layout.sizes[i]);
+            let (a, b) = (range.start.max(o), range.end.min(o + n));
+            if a < b {
+                out.extend(self.backend.download_view(crate::graph::View { buf: id, offset: a - o, len: b - a })?);
+            }
+        }
+        Ok(out)
+    }
     /// Overwrite the gradients (flat, checkpoint order): an in-process all-reduce uploads the sum.
     pub fn upload_grads(&mut self, flat: &[f32]) -> Result<()> {
         let ids = self.graph.io.grads.ok_or_else(|| not_train("gradients"))?;

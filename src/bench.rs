@@ -85,6 +85,13 @@ pub struct BenchArgs {
     /// --profile: the device's memory bandwidth in GB/s (default: as --peak-gflops)
     #[arg(long, value_name = "GBS")]
     pub peak_gbs: Option<f64>,
+    /// recompute activations in backward, as `train --recompute` (1 = GELU, 2 = the flag alone:
+    /// GELU and layernorm)
+    #[arg(long, value_name = "0|1|2", default_value_t = 0, num_args = 0..=1, default_missing_value = "2", value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub recompute: u8,
+    /// AdamW on the host, as `train --offload-optimizer`
+    #[arg(long)]
+    pub offload_optimizer: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -99,6 +106,8 @@ pub struct BenchReport {
     pub tokens_per_s: f64,
     /// model FLOPs per second: (6·params + 6·L·C·T)·tokens / time, as llm.c counts them
     pub tflops: f64,
+    /// the step's device buffers (what `wgpt plan` counts)
+    pub device_bytes: u64,
 }
 
 fn median(xs: &mut [f64]) -> f64 {
@@ -127,7 +136,16 @@ pub(crate) fn time_train_steps(a: &BenchArgs, warmup: usize) -> Result<(Session,
     let backend = a.backend.create()?;
     let graph = build_train_step(
         &cfg,
-        &TrainOptions { b: a.batch, t: a.seq_len, grad_accum: 1, weight_decay: 0.1, decay_all: false, grad_clip: 1.0 },
+        &TrainOptions {
+            b: a.batch,
+            t: a.seq_len,
+            weight_decay: 0.1,
+            decay_all: false,
+            grad_clip: 1.0,
+            recompute: a.recompute,
+            offload_optimizer: a.offload_optimizer,
+            ..Default::default()
+        },
     );
     let mut sess = Session::new(backend, graph)?;
     sess.upload_params(&params)?;
@@ -166,6 +184,7 @@ pub fn run_step(a: &BenchArgs) -> Result<BenchReport> {
         ms_all: times,
         tokens_per_s: n as f64 / (ms / 1e3),
         tflops: flops_per_token * n as f64 / (ms / 1e3) / 1e12,
+        device_bytes: sess.graph.total_bytes() as u64,
     })
 }
 
@@ -369,6 +388,8 @@ pub fn run_data_parallel(a: &BenchArgs) -> Result<Option<DataParallelReport>> {
     ta.zero = a.zero;
     ta.reduce = a.reduce;
     ta.overlap = a.overlap;
+    ta.recompute = a.recompute;
+    ta.offload_optimizer = a.offload_optimizer;
     let world = crate::dist::World::from_env()?;
     let s = crate::train::run(&ta)?;
     if world.rank != 0 {

@@ -40,6 +40,13 @@ pub struct PlanArgs {
     /// and llm.c's default there)
     #[arg(long)]
     pub tf32: bool,
+    /// recompute activations in backward (`train --recompute`): 1 = GELU outputs, 2 (the flag
+    /// alone) = GELU and layernorm outputs
+    #[arg(long, value_name = "0|1|2", default_value_t = 0, num_args = 0..=1, default_missing_value = "2", value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub recompute: u8,
+    /// AdamW's state in host memory (`train --offload-optimizer`): no optimizer bytes on the device
+    #[arg(long)]
+    pub offload_optimizer: bool,
     /// print one JSON object as the last line of stdout
     #[arg(long)]
     pub json: bool,
@@ -84,6 +91,9 @@ pub struct Plan {
     pub params: usize,
     pub total_bytes: u64,
     pub by_role: ByRole,
+    /// host memory the step needs beyond the process's own (`--offload-optimizer`: the fp32 master
+    /// weights, m and v)
+    pub host_bytes: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -126,7 +136,19 @@ pub fn step_graph(a: &PlanArgs) -> Result<(Graph, usize)> {
     if a.zero > 1 || (a.zero == 1 && a.world < 2) || a.world == 0 {
         return Err(Error::flag("--zero", "1 needs --world of at least 2 (and --zero is 0 or 1)"));
     }
-    let opts = TrainOptions { b: a.batch, t: a.seq_len, grad_accum: 1, weight_decay: 0.1, decay_all: false, grad_clip: 1.0 };
+    if a.offload_optimizer && a.zero == 1 {
+        return Err(Error::flag("--offload-optimizer", "cannot be combined with --zero 1"));
+    }
+    let opts = TrainOptions {
+        b: a.batch,
+        t: a.seq_len,
+        weight_decay: 0.1,
+        decay_all: false,
+        grad_clip: 1.0,
+        recompute: a.recompute,
+        offload_optimizer: a.offload_optimizer,
+        ..Default::default()
+    };
     let g = if a.zero == 1 {
         // rank 0's share: ranks differ by at most one element
         build_train_step_sharded(&cfg, &opts, 0..n.div_ceil(a.world))
@@ -162,6 +184,7 @@ pub fn plan(a: &PlanArgs) -> Result<Plan> {
         seq_len: a.seq_len,
         params,
         total_bytes: total,
+        host_bytes: if graph.io.host_update.is_some() { 3 * 4 * params as u64 } else { 0 },
         by_role: by,
         memory_bytes: memory,
         fits: memory.map(|m| total <= m),
@@ -226,6 +249,9 @@ pub fn print(p: &Plan) {
         ("scratch", r.scratch),
     ] {
         println!("  {name:<12} {:>12}  {:5.1}%", gib(b), 100.0 * b as f64 / p.total_bytes.max(1) as f64);
+    }
+    if p.host_bytes > 0 {
+        println!("  host         {:>12}  (AdamW's m and v and the fp32 master weights, --offload-optimizer)", gib(p.host_bytes));
     }
     if let (Some(m), Some(fits)) = (p.memory_bytes, p.fits) {
         println!("--memory {}: {}", gib(m), if fits { "fits" } else { "does not fit" });

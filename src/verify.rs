@@ -86,7 +86,7 @@ pub fn run(a: &VerifyArgs) -> Result<VerifyReport> {
         return Err(Error::format(&a.state, format!("T={t} exceeds the model's maxT={}", cfg.max_t)));
     }
     let backend = a.backend.create()?;
-    let graph = build_train_step(&cfg, &TrainOptions { b, t, grad_accum: 1, weight_decay: a.weight_decay, decay_all: true, grad_clip: 0.0 });
+    let graph = build_train_step(&cfg, &TrainOptions { b, t, grad_accum: 1, weight_decay: a.weight_decay, decay_all: true, grad_clip: 0.0, ..Default::default() });
     let mut sess = Session::new(backend, graph)?;
     sess.upload_params(&params)?;
     let adam = AdamConsts { beta1: 0.9, beta2: 0.999, eps: 1e-8 };

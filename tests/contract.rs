@@ -24,7 +24,7 @@ fn tiny() -> (Config, Vec<f32>, wgpt::model::debug_state::DebugState) {
 }
 
 fn opts(b: usize, t: usize) -> TrainOptions {
-    TrainOptions { b, t, grad_accum: 1, weight_decay: 0.0, decay_all: true, grad_clip: 0.0 }
+    TrainOptions { b, t, grad_accum: 1, weight_decay: 0.0, decay_all: true, grad_clip: 0.0, ..Default::default() }
 }
 
 fn gpu() -> Option<WgpuBackend> {
@@ -322,7 +322,7 @@ fn errors_say_who_can_fix_them() {
 #[test]
 fn a_range_of_the_gradients_is_that_slice_of_all_of_them() {
     let (cfg, params) = read_checkpoint(Path::new("tests/data/tiny/model.bin")).unwrap();
-    let opts = TrainOptions { b: 2, t: 8, grad_accum: 1, weight_decay: 0.0, decay_all: false, grad_clip: 0.0 };
+    let opts = TrainOptions { b: 2, t: 8, grad_accum: 1, weight_decay: 0.0, decay_all: false, grad_clip: 0.0, ..Default::default() };
     let mut s = Session::new(Box::new(CpuBackend::new(Some(1)).unwrap()), build_train_step(&cfg, &opts)).unwrap();
     s.upload_params(&params).unwrap();
     let x: Vec<i32> = (0..16).map(|i| (i * 37 % cfg.v) as i32).collect();

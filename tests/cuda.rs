@@ -235,7 +235,7 @@ fn tiny_fixture_ten_steps_match_the_reference_losses() {
     assert_eq!(want.len(), 10);
     let Some(g) = gpu(dflt()) else { return };
     let name = g.name();
-    let graph = build_train_step(&cfg, &TrainOptions { b: st.b, t: st.t, grad_accum: 1, weight_decay: 0.01, decay_all: true, grad_clip: 0.0 });
+    let graph = build_train_step(&cfg, &TrainOptions { b: st.b, t: st.t, grad_accum: 1, weight_decay: 0.01, decay_all: true, grad_clip: 0.0, ..Default::default() });
     let mut sess = Session::new(Box::new(g), graph).unwrap();
     sess.upload_params(&params).unwrap();
     let adam = AdamConsts { beta1: 0.9, beta2: 0.999, eps: 1e-8 };
@@ -464,7 +464,7 @@ fn a_training_step_waits_on_the_host_once() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tiny");
     let (cfg, params) = wgpt::model::checkpoint::read_checkpoint(&dir.join("model.bin")).unwrap();
     let st = wgpt::model::debug_state::read_debug_state(&dir.join("debug_state.bin"), &cfg).unwrap();
-    let graph = build_train_step(&cfg, &TrainOptions { b: st.b, t: st.t, grad_accum: 1, weight_decay: 0.0, decay_all: true, grad_clip: 1.0 });
+    let graph = build_train_step(&cfg, &TrainOptions { b: st.b, t: st.t, grad_accum: 1, weight_decay: 0.0, decay_all: true, grad_clip: 1.0, ..Default::default() });
     let n_launches: usize =
         [Phase::Train, Phase::ZeroGrad, Phase::GradNorm, Phase::Update].iter().map(|&p| graph.phase(p).len()).sum();
     let mut sess = Session::new(Box::new(gpu(dflt()).unwrap()), graph).unwrap();

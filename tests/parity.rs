@@ -37,7 +37,7 @@ fn step0_logits_loss_and_gradients_match_the_fixture() {
     assert!(max_err < 1e-4, "logits max error {max_err}");
 
     // loss and gradients from the training graph
-    let opts = TrainOptions { b: st.b, t: st.t, grad_accum: 1, weight_decay: 0.01, decay_all: true, grad_clip: 0.0 };
+    let opts = TrainOptions { b: st.b, t: st.t, grad_accum: 1, weight_decay: 0.01, decay_all: true, grad_clip: 0.0, ..Default::default() };
     let mut s = Session::new(Box::new(CpuBackend::new(None).unwrap()), build_train_step(&cfg, &opts)).unwrap();
     s.upload_params(&params).unwrap();
     s.zero_grad().unwrap();
@@ -62,7 +62,7 @@ fn ten_adamw_steps_match_the_fixture_losses() {
     let (cfg, params) = read_checkpoint(Path::new(&format!("{TINY}/model.bin"))).unwrap();
     let st = read_debug_state(Path::new(&format!("{TINY}/debug_state.bin")), &cfg).unwrap();
     let (_, want) = expected_losses();
-    let opts = TrainOptions { b: st.b, t: st.t, grad_accum: 1, weight_decay: 0.01, decay_all: true, grad_clip: 0.0 };
+    let opts = TrainOptions { b: st.b, t: st.t, grad_accum: 1, weight_decay: 0.01, decay_all: true, grad_clip: 0.0, ..Default::default() };
     let mut s = Session::new(Box::new(CpuBackend::new(None).unwrap()), build_train_step(&cfg, &opts)).unwrap();
     s.upload_params(&params).unwrap();
     let adam = AdamConsts { beta1: 0.9, beta2: 0.999, eps: 1e-8 };
@@ -80,7 +80,7 @@ fn gradient_accumulation_equals_one_big_batch() {
     let (cfg, params) = read_checkpoint(Path::new(&format!("{TINY}/model.bin"))).unwrap();
     let st = read_debug_state(Path::new(&format!("{TINY}/debug_state.bin")), &cfg).unwrap();
     let half = st.b / 2 * st.t;
-    let opts = TrainOptions { b: st.b / 2, t: st.t, grad_accum: 2, weight_decay: 0.0, decay_all: true, grad_clip: 0.0 };
+    let opts = TrainOptions { b: st.b / 2, t: st.t, grad_accum: 2, weight_decay: 0.0, decay_all: true, grad_clip: 0.0, ..Default::default() };
     let mut s = Session::new(Box::new(CpuBackend::new(None).unwrap()), build_train_step(&cfg, &opts)).unwrap();
     s.upload_params(&params).unwrap();
     s.zero_grad().unwrap();

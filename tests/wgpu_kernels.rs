@@ -67,7 +67,7 @@ fn tiny_fixture_trains_like_the_reference() {
         serde_json::from_str(&std::fs::read_to_string(format!("{TINY}/expected.json")).unwrap()).unwrap();
     let want: Vec<f64> = exp["losses"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
     assert_eq!(want.len(), 10);
-    let opts = TrainOptions { b: st.b, t: st.t, grad_accum: 1, weight_decay: 0.01, decay_all: true, grad_clip: 0.0 };
+    let opts = TrainOptions { b: st.b, t: st.t, grad_accum: 1, weight_decay: 0.01, decay_all: true, grad_clip: 0.0, ..Default::default() };
     let graph = build_train_step(&cfg, &opts);
     let plan = g.plan(&graph.buffers, &[graph.phase(Phase::ZeroGrad), graph.phase(Phase::Train), graph.phase(Phase::GradNorm), graph.phase(Phase::Update)]).unwrap();
     println!("tiny: {} dispatches, {} bytes on {}", plan.dispatches, plan.total_bytes, g.name());
@@ -138,7 +138,7 @@ fn gpt2_124m() -> Config {
 #[test]
 fn gpt2_124m_plans_within_webgpu_default_limits() {
     let caps = DeviceCaps::from_limits(&wgpu::Limits::default(), wgpt::backend::wgpu::MatmulMode::Tiled);
-    let opts = TrainOptions { b: 4, t: 1024, grad_accum: 1, weight_decay: 0.1, decay_all: false, grad_clip: 1.0 };
+    let opts = TrainOptions { b: 4, t: 1024, grad_accum: 1, weight_decay: 0.1, decay_all: false, grad_clip: 1.0, ..Default::default() };
     let g = build_train_step(&gpt2_124m(), &opts);
     let plan = plan_memory(&g.buffers, &[g.phase(Phase::ZeroGrad), g.phase(Phase::Train), g.phase(Phase::Eval), g.phase(Phase::GradNorm), g.phase(Phase::Update)], &caps).unwrap();
     println!(
@@ -198,7 +198,7 @@ fn gpt2_124m_steps_match_cpu() {
     g.limit_bindings_for_tests(128 << 20);
     let (cfg, params) = wgpt::train::load_or_init("d12", 1337).unwrap();
     let (b, t) = (1, 32);
-    let opts = TrainOptions { b, t, grad_accum: 1, weight_decay: 0.1, decay_all: false, grad_clip: 1.0 };
+    let opts = TrainOptions { b, t, grad_accum: 1, weight_decay: 0.1, decay_all: false, grad_clip: 1.0, ..Default::default() };
     let mut r = Rng(11);
     let x = r.ints(b * t, cfg.v);
     let y = r.ints(b * t, cfg.v);
@@ -248,7 +248,7 @@ fn step_profile() {
     let bt = std::env::var("WGPT_PROFILE_BT").unwrap_or_else(|_| "1x64".into());
     let (b, t) = bt.split_once('x').map(|(b, t)| (b.parse().unwrap(), t.parse().unwrap())).unwrap();
     let (cfg, params) = wgpt::train::load_or_init(&model, 1).unwrap();
-    let opts = TrainOptions { b, t, grad_accum: 1, weight_decay: 0.1, decay_all: false, grad_clip: 1.0 };
+    let opts = TrainOptions { b, t, grad_accum: 1, weight_decay: 0.1, decay_all: false, grad_clip: 1.0, ..Default::default() };
     let graph = build_train_step(&cfg, &opts);
     let mut g = g;
     g.alloc(&graph.buffers).unwrap();

@@ -206,6 +206,31 @@ pub struct TrainArgs {
     /// whose buffers fit it; with a fixed --batch: an error if they do not)
     #[arg(long, value_name = "SIZE", value_parser = crate::plan::parse_size)]
     pub memory: Option<u64>,
+    /// recompute activations in backward instead of keeping them per layer (llm.c's -r):
+    /// 1 = the GELU outputs, 2 (the flag alone) = GELU and layernorm outputs; same results, less
+    /// memory, a little more compute
+    #[arg(long, value_name = "0|1|2", default_value_t = 0, num_args = 0..=1, default_missing_value = "2", value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub recompute: u8,
+    /// keep AdamW's m and v (and fp32 master weights) in host memory and run AdamW on host
+    /// threads: the device holds parameters, gradients and activations only
+    #[arg(long)]
+    pub offload_optimizer: bool,
+}
+
+impl TrainArgs {
+    /// The training graph's options for micro-batch `b` and `grad_accum` micro-steps.
+    pub fn train_options(&self, b: usize, grad_accum: usize) -> TrainOptions {
+        TrainOptions {
+            b,
+            t: self.seq_len,
+            grad_accum,
+            weight_decay: self.weight_decay,
+            decay_all: false,
+            grad_clip: self.grad_clip,
+            recompute: self.recompute,
+            offload_optimizer: self.offload_optimizer,
+        }
+    }
 }
 
 /// `--batch`: sequences per micro-step, or the largest that fits.
@@ -335,6 +360,9 @@ fn check_args(a: &TrainArgs, cfg: &Config, b: usize) -> Result<usize> {
     if !(a.grad_clip >= 0.0) {
         return Err(Error::flag("--grad-clip", "must be >= 0"));
     }
+    if a.offload_optimizer && a.zero == 1 {
+        return Err(Error::flag("--offload-optimizer", "cannot be combined with --zero 1 (each rank would offload its own shard; not built): use one of them"));
+    }
     Ok(total / bt)
 }
 
@@ -462,7 +490,7 @@ fn auto_batch(a: &TrainArgs) -> Result<TrainArgs> {
     let backend = a.backend.create()?;
     let mut last = None;
     for b in (1..=rows).rev().filter(|b| rows.is_multiple_of(*b)) {
-        let mut g = build_train_step(&cfg, &TrainOptions { b, t: a.seq_len, grad_accum: rows / b, weight_decay: a.weight_decay, decay_all: false, grad_clip: a.grad_clip });
+        let mut g = build_train_step(&cfg, &a.train_options(b, rows / b));
         if a.gen_tokens > 0 {
             crate::graph::add_decoder(&mut g, sample::decode_options(&cfg, a.gen_tokens.min(a.seq_len)));
         }
@@ -600,7 +628,7 @@ fn rank_rows(x: &[i32], y: &[i32], row0: usize, b: usize, t: usize) -> (Vec<i32>
 fn calibrate_split(a: &TrainArgs, comm: &dyn Comm, cfg: &Config, make_backend: &MakeBackend, b: usize) -> Result<(Vec<usize>, Vec<f64>, usize)> {
     let even = split::even(b, comm.size())?;
     let backend = make_backend()?;
-    let opts = |b: usize| TrainOptions { b, t: a.seq_len, grad_accum: 1, weight_decay: a.weight_decay, decay_all: false, grad_clip: a.grad_clip };
+    let opts = |b: usize| a.train_options(b, 1);
     let fits = |b: usize| {
         let g = build_train_step(cfg, &opts(b));
         let phases: Vec<&[crate::graph::Launch]> = g.iter_phases().map(|(_, l)| l).collect();
@@ -725,7 +753,7 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
     // ZeRO-1: this rank keeps and updates the optimiser state of 1/world of the parameters
     let chunk = num_params.div_ceil(world);
     let shard = (a.zero == 1 && world > 1).then(|| (rank * chunk).min(num_params)..((rank + 1) * chunk).min(num_params));
-    let topts = TrainOptions { b: my_b, t: a.seq_len, grad_accum, weight_decay: a.weight_decay, decay_all: false, grad_clip: a.grad_clip };
+    let topts = a.train_options(my_b, grad_accum);
     let mut graph = match &shard {
         Some(r) => crate::graph::build_train_step_sharded(&cfg, &topts, r.clone()),
         None => build_train_step(&cfg, &topts),

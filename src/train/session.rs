@@ -35,6 +35,18 @@ pub struct Session {
     scalars: [f32; Scalars::LEN],
     /// `Train` cut at the gradient buckets, prepared on the first `train_micro_overlapped`
     train_parts: Option<Vec<Prepared>>,
+    /// `--offload-optimizer`: AdamW's state on the host (the graph's `io.host_update`)
+    host_opt: Option<HostAdam>,
+}
+
+/// AdamW on the host (`--offload-optimizer`): the fp32 master weights and both moments, flat in
+/// checkpoint order, updated tensor by tensor by the cpu backend's own AdamW kernel, so a cpu run
+/// gives exactly the parameters the on-device optimiser does.
+struct HostAdam {
+    master: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    decays: [f32; NUM_PARAM_TENSORS],
 }
 
 impl Session {
@@ -52,7 +64,11 @@ impl Session {
         scalars[Scalars::GRAD_SCALE] = 1.0;
         scalars[Scalars::LOSS_SCALE] = 1.0;
         scalars[Scalars::LOSS_SEED] = 1.0 / (graph.b * graph.t * graph.grad_accum.max(1)) as f32;
-        let mut s = Session { backend, graph, layout, micro: 0, prepared, scalars, train_parts: None };
+        let host_opt = graph.io.host_update.map(|decays| {
+            let n = layout.total;
+            HostAdam { master: vec![0.0; n], m: vec![0.0; n], v: vec![0.0; n], decays }
+        });
+        let mut s = Session { backend, graph, layout, micro: 0, prepared, scalars, train_parts: None, host_opt };
         s.upload_scalars()?;
         Ok(s)
     }
@@ -97,7 +113,11 @@ impl Session {
     }
 
     pub fn upload_params(&mut self, flat: &[f32]) -> Result<()> {
-        self.upload_flat(self.graph.io.params, flat)
+        self.upload_flat(self.graph.io.params, flat)?;
+        if let Some(h) = &mut self.host_opt {
+            h.master.copy_from_slice(flat);
+        }
+        Ok(())
     }
     pub fn download_params(&mut self) -> Result<Vec<f32>> {
         self.download_flat(self.graph.io.params)
@@ -127,6 +147,9 @@ impl Session {
     }
     /// AdamW (m, v), flat in checkpoint order; with ZeRO-1, those of the rank's range only.
     pub fn download_opt_state(&mut self) -> Result<(Vec<f32>, Vec<f32>)> {
+        if let Some(h) = &self.host_opt {
+            return Ok((h.m.clone(), h.v.clone()));
+        }
         if let Some(sh) = self.graph.io.opt_shard.clone() {
             let n = sh.range.len();
             let mut m = self.backend.download_f32(sh.m)?;
@@ -139,6 +162,14 @@ impl Session {
         Ok((self.download_flat(m)?, self.download_flat(v)?))
     }
     pub fn upload_opt_state(&mut self, m: &[f32], v: &[f32]) -> Result<()> {
+        if let Some(h) = &mut self.host_opt {
+            if m.len() != h.m.len() || v.len() != h.v.len() {
+                return Err(Error::Data(format!("expected the AdamW state of {} parameters, got {}", h.m.len(), m.len())));
+            }
+            h.m.copy_from_slice(m);
+            h.v.copy_from_slice(v);
+            return Ok(());
+        }
         if let Some(sh) = self.graph.io.opt_shard.clone() {
             let n = sh.range.len();
             if m.len() != n || v.len() != n {
@@ -159,14 +190,39 @@ impl Session {
     /// not run. The clip scale is `ClipScale`'s: `max_norm / norm` when `max_norm > 0` and
     /// `norm > max_norm`, else 1.
     pub fn update_with_norm(&mut self, lr: f32, adam: AdamConsts, t: usize, norm: f32, max_norm: f32) -> Result<()> {
-        if !self.prepared.contains_key(&Phase::Update) {
-            return Err(not_train("the optimiser"));
-        }
+        self.check_optimiser()?;
         self.write_optim_scalars(lr, adam, t);
         self.scalars[Scalars::GRAD_NORM] = norm;
         self.scalars[Scalars::GRAD_SCALE] = if max_norm > 0.0 && norm > max_norm { max_norm / norm } else { 1.0 };
         self.upload_scalars()?;
-        self.run_phase(Phase::Update)
+        self.apply_update()
+    }
+
+    /// The graph can train: it has an `Update` phase, or AdamW runs on the host.
+    fn check_optimiser(&self) -> Result<()> {
+        if self.prepared.contains_key(&Phase::Update) || self.host_opt.is_some() {
+            Ok(())
+        } else {
+            Err(not_train("the optimiser"))
+        }
+    }
+
+    /// `--offload-optimizer`'s update: the scalars `GradNorm` left (the clip scale) are read back,
+    /// then tensor by tensor its gradient is downloaded, AdamW updates the host's master copy and
+    /// m and v, and the parameters are uploaded.
+    fn host_update(&mut self) -> Result<()> {
+        let hyper = self.backend.download_f32(self.graph.io.scalars)?;
+        let grads = self.graph.io.grads.ok_or_else(|| not_train("gradients"))?;
+        let params = self.graph.io.params;
+        let h = self.host_opt.as_mut().expect("called with a host optimiser");
+        for i in 0..NUM_PARAM_TENSORS {
+            let (o, n) = (self.layout.offsets[i], self.layout.sizes[i]);
+            let g = self.backend.download_f32(grads[i])?;
+            let r = o..o + n;
+            crate::backend::cpu::kernels::adamw(&mut h.master[r.clone()], &g, &mut h.m[r.clone()], &mut h.v[r.clone()], &hyper, h.decays[i]);
+            self.backend.upload_f32(params[i], &h.master[r])?;
+        }
+        Ok(())
     }
 
     fn upload_batch(&mut self, x: &[i32], y: &[i32]) -> Result<()> {
@@ -292,15 +348,16 @@ impl Session {
 
     /// The second half of `update`, after `grad_norm`: AdamW with the clip scale it left.
     pub fn apply_update(&mut self) -> Result<()> {
-        self.run_phase(Phase::Update)
+        match self.host_opt {
+            Some(_) => self.host_update(),
+            None => self.run_phase(Phase::Update),
+        }
     }
 
     /// Writes the optimiser scalars, then queues the gradient reduction (with several devices)
     /// and the `GradNorm` phase.
     fn queue_grad_norm(&mut self, lr: f32, adam: AdamConsts, t: usize) -> Result<()> {
-        if !self.prepared.contains_key(&Phase::Update) {
-            return Err(not_train("the optimiser"));
-        }
+        self.check_optimiser()?;
         self.write_optim_scalars(lr, adam, t);
         self.upload_scalars()?;
         self.run_phase(Phase::ReduceGrads)?;

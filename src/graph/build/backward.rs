@@ -47,7 +47,7 @@ pub(super) fn backward(net: &Net, tb: &TrainBufs, out: &mut Vec<Launch>) -> Vec<
     });
     let mut done = Vec::new();
     for (l, blk) in a.blocks.iter().enumerate().rev() {
-        block_backward(out, l, blk, &p.block(l), &dp.block(l), dg, net.d);
+        block_backward(out, l, blk, &p.block(l), &dp.block(l), dg, net.d, a.recompute);
         done.push((out.len(), l));
     }
     launch(out, "encoder.bwd", Kernel::EncoderBackward {
@@ -77,13 +77,25 @@ fn classifier_and_loss(net: &Net, tb: &TrainBufs, out: &mut Vec<Launch>) {
 /// Block `l` in reverse, from dres (the gradient of its output `res3`) back to dres (the gradient
 /// of its input): the MLP branch, then the attention branch. Each layernorm's backward adds its
 /// input gradient to dres, which already holds the residual path's; weight gradients go to `dw`.
-fn block_backward(out: &mut Vec<Launch>, l: usize, blk: &Block, w: &LayerTensors, dw: &LayerTensors, dg: &ActGrads, d: Dims) {
+/// With `recompute`, the shared GELU (≥ 1) and layernorm (2) outputs are recomputed from the
+/// saved inputs right before the launch that reads them (the layernorms rewrite their saved
+/// mean and rstd with the same values).
+#[allow(clippy::too_many_arguments)]
+fn block_backward(out: &mut Vec<Launch>, l: usize, blk: &Block, w: &LayerTensors, dw: &LayerTensors, dg: &ActGrads, d: Dims, recompute: u8) {
     let Dims { b, t, n, c, nh, .. } = d;
+    if recompute >= 1 {
+        launch(out, format!("l{l}.gelu.recompute"), Kernel::GeluForward { out: blk.fch_gelu, inp: blk.fch, n: n * 4 * c });
+    }
     launch(out, format!("l{l}.fcproj.bwd"), Kernel::MatmulBackward {
         dinp: dg.dfch_gelu, dweight: dw.fcprojw, dbias: Some(dw.fcprojb), dout: dg.dres, inp: blk.fch_gelu,
         weight: w.fcprojw, n, c: 4 * c, oc: c,
     });
     launch(out, format!("l{l}.gelu.bwd"), Kernel::GeluBackward { dinp: dg.dfch, inp: blk.fch, dout: dg.dfch_gelu, n: n * 4 * c });
+    if recompute >= 2 {
+        launch(out, format!("l{l}.ln2.recompute"), Kernel::LayerNormForward {
+            out: blk.ln2, mean: blk.ln2_mean, rstd: blk.ln2_rstd, inp: blk.res2, weight: w.ln2w, bias: w.ln2b, n, c,
+        });
+    }
     launch(out, format!("l{l}.fc.bwd"), Kernel::MatmulBackward {
         dinp: dg.dtmp, dweight: dw.fcw, dbias: Some(dw.fcb), dout: dg.dfch, inp: blk.ln2, weight: w.fcw, n, c, oc: 4 * c,
     });
@@ -98,6 +110,11 @@ fn block_backward(out: &mut Vec<Launch>, l: usize, blk: &Block, w: &LayerTensors
     launch(out, format!("l{l}.attn.bwd"), Kernel::AttentionBackward {
         dqkv: dg.dqkv, dout: dg.dtmp, out: blk.atty, lse: blk.lse, qkv: blk.qkv, b, t, c, nh,
     });
+    if recompute >= 2 {
+        launch(out, format!("l{l}.ln1.recompute"), Kernel::LayerNormForward {
+            out: blk.ln1, mean: blk.ln1_mean, rstd: blk.ln1_rstd, inp: blk.inp, weight: w.ln1w, bias: w.ln1b, n, c,
+        });
+    }
     launch(out, format!("l{l}.qkv.bwd"), Kernel::MatmulBackward {
         dinp: dg.dtmp, dweight: dw.qkvw, dbias: Some(dw.qkvb), dout: dg.dqkv, inp: blk.ln1, weight: w.qkvw, n, c, oc: 3 * c,
     });

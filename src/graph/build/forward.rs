@@ -30,6 +30,8 @@ pub(super) struct Block {
 
 /// Every activation of the graph.
 pub(super) struct Activations {
+    /// what backward recomputes (`TrainOptions::recompute`)
+    pub recompute: u8,
     /// the encoder output, input of block 0
     pub encoded: View,
     pub blocks: Vec<Block>,
@@ -45,17 +47,21 @@ pub(super) struct Activations {
 }
 
 impl Activations {
-    /// Adds the activation buffers of `layers` blocks to the table.
-    pub fn new(g: &mut Builder, d: Dims, layers: usize) -> Activations {
+    /// Adds the activation buffers of `layers` blocks to the table. With `recompute` ≥ 1 every
+    /// block writes its GELU output into one shared buffer, and with 2 its layernorm outputs too
+    /// (backward recomputes them, see `backward::block_backward`).
+    pub fn new(g: &mut Builder, d: Dims, layers: usize, recompute: u8) -> Activations {
         let Dims { b, t, n, c, nh, vp, .. } = d;
         let encoded = g.buf("encoded", n * c, Role::Activation);
+        let shared = |g: &mut Builder, level: u8, name: &str, len: usize| (recompute >= level).then(|| g.buf(name.to_string(), len, Role::Activation));
+        let (gelu_all, ln1_all, ln2_all) = (shared(g, 1, "fch_gelu", n * 4 * c), shared(g, 2, "ln1", n * c), shared(g, 2, "ln2", n * c));
         let mut blocks: Vec<Block> = Vec::with_capacity(layers);
         for l in 0..layers {
             let inp = blocks.last().map_or(encoded, |prev| prev.res3);
             let mut act = |name: &str, len: usize| g.buf(format!("l{l}.{name}"), len, Role::Activation);
             blocks.push(Block {
                 inp,
-                ln1: act("ln1", n * c),
+                ln1: ln1_all.unwrap_or_else(|| act("ln1", n * c)),
                 ln1_mean: act("ln1_mean", n),
                 ln1_rstd: act("ln1_rstd", n),
                 qkv: act("qkv", n * 3 * c),
@@ -63,11 +69,11 @@ impl Activations {
                 lse: act("att_lse", b * nh * t),
                 attproj: act("attproj", n * c),
                 res2: act("res2", n * c),
-                ln2: act("ln2", n * c),
+                ln2: ln2_all.unwrap_or_else(|| act("ln2", n * c)),
                 ln2_mean: act("ln2_mean", n),
                 ln2_rstd: act("ln2_rstd", n),
                 fch: act("fch", n * 4 * c),
-                fch_gelu: act("fch_gelu", n * 4 * c),
+                fch_gelu: gelu_all.unwrap_or_else(|| act("fch_gelu", n * 4 * c)),
                 fcproj: act("fcproj", n * c),
                 res3: act("res3", n * c),
             });
@@ -78,7 +84,7 @@ impl Activations {
         let chunk_rows = super::classifier_chunk_rows(n, t, vp);
         let logits = g.buf("logits", chunk_rows * vp, Role::Activation);
         let chunks = (0..n).step_by(chunk_rows).map(|r0| (r0, chunk_rows.min(n - r0))).collect();
-        Activations { encoded, blocks, lnf, lnf_mean, lnf_rstd, logits, chunk_rows, chunks }
+        Activations { recompute, encoded, blocks, lnf, lnf_mean, lnf_rstd, logits, chunk_rows, chunks }
     }
 
     /// The input of the final layernorm: the last block's output (the encoder's with no blocks).

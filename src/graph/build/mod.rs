@@ -56,6 +56,20 @@ pub struct TrainOptions {
     pub decay_all: bool,
     /// global gradient-norm clip; 0 disables clipping (the norm is still computed)
     pub grad_clip: f32,
+    /// activations recomputed in backward instead of saved per layer (llm.c's `-r`): 0 none,
+    /// 1 the GELU output, 2 the GELU and both layernorm outputs. The recomputation repeats the
+    /// forward launch on the same input, so the step is bit-identical to 0.
+    pub recompute: u8,
+    /// AdamW runs on the host (`Session` keeps m and v there): the graph has no moment buffers
+    /// and an empty `Update` phase; [`GraphIo::host_update`] says what the host must do.
+    pub offload_optimizer: bool,
+}
+
+impl Default for TrainOptions {
+    /// B=1, T=1, no accumulation, no weight decay, no clipping, nothing recomputed or offloaded.
+    fn default() -> Self {
+        TrainOptions { b: 1, t: 1, grad_accum: 1, weight_decay: 0.0, decay_all: true, grad_clip: 0.0, recompute: 0, offload_optimizer: false }
+    }
 }
 
 /// ZeRO-1's AdamW state: m and v for the flat parameter range `range` (checkpoint order), which
@@ -84,6 +98,10 @@ pub struct GraphIo {
     pub v: Option<[BufId; NUM_PARAM_TENSORS]>,
     /// ZeRO-1: the moments of this rank's parameter range only (then `m` and `v` are None)
     pub opt_shard: Option<OptShard>,
+    /// `--offload-optimizer`: the graph has no AdamW moments and an empty `Update`; the host runs
+    /// AdamW on every tensor with these weight decays (checkpoint order) and the clip scale
+    /// `GradNorm` leaves in the scalars
+    pub host_update: Option<[f32; NUM_PARAM_TENSORS]>,
     /// the parameter gradients in the order `Train` finishes them (empty without training), so a
     /// data-parallel step can sum each bucket while the rest of backward runs
     pub grad_buckets: Vec<GradBucket>,
@@ -143,7 +161,7 @@ fn build_params_only(cfg: &Config, weights: DType) -> Graph {
     let losses = g.table.add("losses", 1, DType::F32, Role::Losses);
     let logits = g.table.add("logits", 1, DType::F32, Role::Activation);
     let scalars = g.table.add("scalars", Scalars::LEN, DType::F32, Role::Scalars);
-    let io = GraphIo { params: params.ids(), grads: None, m: None, v: None, opt_shard: None, grad_buckets: Vec::new(), tokens, targets, losses, logits, logits_rows: 0, scalars };
+    let io = GraphIo { params: params.ids(), grads: None, m: None, v: None, opt_shard: None, host_update: None, grad_buckets: Vec::new(), tokens, targets, losses, logits, logits_rows: 0, scalars };
     Graph { cfg: *cfg, b: 1, t: 1, grad_accum: 1, buffers: g.table, io, phases: BTreeMap::new(), decode: None }
 }
 
@@ -283,6 +301,8 @@ struct Net {
 enum Moments {
     Full { m: Tensors, v: Tensors },
     Shard { m: View, v: View, range: std::ops::Range<usize> },
+    /// `--offload-optimizer`: m and v live on the host and `Update` is empty
+    Host,
 }
 
 /// The buffers only a training graph has.
@@ -307,9 +327,10 @@ fn build(cfg: &Config, b: usize, t: usize, train: Option<&TrainOptions>, shard: 
     // ---- the buffer table, in this order: parameters; gradients and AdamW moments (training);
     // host buffers; activations; activation gradients and norm scratch (training) ----
     let params = Tensors::add(&mut g, &layout, cfg.l, "", Role::Param);
-    let optim = train.map(|_| {
+    let optim = train.map(|opts| {
         let grads = Tensors::add(&mut g, &layout, cfg.l, "d", Role::Grad);
         let moments = match shard {
+            None if opts.offload_optimizer => Moments::Host,
             None => Moments::Full {
                 m: Tensors::add(&mut g, &layout, cfg.l, "m.", Role::OptM),
                 v: Tensors::add(&mut g, &layout, cfg.l, "v.", Role::OptV),
@@ -333,7 +354,7 @@ fn build(cfg: &Config, b: usize, t: usize, train: Option<&TrainOptions>, shard: 
         scalars: g.table.view(scalars),
         dloss: g.table.view(scalars).slice(Scalars::LOSS_SEED, 1),
     };
-    let acts = Activations::new(&mut g, d, cfg.l);
+    let acts = Activations::new(&mut g, d, cfg.l, train.map_or(0, |o| o.recompute));
     let train_bufs = optim.map(|(grads, moments)| TrainBufs {
         grads,
         moments,
@@ -379,8 +400,12 @@ fn build(cfg: &Config, b: usize, t: usize, train: Option<&TrainOptions>, shard: 
         v: train_bufs.as_ref().and_then(|tb| if let Moments::Full { v, .. } = &tb.moments { Some(v.ids()) } else { None }),
         opt_shard: train_bufs.as_ref().and_then(|tb| match &tb.moments {
             Moments::Shard { m, v, range } => Some(OptShard { m: m.buf, v: v.buf, range: range.clone() }),
-            Moments::Full { .. } => None,
+            Moments::Full { .. } | Moments::Host => None,
         }),
+        host_update: match (train, train_bufs.as_ref().map(|tb| &tb.moments)) {
+            (Some(opts), Some(Moments::Host)) => Some(optim::weight_decays(opts)),
+            _ => None,
+        },
         grad_buckets,
         tokens,
         targets,

@@ -4,7 +4,7 @@
 use super::{launch, Moments, Net, TrainBufs, TrainOptions};
 use crate::graph::{Kernel, Launch};
 use crate::model::params::DECAYED_2D;
-use crate::model::{ParamLayout, PARAM_NAMES};
+use crate::model::{ParamLayout, NUM_PARAM_TENSORS, PARAM_NAMES};
 
 /// Zero every parameter gradient, and the losses the `Train` micro-steps add up.
 pub(super) fn zero_grad(net: &Net, tb: &TrainBufs) -> Vec<Launch> {
@@ -27,18 +27,26 @@ pub(super) fn grad_norm(net: &Net, tb: &TrainBufs, opts: &TrainOptions) -> Vec<L
     out
 }
 
+/// Each tensor's weight decay: `opts.weight_decay` on every tensor with `decay_all`, else on the
+/// 2-D weights only.
+pub(super) fn weight_decays(opts: &TrainOptions) -> [f32; NUM_PARAM_TENSORS] {
+    std::array::from_fn(|i| if opts.decay_all || DECAYED_2D.contains(&i) { opts.weight_decay } else { 0.0 })
+}
+
 /// AdamW on each tensor; weight decay on every tensor with `decay_all`, else on the 2-D weights.
 /// With ZeRO-1 moments, on the part of each tensor inside the rank's range only.
 pub(super) fn update(net: &Net, tb: &TrainBufs, opts: &TrainOptions, layout: &ParamLayout) -> Vec<Launch> {
     let mut out = Vec::new();
+    let decays = weight_decays(opts);
     for (i, name) in PARAM_NAMES.iter().enumerate() {
-        let weight_decay = if opts.decay_all || DECAYED_2D.contains(&i) { opts.weight_decay } else { 0.0 };
+        let weight_decay = decays[i];
         let (param, grad) = (net.params.whole(i), tb.grads.whole(i));
         let hyper = net.io.scalars;
         match &tb.moments {
             Moments::Full { m, v } => {
                 launch(&mut out, format!("adamw.{name}"), Kernel::AdamW { param, grad, m: m.whole(i), v: v.whole(i), hyper, weight_decay });
             }
+            Moments::Host => {}
             Moments::Shard { m, v, range } => {
                 // tensor i holds flat parameters [o, o + size); this rank updates its overlap with `range`
                 let (o, size) = (layout.offsets[i], layout.sizes[i]);

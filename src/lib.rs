@@ -11,6 +11,7 @@ pub mod infer;
 pub mod info;
 pub mod model;
 pub mod plan;
+pub mod plot;
 pub mod profile;
 pub mod rng;
 pub mod roofline;

@@ -33,6 +33,9 @@ enum Cmd {
     /// Plan a training step before running it: device memory by role (--memory SIZE: does it
     /// fit), and with --roofline DEVICE the least step time that device's peaks allow
     Plan(wgpt::plan::PlanArgs),
+    /// Draw train and val loss against step (or tokens) for one or several runs into a PNG
+    /// (inputs: --log-json files, main.log files, --out directories)
+    Plot(wgpt::plot::PlotArgs),
     /// List the backends and devices available here, and why an absent one is absent
     Info,
     /// Compile the CUDA kernels with NVRTC for the given architectures (no GPU needed)
@@ -257,6 +260,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Plot(a) => {
+            let s = wgpt::plot::plot(&a)?;
+            let runs: Vec<String> = s.runs.iter().map(|(l, t, v)| format!("{l} ({t} train, {v} val points)")).collect();
+            println!("wrote {}: {}", s.out.display(), runs.join(", "));
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Bench(a) => {
             match a.kernel {
                 BenchKernel::Step if a.profile => {
@@ -303,8 +312,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 BenchKernel::Step => {
                     let r = wgpt::bench::run_step(&a)?;
                     println!(
-                        "{} | {} B={} T={} | {:.1} ms/step (median of {}) | {:.0} tokens/s | {:.2} TFLOP/s",
-                        r.backend, r.model, r.batch, r.seq_len, r.ms_per_step, r.ms_all.len(), r.tokens_per_s, r.tflops
+                        "{} | {} B={} T={} | {:.1} ms/step (median of {}) | {:.0} tokens/s | {:.2} TFLOP/s | {:.3} GiB of device buffers",
+                        r.backend,
+                        r.model,
+                        r.batch,
+                        r.seq_len,
+                        r.ms_per_step,
+                        r.ms_all.len(),
+                        r.tokens_per_s,
+                        r.tflops,
+                        r.device_bytes as f64 / (1u64 << 30) as f64
                     );
                     if a.json {
                         println!("{}", serde_json::to_string(&r).unwrap());

@@ -158,6 +158,8 @@ impl Logger {
         self.write_log(&format!("s:{step} trl:{loss:.4} lr:{lr:.6} norm:{norm:.2}"))?;
         let mut v = serde_json::json!({
             "step": step, "train_loss": loss, "lr": lr, "grad_norm": norm, "ms": ms, "tokens_per_s": tps,
+            // tokens processed so far (`wgpt plot --x tokens`)
+            "tokens": step as u64 * self.tokens_per_step as u64,
         });
         if let Some((r, h)) = reduce {
             v["reduce_ms"] = r.into();

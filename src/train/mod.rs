@@ -914,6 +914,12 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
                 save_checkpoint(&mut sess, comm, dir, step, a, &train_loader, shape, outliers, zs)?;
                 saved_at = Some(step);
                 logger.note(&format!("checkpoint written: {}", state::model_path(dir, step).display()));
+                // the curves so far beside the checkpoint; a plot that fails never stops training
+                if lead {
+                    if let Err(e) = crate::plot::write_loss_png(dir) {
+                        logger.note(&format!("warning: {} not drawn: {e}", dir.join("loss.png").display()));
+                    }
+                }
                 if lead {
                     if let Some(old) = state::checkpoint_to_prune(step, a.checkpoint_every, a.keep_checkpoints, a.keep_every) {
                         state::remove_checkpoint(dir, old)?;

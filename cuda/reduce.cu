@@ -43,14 +43,17 @@ extern "C" __global__ void sum_squares_finish(float* out, int slot, const float*
     if (threadIdx.x == 0) out[slot] = s;
 }
 
-// norm = √(Σ parts); hyper[7] = norm; hyper[6] = max_norm > 0 && norm > max_norm ? max_norm/norm : 1  (single block)
+// s = hyper[9] (loss scale); norm = √(Σ parts) / s; hyper[7] = norm; hyper[10] = norm inf/NaN ? 1 : 0;
+// hyper[6] = (max_norm > 0 && norm > max_norm ? max_norm/norm : 1) / s  (single block)
 extern "C" __global__ void clip_scale(float* hyper, const float* __restrict__ parts, int count, float max_norm) {
     float s = 0.0f;
     for (int i = threadIdx.x; i < count; i += NT) s += parts[i];
     s = block_sum(s);
     if (threadIdx.x == 0) {
-        float norm = sqrtf(s);
+        float ls = hyper[9];  // the loss scale the gradients carry
+        float norm = sqrtf(s) / ls;
         hyper[7] = norm;
-        hyper[6] = (max_norm > 0.0f && norm > max_norm) ? max_norm / norm : 1.0f;
+        hyper[10] = isfinite(norm) ? 0.0f : 1.0f;
+        hyper[6] = ((max_norm > 0.0f && norm > max_norm) ? max_norm / norm : 1.0f) / ls;
     }
 }

@@ -1,6 +1,7 @@
 // adamw.wgsl — AdamW with decoupled weight decay; per-step scalars come from the `hyper` buffer
-// (slots: 0 lr, 1 β1, 2 β2, 3 eps, 4 bc1 = 1−β1^t, 5 bc2 = 1−β2^t, 6 grad scale, 7 grad norm).
-// adamw: g = grad·hyper[6]; m = β1·m + (1−β1)·g; v = β2·v + (1−β2)·g²; param −= lr·((m/bc1)/(√(v/bc2) + eps) + wd·param)
+// (slots: 0 lr, 1 β1, 2 β2, 3 eps, 4 bc1 = 1−β1^t, 5 bc2 = 1−β2^t, 6 grad scale, 7 grad norm,
+// 10 found inf).
+// adamw: nothing when hyper[10] ≠ 0 (a skipped step); else g = grad·hyper[6]; m = β1·m + (1−β1)·g; v = β2·v + (1−β2)·g²; param −= lr·((m/bc1)/(√(v/bc2) + eps) + wd·param)
 
 struct P {
     n: u32,
@@ -28,6 +29,9 @@ fn adamw(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     let bc1 = hyper[p.o_hyper + 4u];
     let bc2 = hyper[p.o_hyper + 5u];
     let gs = hyper[p.o_hyper + 6u];
+    if (hyper[p.o_hyper + 10u] != 0.0) {
+        return;
+    }
     let stride = nwg.x * 256u;
     for (var i = gid.x; i < p.n; i += stride) {
         let g = grad[p.o_grad + i] * gs;

@@ -2,7 +2,8 @@
 // zero:            out[i] = 0   (i < n)
 // sumsq_partial:   part[part0 + g] = Σ_{i ≡ this workgroup's stride set} inp[i]²   (g = workgroup, fixed grid → deterministic)
 // sumsq_finalize:  out[slot] = Σ_{j < nparts} part[j]
-// clip_scale:      norm = √(Σ_{j < nparts} parts[j]); hyper[7] = norm; hyper[6] = max_norm/norm if 0 < max_norm < norm else 1
+// clip_scale:      s = hyper[9] (loss scale); norm = √(Σ_{j < nparts} parts[j]) / s; hyper[7] = norm;
+//                  hyper[10] = 1 if norm is inf/NaN else 0; hyper[6] = (max_norm/norm if 0 < max_norm < norm else 1) / s
 
 struct P {
     n: u32,
@@ -69,11 +70,15 @@ fn clip_scale() {
     for (var j = 0u; j < p.nparts; j++) {
         sum += part_r[p.part0 + j];
     }
-    let norm = sqrt(sum);
+    let s = hyper[p.o_hyper + 9u];
+    let norm = sqrt(sum) / s;
     hyper[p.o_hyper + 7u] = norm;
+    // inf/NaN by the bits (WGSL lets a compiler assume finite floats in comparisons)
+    let nonfinite = (bitcast<u32>(norm) & 0x7f800000u) == 0x7f800000u;
+    hyper[p.o_hyper + 10u] = select(0.0, 1.0, nonfinite);
     var scale = 1.0;
     if (p.max_norm > 0.0 && norm > p.max_norm) {
         scale = p.max_norm / norm;
     }
-    hyper[p.o_hyper + 6u] = scale;
+    hyper[p.o_hyper + 6u] = scale / s;
 }

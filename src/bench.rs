@@ -92,11 +92,17 @@ pub struct BenchArgs {
     /// AdamW on the host, as `train --offload-optimizer`
     #[arg(long)]
     pub offload_optimizer: bool,
+    /// storage of parameters, gradients and activations (as `train --precision`): fp32, fp16 or
+    /// bf16 (with f32 master weights and AdamW state)
+    #[arg(long, default_value = "fp32", value_parser = crate::graph::parse_precision, value_name = "fp32|fp16|bf16")]
+    pub precision: crate::graph::DType,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct BenchReport {
     pub backend: String,
+    /// the step's precision (f32, f16, bf16)
+    pub precision: String,
     pub model: String,
     pub batch: usize,
     pub seq_len: usize,
@@ -144,6 +150,7 @@ pub(crate) fn time_train_steps(a: &BenchArgs, warmup: usize) -> Result<(Session,
             grad_clip: 1.0,
             recompute: a.recompute,
             offload_optimizer: a.offload_optimizer,
+            precision: a.precision,
             ..Default::default()
         },
     );
@@ -185,6 +192,7 @@ pub fn run_step(a: &BenchArgs) -> Result<BenchReport> {
         tokens_per_s: n as f64 / (ms / 1e3),
         tflops: flops_per_token * n as f64 / (ms / 1e3) / 1e12,
         device_bytes: sess.graph.total_bytes() as u64,
+        precision: a.precision.name().to_string(),
     })
 }
 
@@ -390,6 +398,7 @@ pub fn run_data_parallel(a: &BenchArgs) -> Result<Option<DataParallelReport>> {
     ta.overlap = a.overlap;
     ta.recompute = a.recompute;
     ta.offload_optimizer = a.offload_optimizer;
+    ta.precision = a.precision;
     let world = crate::dist::World::from_env()?;
     let s = crate::train::run(&ta)?;
     if world.rank != 0 {

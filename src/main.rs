@@ -239,7 +239,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
             let r = wgpt::verify::run(&a)?;
-            wgpt::verify::print(&r, &a);
+            wgpt::verify::print(&r);
             if a.json {
                 println!("{}", serde_json::to_string(&r).unwrap());
             }
@@ -312,8 +312,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 BenchKernel::Step => {
                     let r = wgpt::bench::run_step(&a)?;
                     println!(
-                        "{} | {} B={} T={} | {:.1} ms/step (median of {}) | {:.0} tokens/s | {:.2} TFLOP/s | {:.3} GiB of device buffers",
+                        "{} | {} {} B={} T={} | {:.1} ms/step (median of {}) | {:.0} tokens/s | {:.2} TFLOP/s | {:.3} GiB of device buffers",
                         r.backend,
+                        r.precision,
                         r.model,
                         r.batch,
                         r.seq_len,

@@ -47,6 +47,10 @@ pub struct PlanArgs {
     /// AdamW's state in host memory (`train --offload-optimizer`): no optimizer bytes on the device
     #[arg(long)]
     pub offload_optimizer: bool,
+    /// storage of parameters, gradients and activations (as `train --precision`): fp32, fp16 or
+    /// bf16 (with f32 master weights and AdamW state)
+    #[arg(long, default_value = "fp32", value_parser = crate::graph::parse_precision, value_name = "fp32|fp16|bf16")]
+    pub precision: crate::graph::DType,
     /// print one JSON object as the last line of stdout
     #[arg(long)]
     pub json: bool,
@@ -86,6 +90,8 @@ pub struct RooflinePlan {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Plan {
     pub model: String,
+    /// the step's precision (f32, f16, bf16)
+    pub precision: String,
     pub batch: usize,
     pub seq_len: usize,
     pub params: usize,
@@ -111,6 +117,7 @@ pub fn by_role(graph: &Graph) -> ByRole {
             _ if id == graph.io.logits => &mut r.logits,
             Role::Param(_) => &mut r.params,
             Role::Grad(_) => &mut r.grads,
+            Role::Master(_) => &mut r.master,
             Role::OptM(_) | Role::OptV(_) | Role::OptShard => &mut r.optimizer,
             Role::Activation | Role::ActGrad | Role::Tokens | Role::Targets | Role::Losses | Role::KvCache => &mut r.activations,
             Role::Scalars | Role::Scratch => &mut r.scratch,
@@ -147,6 +154,7 @@ pub fn step_graph(a: &PlanArgs) -> Result<(Graph, usize)> {
         grad_clip: 1.0,
         recompute: a.recompute,
         offload_optimizer: a.offload_optimizer,
+        precision: a.precision,
         ..Default::default()
     };
     let g = if a.zero == 1 {
@@ -180,6 +188,7 @@ pub fn plan(a: &PlanArgs) -> Result<Plan> {
     };
     Ok(Plan {
         model: a.model.clone(),
+        precision: a.precision.name().to_string(),
         batch: a.batch,
         seq_len: a.seq_len,
         params,
@@ -237,7 +246,7 @@ fn gib(b: u64) -> String {
 }
 
 pub fn print(p: &Plan) {
-    println!("{} ({} parameters), B={} T={}: {} of device buffers for a training step (fp32)", p.model, p.params, p.batch, p.seq_len, gib(p.total_bytes));
+    println!("{} ({} parameters), B={} T={}: {} of device buffers for a training step ({})", p.model, p.params, p.batch, p.seq_len, gib(p.total_bytes), p.precision);
     let r = &p.by_role;
     for (name, b) in [
         ("params", r.params),

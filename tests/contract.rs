@@ -9,7 +9,7 @@ use wgpt::backend::cpu::CpuBackend;
 use wgpt::backend::wgpu::WgpuBackend;
 use wgpt::backend::{Backend, RawBuffer};
 use wgpt::error::{Error, ErrorKind};
-use wgpt::graph::{build_forward, build_train_step, validate, BufferTable, DType, Kernel, Launch, Phase, Role, Scalars, TrainOptions, View};
+use wgpt::graph::{build_forward, build_train_step, validate, BufId, BufferTable, DType, Kernel, Launch, Phase, Role, Scalars, TrainOptions, View};
 use wgpt::model::checkpoint::read_checkpoint;
 use wgpt::model::debug_state::read_debug_state;
 use wgpt::model::Config;
@@ -79,9 +79,20 @@ fn validate_refuses_every_kind_of_broken_launch_once_for_all_backends() {
         out: v(a, 0, 8), tokens: v(b, 0, 2), wte: v(b, 0, 16), wpe: v(b, 16, 16), b: 1, t: 2, c: 4,
     }));
     assert!(m.contains("tokens must be i32"), "{m}");
-    // a dtype no kernel exists in yet: refused by the contract, whatever the backend
+    // one launch has one precision: an f16 input to an f32 output is refused whatever the backend
     let m = refused(&t, &one("f16.gelu", Kernel::GeluForward { out: v(a, 0, 10), inp: v(half, 0, 10), n: 10 }));
-    assert!(m.contains("'half' is f16") && m.contains("no gelu kernel"), "{m}");
+    assert!(m.contains("inp ('half') is f16 but the launch's precision is f32"), "{m}");
+    // an all-f16 launch is a valid graph (which backends have f16 kernels is theirs to say)
+    validate(&t, &one("f16.gelu.ok", Kernel::GeluForward { out: v(half, 0, 10), inp: v(half, 50, 10), n: 10 })).unwrap();
+    // f32 master weights go with low-precision parameters only
+    let hyper = t.add("hyper", Scalars::LEN, DType::F32, Role::Scalars);
+    let adam = |param, master| Kernel::AdamW {
+        param, master: Some(master), grad: param, m: v(b, 0, 10), v: v(b, 10, 10), hyper: v(hyper, 0, Scalars::LEN), weight_decay: 0.0,
+    };
+    let m = refused(&t, &one("master.f32", adam(v(a, 0, 10), v(a, 20, 10))));
+    assert!(m.contains("master weights are for low-precision parameters"), "{m}");
+    let m = refused(&t, &one("master.f16", adam(v(half, 0, 10), v(half, 20, 10))));
+    assert!(m.contains("master must be f32"), "{m}");
     let m = refused(&t, &one("overlap", Kernel::LayerNormForward {
         out: v(a, 0, 8), mean: v(b, 0, 2), rstd: v(b, 1, 2), inp: v(a, 20, 8), weight: v(a, 40, 4), bias: v(a, 50, 4), n: 2, c: 4,
     }));
@@ -146,12 +157,20 @@ fn dtypes_have_true_sizes_and_backends_refuse_what_they_lack() {
     }
     for be in backends.iter_mut() {
         assert!(be.supports(DType::F32) && be.supports(DType::I32));
-        // bf16 has no kernels anywhere: refused at alloc, naming the buffer
-        assert!(!be.supports(DType::BF16), "{}: no bf16 kernels exist yet", be.name());
-        let e = be.alloc(&tb).unwrap_err();
-        let msg = e.to_string();
-        assert!(matches!(e, Error::Unsupported { .. }) && msg.contains("bf16") && msg.contains("wbf16"), "{}: {msg}", be.name());
-        assert_eq!(e.kind(), ErrorKind::Device);
+        if be.supports(DType::BF16) {
+            // the cpu reference: bf16 values round-trip, rounded to nearest bf16
+            be.alloc(&tb).unwrap();
+            let x = [1.0f32, 0.1, -3.5, 3.0e38, 1e-30, 2049.0, -0.60351574];
+            be.upload_f32(BufId(0), &x).unwrap();
+            let want: Vec<f32> = x.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+            assert_eq!(be.download_f32(BufId(0)).unwrap(), want, "{}", be.name());
+        } else {
+            // a backend without bf16 storage: refused at alloc, naming the buffer
+            let e = be.alloc(&tb).unwrap_err();
+            let msg = e.to_string();
+            assert!(matches!(e, Error::Unsupported { .. }) && msg.contains("bf16") && msg.contains("wbf16"), "{}: {msg}", be.name());
+            assert_eq!(e.kind(), ErrorKind::Device);
+        }
         // f16 buffers (the weights of f16 inference) round-trip through the f32 helpers, rounded to f16
         if be.supports(DType::F16) {
             be.alloc(&t).unwrap();
@@ -331,5 +350,26 @@ fn a_range_of_the_gradients_is_that_slice_of_all_of_them() {
     let n = all.len();
     for r in [0..n, 0..1, n / 3..2 * n / 3, n - 5..n, 7..7] {
         assert_eq!(s.download_grads_range(r.clone()).unwrap(), all[r.clone()].to_vec(), "{r:?}");
+    }
+}
+
+#[test]
+fn a_backend_refuses_a_precision_it_has_no_kernels_for_in_one_line() {
+    // a mixed-precision step: the cpu reference has every precision; wgpu and CUDA have f32 kernels
+    // only (f16 weights of inference aside), and say so when the phases are prepared
+    let cfg = Config { max_t: 16, v: 50, vp: 64, l: 1, nh: 2, c: 16 };
+    for precision in [DType::F16, DType::BF16] {
+        let o = TrainOptions { b: 2, t: 8, precision, ..Default::default() };
+        let g = build_train_step(&cfg, &o);
+        assert!(g.buffers.iter().any(|(_, d)| d.role == Role::Master(0) && d.dtype == DType::F32), "f32 master weights");
+        assert!(g.buffers.iter().all(|(_, d)| !matches!(d.role, Role::Param(_) | Role::Grad(_)) || d.dtype == precision));
+        Session::new(Box::new(CpuBackend::new(Some(1)).unwrap()), g.clone()).unwrap();
+        if let Some(gpu) = gpu() {
+            if gpu.supports(precision) {
+                let e = Session::new(Box::new(gpu), g).err().expect("wgpu has no low-precision kernels");
+                let msg = e.to_string();
+                assert!(msg.contains(&format!("no {precision} kernels")) && msg.contains("--precision fp32") && !msg.contains('\n'), "{msg}");
+            }
+        }
     }
 }

@@ -499,6 +499,7 @@ fn sum_squares_in_f64() {
 fn clip_scale_clips_only_above_max() {
     let parts = [9.0f32, 16.0, 0.0]; // norm 5
     let mut h = vec![0.0f32; Scalars::LEN];
+    h[Scalars::LOSS_SCALE] = 1.0;
     k::clip_scale(&mut h, &parts, 1.0);
     assert_eq!(h[Scalars::GRAD_NORM], 5.0);
     assert!((h[Scalars::GRAD_SCALE] - 0.2).abs() < 1e-7, "{}", h[Scalars::GRAD_SCALE]);
@@ -510,6 +511,32 @@ fn clip_scale_clips_only_above_max() {
     assert_eq!((h[Scalars::GRAD_SCALE], h[Scalars::GRAD_NORM]), (1.0, 5.0));
     // other slots untouched
     assert!(h[..Scalars::GRAD_SCALE].iter().all(|&x| x == 0.0));
+    assert_eq!(h[Scalars::FOUND_INF], 0.0);
+}
+
+#[test]
+fn clip_scale_divides_out_the_loss_scale_and_flags_overflow() {
+    // gradients carrying a loss scale of 4: parts of the scaled gradients, norm 20 → true norm 5
+    let parts = [144.0f32, 256.0];
+    let mut h = vec![0.0f32; Scalars::LEN];
+    h[Scalars::LOSS_SCALE] = 4.0;
+    k::clip_scale(&mut h, &parts, 1.0);
+    assert_eq!(h[Scalars::GRAD_NORM], 5.0);
+    // clip 1/5, and the 1/4 that unscales: AdamW's g = grad·0.05
+    assert!((h[Scalars::GRAD_SCALE] - 0.05).abs() < 1e-8, "{}", h[Scalars::GRAD_SCALE]);
+    assert_eq!(h[Scalars::FOUND_INF], 0.0);
+    k::clip_scale(&mut h, &parts, 0.0);
+    assert_eq!(h[Scalars::GRAD_SCALE], 0.25);
+    for bad in [f32::INFINITY, f32::NAN] {
+        k::clip_scale(&mut h, &[1.0, bad], 1.0);
+        assert_eq!(h[Scalars::FOUND_INF], 1.0, "{bad} in the parts");
+    }
+    // an overflowed step changes nothing; the next clean one clears the flag
+    let (mut p, mut m, mut v) = (vec![1.0f32], vec![0.5f32], vec![0.25f32]);
+    assert!(!k::adamw(&mut p, &[f32::INFINITY], &mut m, &mut v, &h, 0.1));
+    assert_eq!((p[0], m[0], v[0]), (1.0, 0.5, 0.25));
+    k::clip_scale(&mut h, &parts, 1.0);
+    assert_eq!(h[Scalars::FOUND_INF], 0.0);
 }
 
 fn hyper(step: i32, lr: f32, scale: f32) -> Vec<f32> {
@@ -720,7 +747,7 @@ fn backend_optimizer_chain_and_thread_independence() {
             l(Kernel::SumSquares { out: tab.view(parts), inp: tab.view(gb).slice(n / 2, n - n / 2), slot: 2 }),
             l(Kernel::ClipScale { hyper: tab.view(h), parts: tab.view(parts), max_norm: 1.0 }),
             l(Kernel::AdamW {
-                param: tab.view(p), grad: tab.view(gb), m: tab.view(m), v: tab.view(v), hyper: tab.view(h),
+                param: tab.view(p), master: None, grad: tab.view(gb), m: tab.view(m), v: tab.view(v), hyper: tab.view(h),
                 weight_decay: 0.1,
             }),
         ])
@@ -996,7 +1023,7 @@ fn bench_d12_step() {
             k::clip_scale(&mut hyp, &parts, 1.0)
         });
         timed!("adamw", for i in 0..16 {
-            k::adamw(&mut p[i], &gr[i], &mut m[i], &mut vv[i], &hyp, 0.1)
+            k::adamw(&mut p[i], &gr[i], &mut m[i], &mut vv[i], &hyp, 0.1);
         });
     };
     eprintln!("threads: {}", rayon::current_num_threads());

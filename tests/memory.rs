@@ -118,9 +118,31 @@ fn offload_optimizer_resumes_bit_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let args = |out: &Path, log: &Path, steps: &'static str| -> Vec<String> {
         [
-            "train", "--backend", "cpu", "--init", "tests/data/tiny/model.bin", "--train", "tests/data/tiny/train.bin", "--val",
-            "tests/data/tiny/train.bin", "--batch", "4", "--seq-len", "16", "--steps", steps, "--lr", "1e-3", "--val-every", "0",
-            "--gen-tokens", "0", "--checkpoint-every", "3", "--offload-optimizer", "--out",
+            "train",
+            "--backend",
+            "cpu",
+            "--init",
+            "tests/data/tiny/model.bin",
+            "--train",
+            "tests/data/tiny/train.bin",
+            "--val",
+            "tests/data/tiny/train.bin",
+            "--batch",
+            "4",
+            "--seq-len",
+            "16",
+            "--steps",
+            steps,
+            "--lr",
+            "1e-3",
+            "--val-every",
+            "0",
+            "--gen-tokens",
+            "0",
+            "--checkpoint-every",
+            "3",
+            "--offload-optimizer",
+            "--out",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -171,7 +193,25 @@ fn gpt2_124m_at_t1024_trains_in_2gib() {
     assert_eq!(small["by_role"]["optimizer"], 0);
     assert_eq!(small["host_bytes"].as_u64().unwrap(), 3 * 4 * small["params"].as_u64().unwrap());
     // and the cpu backend, held to 2 GiB, trains it (one step: about 20 s on 2 cores)
-    let args = ["train", "--backend", "cpu", "--init", "d12", "--batch", "1", "--seq-len", "1024", "--steps", "1", "--val-every", "0", "--gen-tokens", "0", "--memory", "2GiB"];
+    let args = [
+        "train",
+        "--backend",
+        "cpu",
+        "--init",
+        "d12",
+        "--batch",
+        "1",
+        "--seq-len",
+        "1024",
+        "--steps",
+        "1",
+        "--val-every",
+        "0",
+        "--gen-tokens",
+        "0",
+        "--memory",
+        "2GiB",
+    ];
     let o = wgpt(&args);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("--memory") && err.trim().lines().count() == 1, "without the modes: {err}");

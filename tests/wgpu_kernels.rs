@@ -268,6 +268,7 @@ fn step_profile() {
     h[Scalars::BC1] = 0.1;
     h[Scalars::BC2] = 0.05;
     h[Scalars::GRAD_SCALE] = 1.0;
+    h[Scalars::LOSS_SCALE] = 1.0;
     h[Scalars::LOSS_SEED] = 1.0 / (b * t) as f32;
     g.upload_f32(graph.io.scalars, &h).unwrap();
     let names = [Phase::ZeroGrad, Phase::Train, Phase::GradNorm, Phase::Update];

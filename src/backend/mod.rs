@@ -98,9 +98,33 @@ pub trait Backend: Send {
             }),
         }
     }
+    /// The precisions (float dtypes of a launch's activations, see `Kernel::precision`) this
+    /// backend has kernels for. f16 weights of an f32 launch are a storage matter (`supports`).
+    fn precisions(&self) -> &'static [DType] {
+        &[DType::F32]
+    }
+    /// Every launch's precision is one this backend has (after `validate`).
+    fn check_precisions(&self, launches: &[Launch]) -> Result<()> {
+        for l in launches {
+            let p = l.kernel.precision(self.table());
+            if !self.precisions().contains(&p) {
+                let have: Vec<&str> = self.precisions().iter().map(|d| d.name()).collect();
+                return Err(Error::Unsupported {
+                    backend: self.name(),
+                    msg: format!(
+                        "no {p} kernels (launch '{}'; this backend has {}): use --precision fp32, or --backend cpu for {p}",
+                        l.label,
+                        have.join("/")
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
     /// Validate `launches` against the kernel contract and prepare them for replay.
     fn prepare(&mut self, launches: &[Launch]) -> Result<Prepared> {
         validate(self.table(), launches)?;
+        self.check_precisions(launches)?;
         self.prepare_valid(launches)
     }
     /// Run `launches` once with every launch timed on its own: device timestamps on wgpu where
@@ -109,6 +133,7 @@ pub trait Backend: Send {
     /// counted. Timing each launch alone costs a little: compare totals with an untimed step.
     fn profile(&mut self, launches: &[Launch]) -> Result<Profile> {
         validate(self.table(), launches)?;
+        self.check_precisions(launches)?;
         self.sync()?;
         let p = self.profile_valid(launches)?;
         debug_assert_eq!(p.ms.len(), launches.len());
@@ -152,11 +177,12 @@ pub trait Backend: Send {
         self.download_bytes(view)
     }
     /// Copy host f32 data into a whole f32 buffer (`data.len()` must equal its length), or into
-    /// an f16 buffer, rounding each value to the nearest f16.
+    /// an f16 or bf16 buffer, rounding each value to the nearest value of that format.
     fn upload_f32(&mut self, id: BufId, data: &[f32]) -> Result<()> {
-        if buffer_desc(self.table(), id, "upload_f32")?.dtype == DType::F16 {
-            let h: Vec<u8> = data.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect();
-            return self.upload(id, &h);
+        match buffer_desc(self.table(), id, "upload_f32")?.dtype {
+            DType::F16 => return self.upload(id, &data.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect::<Vec<u8>>()),
+            DType::BF16 => return self.upload(id, &data.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect::<Vec<u8>>()),
+            _ => {}
         }
         expect_dtype(self.table(), id, DType::F32, "upload_f32")?;
         self.upload(id, bytemuck::cast_slice(data))
@@ -166,16 +192,17 @@ pub trait Backend: Send {
         expect_dtype(self.table(), id, DType::I32, "upload_i32")?;
         self.upload(id, bytemuck::cast_slice(data))
     }
-    /// Read a whole f32 (or f16) buffer back as f32 (waits for pending work).
+    /// Read a whole f32 (or f16/bf16) buffer back as f32 (waits for pending work).
     fn download_f32(&mut self, id: BufId) -> Result<Vec<f32>> {
         let view = buffer_desc(self.table(), id, "download_f32").map(|_| self.table().view(id))?;
         self.download_view(view)
     }
-    /// Read part of an f32 (or f16) buffer back as f32 (waits for pending work).
+    /// Read part of an f32 (or f16/bf16) buffer back as f32 (waits for pending work).
     fn download_view(&mut self, view: View) -> Result<Vec<f32>> {
-        if buffer_desc(self.table(), view.buf, "download_view")?.dtype == DType::F16 {
-            let b = self.download(view)?;
-            return Ok(b.chunks_exact(2).map(|h| half::f16::from_le_bytes([h[0], h[1]]).to_f32()).collect());
+        match buffer_desc(self.table(), view.buf, "download_view")?.dtype {
+            DType::F16 => return Ok(self.download(view)?.chunks_exact(2).map(|h| half::f16::from_le_bytes([h[0], h[1]]).to_f32()).collect()),
+            DType::BF16 => return Ok(self.download(view)?.chunks_exact(2).map(|h| half::bf16::from_le_bytes([h[0], h[1]]).to_f32()).collect()),
+            _ => {}
         }
         expect_dtype(self.table(), view.buf, DType::F32, "download_view")?;
         Ok(bytemuck::pod_collect_to_vec(&self.download(view)?))

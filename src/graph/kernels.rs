@@ -57,9 +57,10 @@ impl Scalars {
     /// dL/dloss_r for every position: 1/N with N the tokens of the whole optimiser step
     /// (B·T·grad_accum on one device; across every rank and micro-step when data-parallel)
     pub const LOSS_SEED: usize = 8;
-    /// fp16 loss scale (mixed precision; 1 in f32)
+    /// the loss scale S the gradients carry (fp16 training: the host multiplies LOSS_SEED by it
+    /// and `ClipScale` divides it out; 1 otherwise)
     pub const LOSS_SCALE: usize = 9;
-    /// set non-zero on the device when a gradient is inf/NaN (mixed precision)
+    /// 1 when `ClipScale` found the gradient norm inf/NaN (then `AdamW` changes nothing), else 0
     pub const FOUND_INF: usize = 10;
     pub const LEN: usize = 16;
 }
@@ -149,13 +150,17 @@ pub enum Kernel {
 
     /// out[slot] = Σ inp²  (one launch per gradient tensor; `out` is the norm-parts buffer)
     SumSquares { out: View, inp: View, slot: usize },
-    /// norm = √(Σ parts); hyper[GRAD_NORM] = norm; hyper[GRAD_SCALE] = if max_norm > 0 && norm > max_norm
-    /// { max_norm / norm } else { 1 }
+    /// s = hyper[LOSS_SCALE] (the gradients carry it); norm = √(Σ parts) / s;
+    /// hyper[GRAD_NORM] = norm; hyper[FOUND_INF] = 1 if norm is inf/NaN else 0;
+    /// hyper[GRAD_SCALE] = (if max_norm > 0 && norm > max_norm { max_norm / norm } else { 1 }) / s
     ClipScale { hyper: View, parts: View, max_norm: f32 },
 
+    /// Nothing when hyper[FOUND_INF] ≠ 0 (the step is skipped). Else, with w = master (mixed
+    /// precision: the f32 master weights) or param:
     /// g = grad·hyper[GRAD_SCALE]; m = β1·m + (1−β1)·g; v = β2·v + (1−β2)·g²;
-    /// param −= lr·((m/bc1) / (√(v/bc2) + eps) + weight_decay·param)   (decoupled decay, old param)
-    AdamW { param: View, grad: View, m: View, v: View, hyper: View, weight_decay: f32 },
+    /// w −= lr·((m/bc1) / (√(v/bc2) + eps) + weight_decay·w)   (decoupled decay, old w);
+    /// with a master, param = w rounded to param's precision.
+    AdamW { param: View, master: Option<View>, grad: View, m: View, v: View, hyper: View, weight_decay: f32 },
 }
 
 impl Kernel {

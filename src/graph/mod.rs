@@ -20,9 +20,10 @@ pub use signature::{check_token_ids, validate, Access, Arg};
 use crate::model::Config;
 use std::collections::BTreeMap;
 
-/// Element type of a buffer, with its true size. Only f32 and i32 kernels exist today; a graph
-/// that asks a backend for a dtype it lacks is refused when it is allocated
-/// ([`crate::backend::Backend::supports`]).
+/// Element type of a buffer, with its true size. A graph that asks a backend for a dtype it
+/// lacks is refused when it is allocated ([`crate::backend::Backend::supports`]), and a launch in
+/// a precision it has no kernels for when the phase is prepared
+/// ([`crate::backend::Backend::precisions`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DType {
     F32,
@@ -53,6 +54,16 @@ impl DType {
     }
 }
 
+/// `--precision fp32|fp16|bf16` (also f32, f16): the float dtype of a training step.
+pub fn parse_precision(s: &str) -> std::result::Result<DType, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "fp32" | "f32" => Ok(DType::F32),
+        "fp16" | "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        _ => Err(format!("'{s}': give fp32, fp16 or bf16")),
+    }
+}
+
 impl std::fmt::Display for DType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
@@ -66,6 +77,9 @@ pub enum Role {
     Param(usize),
     /// gradient of parameter tensor `i`
     Grad(usize),
+    /// the f32 master copy of parameter tensor `i` (mixed precision: the parameters the kernels
+    /// read are its rounded copy)
+    Master(usize),
     /// AdamW first moment of tensor `i`
     OptM(usize),
     /// AdamW second moment of tensor `i`

@@ -172,15 +172,17 @@ impl Kernel {
                 scalars("hyper", hyper, Access::ReadWrite, Scalars::LEN),
                 Arg { class: Class::F32, ..r("parts", parts, 0) },
             ],
-            AdamW { param, grad, m, v, hyper, .. } => {
+            AdamW { param, master, grad, m, v, hyper, .. } => {
                 let n = param.len;
-                vec![
-                    rw("param", param, n),
+                let mut a = vec![rw("param", param, n)];
+                a.extend(master.map(|w| Arg { class: Class::F32, ..rw("master", w, n) }));
+                a.extend([
                     Arg { class: Class::F32, ..rw("m", m, n) },
                     Arg { class: Class::F32, ..rw("v", v, n) },
                     r("grad", grad, n),
                     scalars("hyper", hyper, Access::Read, Scalars::LEN),
-                ]
+                ]);
+                a
             }
         }
     }
@@ -195,10 +197,22 @@ impl Kernel {
         self.args().iter().filter(|a| !a.is_output()).map(|a| a.view).collect()
     }
 
-    /// The float dtypes this kernel is implemented in. One list for every backend: a backend
-    /// that lacks one of them says so through [`crate::backend::Backend::supports`].
+    /// The float dtypes this kernel is defined in: every `Class::Float` view of one launch has
+    /// the same one, the launch's precision ([`Kernel::precision`]). Every kernel exists in
+    /// f32, f16 and bf16 (storage in that format, arithmetic in f32); which a backend has kernels
+    /// for is [`crate::backend::Backend::precisions`].
     pub fn precisions(&self) -> &'static [DType] {
-        &[DType::F32]
+        &[DType::F32, DType::F16, DType::BF16]
+    }
+
+    /// The launch's precision: the dtype of its float views (f32 when it has none, like
+    /// `ClipScale`), in `table`.
+    pub fn precision(&self, table: &super::BufferTable) -> DType {
+        self.args()
+            .iter()
+            .find(|a| a.class == Class::Float)
+            .and_then(|a| table.try_get(a.view.buf))
+            .map_or(DType::F32, |b| b.dtype)
     }
 
     /// The dtypes a [`Class::Weight`] view may have: f16 weights exist for the forward kernels
@@ -264,6 +278,7 @@ fn validate_one(table: &BufferTable, l: &Launch) -> Result<()> {
     let k = &l.kernel;
     k.check_sizes().map_err(|m| bad(label, m))?;
     let args = k.args();
+    let precision = k.precision(table);
     for a in &args {
         let Some(buf) = table.try_get(a.view.buf) else {
             return Err(bad(label, format!("{} names unknown buffer id {}", a.name, a.view.buf.0)));
@@ -281,7 +296,7 @@ fn validate_one(table: &BufferTable, l: &Launch) -> Result<()> {
         let ok = match a.class {
             Class::I32 => buf.dtype == DType::I32,
             Class::F32 => buf.dtype == DType::F32,
-            Class::Weight => k.weight_dtypes().contains(&buf.dtype),
+            Class::Weight => k.weight_dtypes().contains(&buf.dtype) || buf.dtype == precision,
             Class::Float => k.precisions().contains(&buf.dtype),
             Class::Any => true,
         };
@@ -297,6 +312,17 @@ fn validate_one(table: &BufferTable, l: &Launch) -> Result<()> {
                 label,
                 format!("{} must be {want} but buffer '{}' is {} (no {} kernel for it exists)", a.name, buf.name, buf.dtype, k.family()),
             ));
+        }
+    }
+    if let Some(a) = args.iter().find(|a| a.class == Class::Float && table.get(a.view.buf).dtype != precision) {
+        return Err(bad(
+            label,
+            format!("{} ('{}') is {} but the launch's precision is {precision}: one launch has one precision", a.name, table.get(a.view.buf).name, table.get(a.view.buf).dtype),
+        ));
+    }
+    if let Kernel::AdamW { master: Some(_), .. } = k {
+        if precision == DType::F32 {
+            return Err(bad(label, "f32 master weights are for low-precision parameters; an f32 param is its own master"));
         }
     }
     let outs: Vec<&Arg> = args.iter().filter(|a| a.is_output()).collect();

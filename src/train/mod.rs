@@ -7,6 +7,7 @@ pub mod interrupt;
 pub mod log;
 pub mod outlier;
 pub mod sample;
+pub mod scaler;
 pub mod schedule;
 pub mod session;
 pub mod state;
@@ -21,7 +22,7 @@ use crate::dist::nccl_world::NcclWorld;
 use crate::dist::rendezvous::DistInit;
 use crate::dist::split::{self, BatchSplit};
 use crate::error::{Error, Result};
-use crate::graph::{build_train_step, TrainOptions};
+use crate::graph::{build_train_step, DType, TrainOptions};
 use crate::model::checkpoint::{read_checkpoint, write_checkpoint, Precision};
 use crate::model::init::init_params;
 use crate::model::{config, Config};
@@ -215,6 +216,17 @@ pub struct TrainArgs {
     /// threads: the device holds parameters, gradients and activations only
     #[arg(long)]
     pub offload_optimizer: bool,
+    /// storage of parameters, gradients and activations: fp32, or mixed precision fp16 (with
+    /// dynamic loss scaling) or bf16, with f32 master weights, AdamW state and arithmetic
+    #[arg(long, default_value = "fp32", value_parser = crate::graph::parse_precision, value_name = "fp32|fp16|bf16")]
+    pub precision: crate::graph::DType,
+    /// fp16: the first loss scale (halved on each overflow, doubled after --loss-scale-window
+    /// clean steps; PyTorch's GradScaler defaults)
+    #[arg(long, default_value_t = 65536.0, value_name = "S")]
+    pub loss_scale: f32,
+    /// fp16: clean steps after which the loss scale doubles
+    #[arg(long, default_value_t = 2000, value_name = "N")]
+    pub loss_scale_window: usize,
 }
 
 impl TrainArgs {
@@ -229,6 +241,7 @@ impl TrainArgs {
             grad_clip: self.grad_clip,
             recompute: self.recompute,
             offload_optimizer: self.offload_optimizer,
+            precision: self.precision,
         }
     }
 }
@@ -491,7 +504,7 @@ fn auto_batch(a: &TrainArgs) -> Result<TrainArgs> {
     let mut last = None;
     for b in (1..=rows).rev().filter(|b| rows.is_multiple_of(*b)) {
         let mut g = build_train_step(&cfg, &a.train_options(b, rows / b));
-        if a.gen_tokens > 0 {
+        if a.gen_tokens > 0 && a.precision == DType::F32 {
             crate::graph::add_decoder(&mut g, sample::decode_options(&cfg, a.gen_tokens.min(a.seq_len)));
         }
         let bytes = g.total_bytes() as u64;
@@ -685,6 +698,9 @@ fn calibrate_split(a: &TrainArgs, comm: &dyn Comm, cfg: &Config, make_backend: &
 fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_header: Option<String>) -> Result<TrainSummary> {
     let (rank, world) = (comm.rank(), comm.size());
     let lead = rank == 0;
+    if a.precision != DType::F32 && world > 1 {
+        return Err(Error::flag("--precision", format!("{} trains on one device so far (the gradient sums over ranks are f32 paths); use fp32 with several ranks", a.precision)));
+    }
     let resume_step = match (&a.out, a.resume) {
         (Some(dir), true) => {
             let s = state::latest_done(dir);
@@ -758,8 +774,10 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
         Some(r) => crate::graph::build_train_step_sharded(&cfg, &topts, r.clone()),
         None => build_train_step(&cfg, &topts),
     };
-    if lead && a.gen_tokens > 0 {
-        crate::graph::add_decoder(&mut graph, sample::decode_options(&cfg, a.gen_tokens.min(a.seq_len)));
+    // the sample during training decodes with f32 parameters; a low-precision graph has none
+    let gen_tokens = if a.precision == DType::F32 { a.gen_tokens } else { 0 };
+    if lead && gen_tokens > 0 {
+        crate::graph::add_decoder(&mut graph, sample::decode_options(&cfg, gen_tokens.min(a.seq_len)));
     }
     if let Some(m) = a.memory.filter(|&m| graph.total_bytes() as u64 > m) {
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
@@ -796,6 +814,8 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
 
     let mut start = 0;
     let mut saved_outliers = None;
+    // fp16: dynamic loss scaling (bf16 has f32's exponent range and needs none)
+    let mut scaler = (a.precision == DType::F16).then(|| scaler::LossScaler::new(a.loss_scale, a.loss_scale_window));
     if let (Some(s), Some(dir)) = (resume_step, &a.out) {
         // the whole optimiser state, whatever the saved run's world and sharding (a rank that did
         // not exist in it takes rank 0's: without ZeRO every rank's state is the same)
@@ -825,6 +845,13 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
         train_loader.restore(&st.extra.loader)?;
         start = st.step;
         saved_outliers = st.extra.outliers;
+        let saved = st.extra.precision.clone().unwrap_or_else(|| "f32".into());
+        if saved != a.precision.name() {
+            return Err(Error::flag("--precision", format!("the checkpoint was trained in {saved}; resume it with that precision")));
+        }
+        if scaler.is_some() {
+            scaler = st.extra.loss_scaler.clone().or(scaler);
+        }
     }
     if let Some(dir) = &a.out {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -892,7 +919,7 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
                 logger.eval(step, score)?;
             }
         }
-        let want_sample = stop.is_none() && a.gen_tokens > 0 && ((a.sample_every > 0 && step > 0 && step % a.sample_every == 0) || last);
+        let want_sample = stop.is_none() && gen_tokens > 0 && ((a.sample_every > 0 && step > 0 && step % a.sample_every == 0) || last);
         if want_sample && lead {
             let text = sample::sample_in_graph(&mut sess, &tokenizer, a.gen_tokens.min(a.seq_len), 1337)?;
             logger.sample(step, &text);
@@ -911,7 +938,7 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
                 let outliers = state::OutlierWindows::save(&loss_outliers, &norm_outliers);
                 let shape = (global_b, grad_accum);
                 let zs = shard.as_ref().map(|r| state::ZeroShard { world, start: r.start, end: r.end });
-                save_checkpoint(&mut sess, comm, dir, step, a, &train_loader, shape, outliers, zs)?;
+                save_checkpoint(&mut sess, comm, dir, step, a, &train_loader, shape, outliers, zs, scaler.clone())?;
                 saved_at = Some(step);
                 logger.note(&format!("checkpoint written: {}", state::model_path(dir, step).display()));
                 // the curves so far beside the checkpoint; a plot that fails never stops training
@@ -943,6 +970,9 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
 
         fault_hook(rank, step + 1);
         let t0 = Instant::now();
+        if let Some(sc) = &scaler {
+            sess.set_loss_scale(sc.scale)?;
+        }
         sess.zero_grad()?;
         let mut overlapped = None;
         for micro in 0..grad_accum {
@@ -1057,6 +1087,21 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
                 1 => logger.note(&format!("step {}: update skipped (loss z-score {zl:.2} > {})", step + 1, a.skip_loss_z)),
                 2 => logger.note(&format!("step {}: update skipped (grad norm z-score {zg:.2} > {})", step + 1, a.skip_grad_z)),
                 _ => sess.apply_update()?,
+            }
+        }
+        if sess.found_inf() {
+            // the device skipped AdamW (ClipScale found the norm inf/NaN)
+            match scaler.as_mut() {
+                Some(sc) => {
+                    let was = sc.scale;
+                    sc.update(true);
+                    logger.note(&format!("step {}: update skipped (gradients overflowed at loss scale {}); loss scale now {}", step + 1, was as f64, sc.scale as f64));
+                }
+                None => logger.note(&format!("step {}: update skipped (gradient norm {norm})", step + 1)),
+            }
+        } else if let Some(sc) = scaler.as_mut() {
+            if sc.update(false) == scaler::ScaleChange::Grew {
+                logger.note(&format!("step {}: loss scale now {} after {} clean steps", step + 1, sc.scale as f64, sc.window));
             }
         }
         if copy_params {
@@ -1189,6 +1234,9 @@ fn evaluate_choices(sess: &mut Session, ex: &[crate::data::evalset::EvalExample]
 /// Whether the backend's gradient buffers are host memory (the cpu backend).
 fn in_host_memory(sess: &mut Session) -> Result<bool> {
     let first = sess.graph.io.grads.expect("a training graph")[0];
+    if sess.graph.buffers.get(first).dtype != DType::F32 {
+        return Ok(false); // low-precision gradients never meet a collective (one device only)
+    }
     Ok(matches!(sess.backend.raw_buffer(first)?, crate::backend::RawBuffer::Host(_)))
 }
 
@@ -1350,6 +1398,7 @@ fn save_checkpoint(
     shape: (usize, usize),
     outliers: state::OutlierWindows,
     zero: Option<state::ZeroShard>,
+    loss_scaler: Option<scaler::LossScaler>,
 ) -> Result<()> {
     let (rank, world) = (comm.rank(), comm.size());
     let lead = rank == 0;
@@ -1375,6 +1424,8 @@ fn save_checkpoint(
             num_params,
             outliers: Some(outliers),
             zero,
+            precision: (a.precision != DType::F32).then(|| a.precision.name().to_string()),
+            loss_scaler,
         },
     };
     let own_state = state::rank_state_path(dir, step, rank);

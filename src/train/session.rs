@@ -37,6 +37,10 @@ pub struct Session {
     train_parts: Option<Vec<Prepared>>,
     /// `--offload-optimizer`: AdamW's state on the host (the graph's `io.host_update`)
     host_opt: Option<HostAdam>,
+    /// dL/dloss before the loss scale (`set_loss_seed`); the device gets it × LOSS_SCALE
+    loss_seed: f32,
+    /// whether the last `GradNorm` found the gradients inf/NaN (the update was skipped)
+    found_inf: bool,
 }
 
 /// AdamW on the host (`--offload-optimizer`): the fp32 master weights and both moments, flat in
@@ -68,7 +72,8 @@ impl Session {
             let n = layout.total;
             HostAdam { master: vec![0.0; n], m: vec![0.0; n], v: vec![0.0; n], decays }
         });
-        let mut s = Session { backend, graph, layout, micro: 0, prepared, scalars, train_parts: None, host_opt };
+        let loss_seed = scalars[Scalars::LOSS_SEED];
+        let mut s = Session { backend, graph, layout, micro: 0, prepared, scalars, train_parts: None, host_opt, loss_seed, found_inf: false };
         s.upload_scalars()?;
         Ok(s)
     }
@@ -84,8 +89,23 @@ impl Session {
     /// Set the loss-gradient seed: dL/dloss for every position, 1/N with N the tokens of the
     /// whole optimiser step (all micro-steps, all ranks). `new` seeds 1/(B·T·grad_accum).
     pub fn set_loss_seed(&mut self, seed: f32) -> Result<()> {
-        self.scalars[Scalars::LOSS_SEED] = seed;
+        self.loss_seed = seed;
+        self.scalars[Scalars::LOSS_SEED] = seed * self.scalars[Scalars::LOSS_SCALE];
         self.upload_scalars()
+    }
+
+    /// fp16's loss scale S: the loss gradient is seeded S times larger, so every gradient carries
+    /// S, and `GradNorm` divides it out of the norm and the update (1: no scaling).
+    pub fn set_loss_scale(&mut self, scale: f32) -> Result<()> {
+        self.scalars[Scalars::LOSS_SCALE] = scale;
+        self.scalars[Scalars::LOSS_SEED] = self.loss_seed * scale;
+        self.upload_scalars()
+    }
+
+    /// Whether the last gradient norm (`update`, `grad_norm`) was inf/NaN, so that AdamW left
+    /// everything as it was: known from the same read-back as the norm, no extra wait.
+    pub fn found_inf(&self) -> bool {
+        self.found_inf
     }
 
     fn upload_scalars(&mut self) -> Result<()> {
@@ -112,15 +132,25 @@ impl Session {
         Ok(flat)
     }
 
+    /// The parameters (flat, checkpoint order); with low-precision parameters, into the f32
+    /// master weights too (the parameters get them rounded).
     pub fn upload_params(&mut self, flat: &[f32]) -> Result<()> {
         self.upload_flat(self.graph.io.params, flat)?;
+        if let Some(ids) = self.graph.io.masters {
+            self.upload_flat(ids, flat)?;
+        }
         if let Some(h) = &mut self.host_opt {
             h.master.copy_from_slice(flat);
         }
         Ok(())
     }
+    /// The parameters: the f32 master weights where the graph has them (mixed precision), so
+    /// that a checkpoint holds what training updates, not its rounded copy.
     pub fn download_params(&mut self) -> Result<Vec<f32>> {
-        self.download_flat(self.graph.io.params)
+        if let Some(h) = &self.host_opt {
+            return Ok(h.master.clone());
+        }
+        self.download_flat(self.graph.io.masters.unwrap_or(self.graph.io.params))
     }
     pub fn download_grads(&mut self) -> Result<Vec<f32>> {
         let ids = self.graph.io.grads.ok_or_else(|| not_train("gradients"))?;
@@ -193,9 +223,14 @@ impl Session {
         self.check_optimiser()?;
         self.write_optim_scalars(lr, adam, t);
         self.scalars[Scalars::GRAD_NORM] = norm;
-        self.scalars[Scalars::GRAD_SCALE] = if max_norm > 0.0 && norm > max_norm { max_norm / norm } else { 1.0 };
+        let s = self.scalars[Scalars::LOSS_SCALE];
+        self.scalars[Scalars::GRAD_SCALE] = (if max_norm > 0.0 && norm > max_norm { max_norm / norm } else { 1.0 }) / s;
+        self.found_inf = !norm.is_finite();
+        self.scalars[Scalars::FOUND_INF] = if self.found_inf { 1.0 } else { 0.0 };
         self.upload_scalars()?;
-        self.apply_update()
+        let r = self.apply_update();
+        self.scalars[Scalars::FOUND_INF] = 0.0;
+        r
     }
 
     /// The graph can train: it has an `Update` phase, or AdamW runs on the host.
@@ -212,6 +247,9 @@ impl Session {
     /// m and v, and the parameters are uploaded.
     fn host_update(&mut self) -> Result<()> {
         let hyper = self.backend.download_f32(self.graph.io.scalars)?;
+        if hyper[Scalars::FOUND_INF] != 0.0 {
+            return Ok(()); // a skipped step: AdamW would change nothing
+        }
         let grads = self.graph.io.grads.ok_or_else(|| not_train("gradients"))?;
         let params = self.graph.io.params;
         let h = self.host_opt.as_mut().expect("called with a host optimiser");
@@ -379,6 +417,7 @@ impl Session {
     /// The gradient norm `GradNorm` left in the scalars (waits for the device).
     fn read_grad_norm(&mut self) -> Result<f32> {
         let h = self.backend.download_f32(self.graph.io.scalars)?;
+        self.found_inf = h[Scalars::FOUND_INF] != 0.0;
         Ok(h[Scalars::GRAD_NORM])
     }
 

@@ -38,6 +38,12 @@ pub struct StateExtra {
     /// of `world` ranks' (absent: the whole model's)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zero: Option<ZeroShard>,
+    /// the precision the run trains in ("f32", "f16", "bf16"; absent: f32)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<String>,
+    /// fp16: the loss scaler (scale, clean steps, skipped steps)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<super::scaler::LossScaler>,
 }
 
 /// Which part of the optimiser state a ZeRO-1 rank's state file holds.

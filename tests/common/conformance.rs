@@ -300,7 +300,7 @@ pub fn cases(dtype: DType) -> Vec<Case> {
     f16_weight_cases(&mut all);
     elementwise_cases(&mut all);
     cross_entropy_cases(&mut all);
-    optimizer_cases(&mut all);
+    optimizer_cases(&mut all, dtype);
     all.push(chain_case(&mut Rng(8)).tag(SPLIT_BINDINGS));
     all.into_iter().map(|b| b.finish(dtype)).collect()
 }
@@ -715,16 +715,23 @@ fn cross_entropy_cases(all: &mut Vec<Build>) {
 
 use super::adam_scalars as hyper;
 
-fn optimizer_cases(all: &mut Vec<Build>) {
+/// With a low-precision `dtype`, AdamW updates f32 master weights and rounds them into the
+/// parameters, as mixed-precision training does.
+fn optimizer_cases(all: &mut Vec<Build>, dtype: DType) {
+    let low = dtype != DType::F32;
     // four tensors (the largest 590 KB, one of a single element), norm parts at offset 1, a Zero
     // of part of a buffer; run twice: the second AdamW step starts from the first one's state
     let mut r = Rng(7);
     for max_norm in [0.0f32, 1.0] {
         let mut c = Build::new(format!("norm/clip/adamw 4 tensors max_norm={max_norm} (twice)")).repeat(2);
         let sizes = [VP * C, 3 * C, 1, 7];
-        let (mut params, mut grads, mut ms, mut vs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut params, mut grads, mut ms, mut vs, mut masters) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (i, &s) in sizes.iter().enumerate() {
-            params.push(c.f(&format!("p{i}"), r.vec(s, -1.0, 1.0)));
+            let p = r.vec(s, -1.0, 1.0);
+            if low {
+                masters.push(c.f(&format!("master{i}"), p.clone()));
+            }
+            params.push(c.f(&format!("p{i}"), p));
             grads.push(c.f(&format!("g{i}"), r.vec(s, -0.05, 0.05)));
             ms.push(c.f(&format!("m{i}"), r.vec(s, -0.01, 0.01)));
             vs.push(c.f(&format!("v{i}"), r.vec(s, 0.0, 1e-4)));
@@ -739,9 +746,12 @@ fn optimizer_cases(all: &mut Vec<Build>) {
         c.launch(Kernel::ClipScale { hyper: v(hy, 0, Scalars::LEN), parts: v(parts, 1, sizes.len()), max_norm });
         for (i, &s) in sizes.iter().enumerate() {
             c.launch(Kernel::AdamW {
-                param: v(params[i], 0, s), grad: v(grads[i], 0, s), m: v(ms[i], 0, s), v: v(vs[i], 0, s), hyper: v(hy, 0, Scalars::LEN),
-                weight_decay: if i == 0 { 0.1 } else { 0.0 },
+                param: v(params[i], 0, s), master: masters.get(i).map(|&w| v(w, 0, s)), grad: v(grads[i], 0, s), m: v(ms[i], 0, s),
+                v: v(vs[i], 0, s), hyper: v(hy, 0, Scalars::LEN), weight_decay: if i == 0 { 0.1 } else { 0.0 },
             });
+        }
+        for &w in &masters {
+            c.check(w, 1e-6, 1e-5);
         }
         c.check(junk, 0.0, 0.0);
         c.check(parts, 1e-6, 2e-5);
@@ -773,13 +783,42 @@ fn optimizer_cases(all: &mut Vec<Build>) {
         k.launch(Kernel::SumSquares { out: vparts, inp: vg1, slot: 0 });
         k.launch(Kernel::SumSquares { out: vparts, inp: vg2, slot: 2 });
         k.launch(Kernel::ClipScale { hyper: vhy, parts: vparts, max_norm });
-        k.launch(Kernel::AdamW { param: vp, grad: vg1, m: vm, v: vvv, hyper: vhy, weight_decay: 0.1 });
+        k.launch(Kernel::AdamW { param: vp, master: None, grad: vg1, m: vm, v: vvv, hyper: vhy, weight_decay: 0.1 });
         for id in [parts, hy, junk, p, m, vv] {
             k.check(id, 1e-6, 1e-4);
         }
         all.push(k);
     }
+    // fp16 loss scaling: gradients carrying a scale of 1024 are unscaled by ClipScale; then an
+    // overflowed gradient (inf) flags FOUND_INF and AdamW leaves everything as it was
+    for overflow in [false, true] {
+        let mut r = Rng(33);
+        let mut k = Build::new(format!("norm/clip/adamw loss scale 1024{}", if overflow { ", overflowed" } else { "" }));
+        let n = 1000;
+        let mut g = r.sym_vec(n, 0.05 * 1024.0);
+        if overflow {
+            g[417] = f32::INFINITY;
+        }
+        let g = k.f("g", g);
+        let parts = k.f("parts", vec![0.0; 2]);
+        let mut h = hyper(1e-3, 0.9, 0.95, 2, 0.0);
+        h[Scalars::LOSS_SCALE] = 1024.0;
+        let hy = k.f("hyper", h);
+        let p = k.f("param", r.sym_vec(n, 1.0));
+        let m = k.f("m", r.sym_vec(n, 0.01));
+        let vv = k.f("v", r.sym_vec(n, 1e-4).iter().map(|x| x.abs()).collect());
+        let a = |id| k.all(id);
+        let (vg, vparts, vhy, vp, vm, vvv) = (a(g), a(parts), a(hy), a(p), a(m), a(vv));
+        k.launch(Kernel::SumSquares { out: vparts, inp: vg, slot: 1 });
+        k.launch(Kernel::ClipScale { hyper: vhy, parts: vparts, max_norm: 1.0 });
+        k.launch(Kernel::AdamW { param: vp, master: None, grad: vg, m: vm, v: vvv, hyper: vhy, weight_decay: 0.1 });
+        for id in [parts, hy, p, m, vv] {
+            k.check(id, 1e-6, 1e-4);
+        }
+        all.push(k);
+    }
 }
+
 
 /// Kernels feeding each other as in a graph: encoder → layernorm → its backward → encoder
 /// backward, cross-entropy over the tokens, the norm of the (590 KB) wte.
@@ -862,6 +901,17 @@ fn compare(case: &Case, who: &str, got: &[Vec<f64>], want: &[Vec<f64>], tol_scal
             Some(c) => (&want[i], Some((c.atol as f64 * tol_scale, c.rtol as f64 * tol_scale))),
             None => (&init[i], None),
         };
+        // a 16-bit buffer: both sides round each stored value to the format, and an f32 result
+        // and an f64 one near a rounding boundary round to neighbours; so add two units in the
+        // last place, relative to the element and (for values that came from cancellation or
+        // from rounded intermediates) to the buffer's largest magnitude
+        let rule = rule.map(|(atol, rtol)| match low_eps(desc.dtype) {
+            Some(eps) => {
+                let scale = want.iter().filter(|x| x.is_finite()).fold(0f64, |m, x| m.max(x.abs()));
+                (atol + 2.0 * eps * scale, rtol + 2.0 * eps)
+            }
+            None => (atol, rtol),
+        });
         let got = &got[i];
         assert_eq!(got.len(), want.len(), "{}: {} length", case.name, desc.name);
         // how far outside its bound an element is (> 0: it fails)
@@ -912,6 +962,15 @@ fn compare(case: &Case, who: &str, got: &[Vec<f64>], want: &[Vec<f64>], tol_scal
     worst
 }
 
+/// The relative rounding step (2^-mantissa bits) of a 16-bit float format; None for f32.
+fn low_eps(dtype: DType) -> Option<f64> {
+    match dtype {
+        DType::F16 => Some(2f64.powi(-10)),
+        DType::BF16 => Some(2f64.powi(-7)),
+        _ => None,
+    }
+}
+
 fn summary(what: &str, failures: &[String]) {
     if !failures.is_empty() {
         panic!("{what}: {} failure(s):\n  {}", failures.len(), failures.join("\n  "));
@@ -924,7 +983,7 @@ fn runnable<'a>(cases: &'a [Case], names: &[(&str, &dyn Backend)], out: &mut Out
     let mut run = Vec::new();
     for dtype in cases.iter().map(|c| c.dtype).collect::<std::collections::BTreeSet<_>>() {
         let of: Vec<&Case> = cases.iter().filter(|c| c.dtype == dtype).collect();
-        if let Some((who, _)) = names.iter().find(|(_, b)| !b.supports(dtype)) {
+        if let Some((who, _)) = names.iter().find(|(_, b)| !b.precisions().contains(&dtype)) {
             let m = format!("skipped: {dtype} kernel conformance on {}: {who} has no {dtype} kernels ({} cases not run)", names.last().unwrap().1.name(), of.len());
             note(&m);
             out.skipped.push(m);

@@ -47,6 +47,7 @@ pub fn adam_scalars(lr: f32, b1: f32, b2: f32, step: i32, grad_scale: f32) -> Ve
     h[Scalars::BC1] = 1.0 - b1.powi(step);
     h[Scalars::BC2] = 1.0 - b2.powi(step);
     h[Scalars::GRAD_SCALE] = grad_scale;
+    h[Scalars::LOSS_SCALE] = 1.0;
     h
 }
 

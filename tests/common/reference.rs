@@ -239,10 +239,12 @@ pub fn ce_grad_ref<T: Copy + Into<f64>>(logits: &[T], targets: &[i32], n: usize,
     d
 }
 
-/// (GRAD_NORM, GRAD_SCALE) of ClipScale over the norm parts.
-pub fn clip_scale_ref<T: Copy + Into<f64>>(parts: &[T], max_norm: f64) -> (f64, f64) {
-    let norm = parts.iter().map(|&p| p.into()).sum::<f64>().sqrt();
-    (norm, if max_norm > 0.0 && norm > max_norm { max_norm / norm } else { 1.0 })
+/// (GRAD_NORM, GRAD_SCALE, FOUND_INF) of ClipScale over the norm parts, for gradients carrying
+/// the loss scale `loss_scale`.
+pub fn clip_scale_ref<T: Copy + Into<f64>>(parts: &[T], max_norm: f64, loss_scale: f64) -> (f64, f64, f64) {
+    let norm = parts.iter().map(|&p| p.into()).sum::<f64>().sqrt() / loss_scale;
+    let clip = if max_norm > 0.0 && norm > max_norm { max_norm / norm } else { 1.0 };
+    (norm, clip / loss_scale, if norm.is_finite() { 0.0 } else { 1.0 })
 }
 
 /// One AdamW step in place with the scalars of `hyper` (`Scalars` slots).
@@ -266,7 +268,9 @@ pub fn round_to(dtype: DType, x: f64) -> f64 {
     match dtype {
         DType::F32 => x as f32 as f64,
         DType::F16 => half::f16::from_f64(x).to_f64(),
-        DType::BF16 => half::bf16::from_f64(x).to_f64(),
+        // through f32: half's bf16::from_f64 does not round to nearest (it gives the value below
+        // for some f32 inputs, where bf16::from_f32 and a GPU's conversion round up)
+        DType::BF16 => half::bf16::from_f32(x as f32).to_f64(),
         DType::I32 => x,
     }
 }
@@ -414,16 +418,26 @@ fn run_one(s: &mut State, k: &Kernel) {
             s.put(out.slice(slot, 1), &[ss]);
         }
         ClipScale { hyper, parts, max_norm } => {
-            let (norm, scale) = clip_scale_ref(&s.get(parts), max_norm as f64);
+            let loss_scale = s.get(hyper)[Scalars::LOSS_SCALE];
+            let (norm, scale, found) = clip_scale_ref(&s.get(parts), max_norm as f64, loss_scale);
             s.put(hyper.slice(Scalars::GRAD_NORM, 1), &[norm]);
             s.put(hyper.slice(Scalars::GRAD_SCALE, 1), &[scale]);
+            s.put(hyper.slice(Scalars::FOUND_INF, 1), &[found]);
         }
-        AdamW { param, grad, m, v, hyper, weight_decay } => {
-            let (mut p, mut mm, mut vv) = (s.get(param), s.get(m), s.get(v));
-            adamw_ref(&mut p, &s.get(grad), &mut mm, &mut vv, &s.get(hyper), weight_decay as f64);
-            s.put(param, &p);
-            s.put(m, &mm);
-            s.put(v, &vv);
+        AdamW { param, master, grad, m, v, hyper, weight_decay } => {
+            let h = s.get(hyper);
+            if h[Scalars::FOUND_INF] == 0.0 {
+                // the update runs on the f32 master when there is one; param gets it rounded
+                let w = master.unwrap_or(param);
+                let (mut p, mut mm, mut vv) = (s.get(w), s.get(m), s.get(v));
+                adamw_ref(&mut p, &s.get(grad), &mut mm, &mut vv, &h, weight_decay as f64);
+                s.put(w, &p);
+                if master.is_some() {
+                    s.put(param, &p);
+                }
+                s.put(m, &mm);
+                s.put(v, &vv);
+            }
         }
     }
 }

@@ -582,18 +582,25 @@ multiversion! {
     }
 }
 
-/// norm = √(Σ parts); hyper[GRAD_NORM] = norm; hyper[GRAD_SCALE] = max_norm/norm if
-/// 0 < max_norm < norm, else 1
+/// s = hyper[LOSS_SCALE]; norm = √(Σ parts) / s; hyper[GRAD_NORM] = norm;
+/// hyper[FOUND_INF] = 1 if norm is inf/NaN else 0; hyper[GRAD_SCALE] = (max_norm/norm if
+/// 0 < max_norm < norm, else 1) / s
 pub fn clip_scale(hyper: &mut [f32], parts: &[f32], max_norm: f32) {
-    let norm = parts.iter().map(|&p| p as f64).sum::<f64>().sqrt() as f32;
+    let s = hyper[Scalars::LOSS_SCALE];
+    let norm = (parts.iter().map(|&p| p as f64).sum::<f64>().sqrt() as f32) / s;
     hyper[Scalars::GRAD_NORM] = norm;
-    hyper[Scalars::GRAD_SCALE] = if max_norm > 0.0 && norm > max_norm { max_norm / norm } else { 1.0 };
+    hyper[Scalars::FOUND_INF] = if norm.is_finite() { 0.0 } else { 1.0 };
+    hyper[Scalars::GRAD_SCALE] = (if max_norm > 0.0 && norm > max_norm { max_norm / norm } else { 1.0 }) / s;
 }
 
+/// Unless hyper[FOUND_INF] ≠ 0 (then nothing changes and false is returned):
 /// g = grad·scale; m = β1·m + (1−β1)·g; v = β2·v + (1−β2)·g²;
 /// param −= lr·((m/bc1) / (√(v/bc2) + eps) + weight_decay·param)
-pub fn adamw(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], hyper: &[f32], weight_decay: f32) {
+pub fn adamw(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], hyper: &[f32], weight_decay: f32) -> bool {
     let h = &hyper[..Scalars::LEN];
+    if h[Scalars::FOUND_INF] != 0.0 {
+        return false;
+    }
     let n = param.len();
     assert!(grad.len() >= n && m.len() >= n && v.len() >= n, "adamw: short input");
     param
@@ -602,6 +609,7 @@ pub fn adamw(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], hype
         .zip(v[..n].par_chunks_mut(CHUNK))
         .zip(grad[..n].par_chunks(CHUNK))
         .for_each(|(((p, m), v), g)| adamw_chunk(p, g, m, v, h, weight_decay));
+    true
 }
 
 multiversion! {

@@ -113,7 +113,11 @@ impl CpuBackend {
             }
         }
         let result = self.exec_taken(k, &outs, &ins, &mut taken);
-        for (id, vec) in taken {
+        for (id, mut vec) in taken {
+            let dtype = self.table.get(id).dtype;
+            for v in outs.iter().filter(|v| v.buf == id) {
+                round_to(dtype, &mut vec[v.offset..v.offset + v.len]);
+            }
             self.bufs[id.0 as usize] = Buf::F32(vec);
         }
         result
@@ -193,6 +197,17 @@ impl CpuBackend {
     }
 }
 
+/// Rounds f32 values to the nearest value of `dtype` (f16, bf16: round to nearest even, as
+/// a GPU's conversion on store does; nothing for f32).
+fn round_to(dtype: DType, x: &mut [f32]) {
+    use rayon::prelude::*;
+    match dtype {
+        DType::F16 => x.par_chunks_mut(1 << 14).for_each(|c| c.iter_mut().for_each(|v| *v = half::f16::from_f32(*v).to_f32())),
+        DType::BF16 => x.par_chunks_mut(1 << 14).for_each(|c| c.iter_mut().for_each(|v| *v = half::bf16::from_f32(*v).to_f32())),
+        DType::F32 | DType::I32 => {}
+    }
+}
+
 /// A `&mut` slice given up as a shared one, keeping its lifetime.
 fn freeze(s: &mut [f32]) -> &[f32] {
     s
@@ -258,9 +273,16 @@ fn dispatch(k: &Kernel, o: &mut [&mut [f32]], i: &[In]) {
         Kernel::Zero { .. } => kn::zero(o[0]),
         Kernel::SumSquares { slot, .. } => o[0][*slot] = kn::sum_squares(i[0].f32()),
         Kernel::ClipScale { max_norm, .. } => kn::clip_scale(o[0], i[0].f32(), *max_norm),
-        Kernel::AdamW { weight_decay, .. } => {
+        Kernel::AdamW { weight_decay, master: None, .. } => {
             let [param, m, v] = o else { unreachable!() };
-            kn::adamw(param, i[0].f32(), m, v, i[1].f32(), *weight_decay)
+            kn::adamw(param, i[0].f32(), m, v, i[1].f32(), *weight_decay);
+        }
+        Kernel::AdamW { weight_decay, master: Some(_), .. } => {
+            // the update on the f32 master; the parameters get its values (rounded on store)
+            let [param, master, m, v] = o else { unreachable!() };
+            if kn::adamw(master, i[0].f32(), m, v, i[1].f32(), *weight_decay) {
+                param.copy_from_slice(master);
+            }
         }
     }
 }
@@ -278,11 +300,16 @@ impl Backend for CpuBackend {
         true
     }
 
-    /// f16 buffers (the weights of f16 inference) are kept as f32 holding exactly the f16
-    /// values (rounded on upload), so a kernel reading them computes what a GPU kernel that
-    /// converts each f16 to f32 computes: the reference for f16 weights, not a faster path.
+    /// f16 and bf16 buffers are kept as f32 holding exactly the values of that format: rounded
+    /// on upload and after every launch that writes them (`round_outputs`), so a kernel reading
+    /// them computes what a GPU kernel that loads 16-bit values, computes in f32 and stores 16
+    /// bits computes: the reference for every precision, not a faster path.
     fn supports(&self, dtype: DType) -> bool {
-        matches!(dtype, DType::F32 | DType::F16 | DType::I32)
+        matches!(dtype, DType::F32 | DType::F16 | DType::BF16 | DType::I32)
+    }
+
+    fn precisions(&self) -> &'static [DType] {
+        &[DType::F32, DType::F16, DType::BF16]
     }
 
     fn alloc(&mut self, table: &BufferTable) -> Result<()> {
@@ -304,11 +331,16 @@ impl Backend for CpuBackend {
     }
 
     fn upload_bytes(&mut self, id: BufId, bytes: &[u8]) -> Result<()> {
-        let f16 = self.table.get(id).dtype == DType::F16;
+        let dtype = self.table.get(id).dtype;
         match &mut self.bufs[id.0 as usize] {
-            Buf::F32(v) if f16 => {
+            Buf::F32(v) if dtype == DType::F16 => {
                 for (x, h) in v.iter_mut().zip(bytes.chunks_exact(2)) {
                     *x = half::f16::from_le_bytes([h[0], h[1]]).to_f32();
+                }
+            }
+            Buf::F32(v) if dtype == DType::BF16 => {
+                for (x, h) in v.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *x = half::bf16::from_le_bytes([h[0], h[1]]).to_f32();
                 }
             }
             Buf::F32(v) => bytemuck::cast_slice_mut(v).copy_from_slice(bytes),
@@ -319,9 +351,10 @@ impl Backend for CpuBackend {
 
     fn download_bytes(&mut self, view: View) -> Result<Vec<u8>> {
         let r = view.offset..view.offset + view.len;
-        let f16 = self.table.get(view.buf).dtype == DType::F16;
+        let dtype = self.table.get(view.buf).dtype;
         Ok(match &self.bufs[view.buf.0 as usize] {
-            Buf::F32(v) if f16 => v[r].iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
+            Buf::F32(v) if dtype == DType::F16 => v[r].iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
+            Buf::F32(v) if dtype == DType::BF16 => v[r].iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect(),
             Buf::F32(v) => bytemuck::cast_slice(&v[r]).to_vec(),
             Buf::I32(v) => bytemuck::cast_slice(&v[r]).to_vec(),
         })
@@ -360,8 +393,8 @@ impl Backend for CpuBackend {
     }
 
     fn raw_buffer(&mut self, id: BufId) -> Result<RawBuffer<'_>> {
-        if self.table.try_get(id).is_some_and(|d| d.dtype == DType::F16) {
-            return Err(Error::Internal("raw_buffer: the cpu backend keeps f16 buffers as f32".into()));
+        if let Some(d) = self.table.try_get(id).filter(|d| matches!(d.dtype, DType::F16 | DType::BF16)) {
+            return Err(Error::Internal(format!("raw_buffer: the cpu backend keeps {} buffers as f32", d.dtype)));
         }
         let b = self.bufs.get_mut(id.0 as usize).ok_or_else(|| Error::Internal(format!("raw_buffer: unknown buffer id {}", id.0)))?;
         Ok(RawBuffer::Host(match b {

@@ -849,7 +849,8 @@ impl CudaBackend {
                     label,
                 )
             }
-            AdamW { param, grad, m, v, hyper, weight_decay } => {
+            // `master` comes with low-precision parameters, which `precisions` refuses first
+            AdamW { param, grad, m, v, hyper, weight_decay, .. } => {
                 let n = param.len;
                 let args = [
                     A::P(self.dp(param)),

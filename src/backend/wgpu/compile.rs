@@ -528,7 +528,8 @@ impl Compiler<'_> {
                 self.push(call);
                 Ok(())
             }
-            AdamW { param, grad, m, v, hyper, weight_decay } => {
+            // `master` comes with low-precision parameters, which `precisions` refuses first
+            AdamW { param, grad, m, v, hyper, weight_decay, .. } => {
                 let n = param.len as u64;
                 for (s, len) in self.elem_blocks(n) {
                     let mut call = Call::new("adamw", "adamw");

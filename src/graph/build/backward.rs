@@ -23,11 +23,11 @@ impl ActGrads {
     pub fn new(g: &mut Builder, d: Dims) -> ActGrads {
         let Dims { n, c, .. } = d;
         ActGrads {
-            dres: g.buf("dres", n * c, Role::ActGrad),
-            dtmp: g.buf("dtmp", n * c, Role::ActGrad),
-            dqkv: g.buf("dqkv", n * 3 * c, Role::ActGrad),
-            dfch_gelu: g.buf("dfch_gelu", n * 4 * c, Role::ActGrad),
-            dfch: g.buf("dfch", n * 4 * c, Role::ActGrad),
+            dres: g.act("dres", n * c, Role::ActGrad),
+            dtmp: g.act("dtmp", n * c, Role::ActGrad),
+            dqkv: g.act("dqkv", n * 3 * c, Role::ActGrad),
+            dfch_gelu: g.act("dfch_gelu", n * 4 * c, Role::ActGrad),
+            dfch: g.act("dfch", n * 4 * c, Role::ActGrad),
         }
     }
 }

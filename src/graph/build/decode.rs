@@ -49,7 +49,7 @@ pub fn add_decoder(g: &mut Graph, opts: DecodeOptions) {
     let cfg: Config = g.cfg;
     assert!(opts.slots > 0 && opts.prefill_rows > 0 && opts.max_t > 0 && opts.max_t <= cfg.max_t, "bad decode options {opts:?}");
     let rows = opts.slots.max(opts.prefill_rows);
-    let mut b = Builder { table: std::mem::take(&mut g.buffers) };
+    let mut b = Builder { table: std::mem::take(&mut g.buffers), precision: DType::F32 };
     let params = Tensors { views: g.io.params.map(|id| b.table.view(id)), layers: cfg.l };
     let (c, cache_len) = (cfg.c, (opts.slots + 1) * opts.max_t * cfg.c);
     let mut cache = |name: String| {

@@ -52,37 +52,44 @@ impl Activations {
     /// (backward recomputes them, see `backward::block_backward`).
     pub fn new(g: &mut Builder, d: Dims, layers: usize, recompute: u8) -> Activations {
         let Dims { b, t, n, c, nh, vp, .. } = d;
-        let encoded = g.buf("encoded", n * c, Role::Activation);
-        let shared = |g: &mut Builder, level: u8, name: &str, len: usize| (recompute >= level).then(|| g.buf(name.to_string(), len, Role::Activation));
+        let encoded = g.act("encoded", n * c, Role::Activation);
+        let shared = |g: &mut Builder, level: u8, name: &str, len: usize| (recompute >= level).then(|| g.act(name.to_string(), len, Role::Activation));
         let (gelu_all, ln1_all, ln2_all) = (shared(g, 1, "fch_gelu", n * 4 * c), shared(g, 2, "ln1", n * c), shared(g, 2, "ln2", n * c));
         let mut blocks: Vec<Block> = Vec::with_capacity(layers);
         for l in 0..layers {
             let inp = blocks.last().map_or(encoded, |prev| prev.res3);
-            let mut act = |name: &str, len: usize| g.buf(format!("l{l}.{name}"), len, Role::Activation);
+            // activations in the graph's precision; statistics (`stat`) in f32
+            let mut act = |name: &str, len: usize| g.act(format!("l{l}.{name}"), len, Role::Activation);
+            let ln1 = ln1_all.unwrap_or_else(|| act("ln1", n * c));
+            let (qkv, atty) = (act("qkv", n * 3 * c), act("atty", n * c));
+            let mut stat = |name: &str, len: usize| g.buf(format!("l{l}.{name}"), len, Role::Activation);
+            let (ln1_mean, ln1_rstd, lse) = (stat("ln1_mean", n), stat("ln1_rstd", n), stat("att_lse", b * nh * t));
+            let (ln2_mean, ln2_rstd) = (stat("ln2_mean", n), stat("ln2_rstd", n));
+            let mut act = |name: &str, len: usize| g.act(format!("l{l}.{name}"), len, Role::Activation);
             blocks.push(Block {
                 inp,
-                ln1: ln1_all.unwrap_or_else(|| act("ln1", n * c)),
-                ln1_mean: act("ln1_mean", n),
-                ln1_rstd: act("ln1_rstd", n),
-                qkv: act("qkv", n * 3 * c),
-                atty: act("atty", n * c),
-                lse: act("att_lse", b * nh * t),
+                ln1,
+                ln1_mean,
+                ln1_rstd,
+                qkv,
+                atty,
+                lse,
                 attproj: act("attproj", n * c),
                 res2: act("res2", n * c),
                 ln2: ln2_all.unwrap_or_else(|| act("ln2", n * c)),
-                ln2_mean: act("ln2_mean", n),
-                ln2_rstd: act("ln2_rstd", n),
+                ln2_mean,
+                ln2_rstd,
                 fch: act("fch", n * 4 * c),
                 fch_gelu: gelu_all.unwrap_or_else(|| act("fch_gelu", n * 4 * c)),
                 fcproj: act("fcproj", n * c),
                 res3: act("res3", n * c),
             });
         }
-        let lnf = g.buf("lnf", n * c, Role::Activation);
+        let lnf = g.act("lnf", n * c, Role::Activation);
         let lnf_mean = g.buf("lnf_mean", n, Role::Activation);
         let lnf_rstd = g.buf("lnf_rstd", n, Role::Activation);
         let chunk_rows = super::classifier_chunk_rows(n, t, vp);
-        let logits = g.buf("logits", chunk_rows * vp, Role::Activation);
+        let logits = g.act("logits", chunk_rows * vp, Role::Activation);
         let chunks = (0..n).step_by(chunk_rows).map(|r0| (r0, chunk_rows.min(n - r0))).collect();
         Activations { recompute, encoded, blocks, lnf, lnf_mean, lnf_rstd, logits, chunk_rows, chunks }
     }

@@ -63,12 +63,27 @@ pub struct TrainOptions {
     /// AdamW runs on the host (`Session` keeps m and v there): the graph has no moment buffers
     /// and an empty `Update` phase; [`GraphIo::host_update`] says what the host must do.
     pub offload_optimizer: bool,
+    /// storage of the parameters, gradients and activations (f32, f16 or bf16). With f16 or bf16
+    /// the graph adds f32 master weights, which AdamW updates and rounds into the parameters;
+    /// AdamW's m and v, layernorm statistics, the attention's log-sum-exp, the losses and the
+    /// device scalars stay f32, and every kernel computes in f32.
+    pub precision: DType,
 }
 
 impl Default for TrainOptions {
     /// B=1, T=1, no accumulation, no weight decay, no clipping, nothing recomputed or offloaded.
     fn default() -> Self {
-        TrainOptions { b: 1, t: 1, grad_accum: 1, weight_decay: 0.0, decay_all: true, grad_clip: 0.0, recompute: 0, offload_optimizer: false }
+        TrainOptions {
+            b: 1,
+            t: 1,
+            grad_accum: 1,
+            weight_decay: 0.0,
+            decay_all: true,
+            grad_clip: 0.0,
+            recompute: 0,
+            offload_optimizer: false,
+            precision: DType::F32,
+        }
     }
 }
 
@@ -93,6 +108,8 @@ pub struct GradBucket {
 #[derive(Clone, Debug)]
 pub struct GraphIo {
     pub params: [BufId; NUM_PARAM_TENSORS],
+    /// the f32 master weights, with low-precision parameters (what checkpoints save)
+    pub masters: Option<[BufId; NUM_PARAM_TENSORS]>,
     pub grads: Option<[BufId; NUM_PARAM_TENSORS]>,
     pub m: Option<[BufId; NUM_PARAM_TENSORS]>,
     pub v: Option<[BufId; NUM_PARAM_TENSORS]>,
@@ -153,7 +170,7 @@ pub const WEIGHT_TENSORS: [usize; 6] = [idx::WTE, idx::WPE, idx::QKVW, idx::ATTP
 /// A graph with the parameters, the scalars and 1-element host buffers, and no phases.
 fn build_params_only(cfg: &Config, weights: DType) -> Graph {
     let layout = ParamLayout::new(cfg);
-    let mut g = Builder { table: BufferTable::default() };
+    let mut g = Builder { table: BufferTable::default(), precision: DType::F32 };
     let dtype = |i| if WEIGHT_TENSORS.contains(&i) { weights } else { DType::F32 };
     let params = Tensors::add_typed(&mut g, &layout, cfg.l, "", Role::Param, &dtype);
     let tokens = g.table.add("tokens", 1, DType::I32, Role::Tokens);
@@ -161,7 +178,7 @@ fn build_params_only(cfg: &Config, weights: DType) -> Graph {
     let losses = g.table.add("losses", 1, DType::F32, Role::Losses);
     let logits = g.table.add("logits", 1, DType::F32, Role::Activation);
     let scalars = g.table.add("scalars", Scalars::LEN, DType::F32, Role::Scalars);
-    let io = GraphIo { params: params.ids(), grads: None, m: None, v: None, opt_shard: None, host_update: None, grad_buckets: Vec::new(), tokens, targets, losses, logits, logits_rows: 0, scalars };
+    let io = GraphIo { params: params.ids(), masters: None, grads: None, m: None, v: None, opt_shard: None, host_update: None, grad_buckets: Vec::new(), tokens, targets, losses, logits, logits_rows: 0, scalars };
     Graph { cfg: *cfg, b: 1, t: 1, grad_accum: 1, buffers: g.table, io, phases: BTreeMap::new(), decode: None }
 }
 
@@ -194,12 +211,19 @@ struct Dims {
 /// The buffer table while it is laid out.
 struct Builder {
     table: BufferTable,
+    /// the dtype of parameters, gradients and activations (`TrainOptions::precision`)
+    precision: DType,
 }
 
 impl Builder {
     /// Adds an f32 buffer and returns a view of all of it.
     fn buf(&mut self, name: impl Into<String>, len: usize, role: Role) -> View {
         let id = self.table.add(name, len, DType::F32, role);
+        self.table.view(id)
+    }
+    /// Adds a buffer in the graph's precision (an activation or its gradient).
+    fn act(&mut self, name: impl Into<String>, len: usize, role: Role) -> View {
+        let id = self.table.add(name, len, self.precision, role);
         self.table.view(id)
     }
 }
@@ -308,6 +332,8 @@ enum Moments {
 /// The buffers only a training graph has.
 struct TrainBufs {
     grads: Tensors,
+    /// f32 master weights (low-precision parameters only)
+    masters: Option<Tensors>,
     moments: Moments,
     /// activation gradients, reused by every block
     dacts: ActGrads,
@@ -322,13 +348,17 @@ fn launch(out: &mut Vec<Launch>, label: impl Into<String>, kernel: Kernel) {
 fn build(cfg: &Config, b: usize, t: usize, train: Option<&TrainOptions>, shard: Option<std::ops::Range<usize>>) -> Graph {
     let d = Dims { b, t, n: b * t, c: cfg.c, nh: cfg.nh, v: cfg.v, vp: cfg.vp };
     let layout = ParamLayout::new(cfg);
-    let mut g = Builder { table: BufferTable::default() };
+    let precision = train.map_or(DType::F32, |o| o.precision);
+    let mut g = Builder { table: BufferTable::default(), precision };
 
     // ---- the buffer table, in this order: parameters; gradients and AdamW moments (training);
     // host buffers; activations; activation gradients and norm scratch (training) ----
-    let params = Tensors::add(&mut g, &layout, cfg.l, "", Role::Param);
+    let params = Tensors::add_typed(&mut g, &layout, cfg.l, "", Role::Param, &|_| precision);
+    // f32 master weights beside low-precision parameters, unless the host keeps them (offload)
+    let on_device_optimizer = train.is_some_and(|o| !o.offload_optimizer);
+    let masters = (precision != DType::F32 && on_device_optimizer).then(|| Tensors::add(&mut g, &layout, cfg.l, "master.", Role::Master));
     let optim = train.map(|opts| {
-        let grads = Tensors::add(&mut g, &layout, cfg.l, "d", Role::Grad);
+        let grads = Tensors::add_typed(&mut g, &layout, cfg.l, "d", Role::Grad, &|_| precision);
         let moments = match shard {
             None if opts.offload_optimizer => Moments::Host,
             None => Moments::Full {
@@ -357,6 +387,7 @@ fn build(cfg: &Config, b: usize, t: usize, train: Option<&TrainOptions>, shard: 
     let acts = Activations::new(&mut g, d, cfg.l, train.map_or(0, |o| o.recompute));
     let train_bufs = optim.map(|(grads, moments)| TrainBufs {
         grads,
+        masters,
         moments,
         dacts: ActGrads::new(&mut g, d),
         norm_parts: g.buf("norm_parts", NUM_PARAM_TENSORS, Role::Scratch),
@@ -395,6 +426,7 @@ fn build(cfg: &Config, b: usize, t: usize, train: Option<&TrainOptions>, shard: 
     ]);
     let io = GraphIo {
         params: net.params.ids(),
+        masters: masters.map(|m| m.ids()),
         grads: train_bufs.as_ref().map(|tb| tb.grads.ids()),
         m: train_bufs.as_ref().and_then(|tb| if let Moments::Full { m, .. } = &tb.moments { Some(m.ids()) } else { None }),
         v: train_bufs.as_ref().and_then(|tb| if let Moments::Full { v, .. } = &tb.moments { Some(v.ids()) } else { None }),

@@ -44,7 +44,8 @@ pub(super) fn update(net: &Net, tb: &TrainBufs, opts: &TrainOptions, layout: &Pa
         let hyper = net.io.scalars;
         match &tb.moments {
             Moments::Full { m, v } => {
-                launch(&mut out, format!("adamw.{name}"), Kernel::AdamW { param, grad, m: m.whole(i), v: v.whole(i), hyper, weight_decay });
+                let master = tb.masters.map(|w| w.whole(i));
+                launch(&mut out, format!("adamw.{name}"), Kernel::AdamW { param, master, grad, m: m.whole(i), v: v.whole(i), hyper, weight_decay });
             }
             Moments::Host => {}
             Moments::Shard { m, v, range } => {
@@ -57,6 +58,7 @@ pub(super) fn update(net: &Net, tb: &TrainBufs, opts: &TrainOptions, layout: &Pa
                 let (at, len, mo) = (lo - o, hi - lo, lo - range.start);
                 launch(&mut out, format!("adamw.{name}"), Kernel::AdamW {
                     param: param.slice(at, len),
+                    master: tb.masters.map(|w| w.whole(i).slice(at, len)),
                     grad: grad.slice(at, len),
                     m: m.slice(mo, len),
                     v: v.slice(mo, len),

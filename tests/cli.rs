@@ -227,7 +227,7 @@ fn prepare_then_train_on_your_own_text() {
 
 /// `--keep-checkpoints 2 --keep-every 3` with a checkpoint every step (llm.c's -nk 2 -nm 3):
 /// after step s the checkpoint of s−2 goes unless it is a multiple of 3; 6 steps leave 3, 5, 6,
-/// each complete (model, state and DONE) and nothing of the others.
+/// each complete (model, state and DONE) and nothing of the others, beside main.log and loss.png.
 #[test]
 fn checkpoint_pruning_keeps_the_newest_and_the_major_ones() {
     let dir = tempfile::tempdir().unwrap();
@@ -240,7 +240,8 @@ fn checkpoint_pruning_keeps_the_newest_and_the_major_ones() {
     assert!(o.status.success(), "{}", stderr(&o));
     let mut names: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     names.sort();
-    let mut want = vec!["main.log".to_string()];
+    // and the loss curves, redrawn at every checkpoint
+    let mut want = vec!["main.log".to_string(), "loss.png".to_string()];
     for s in [3, 5, 6] {
         want.push(format!("DONE_{s:08}"));
         want.push(format!("model_{s:08}.bin"));

@@ -598,6 +598,8 @@ fn fuzz_training_state() {
             num_params: n,
             outliers: Some(OutlierWindows::save(&loss, &norm)),
             zero: None,
+            precision: shuffle.then(|| "f16".to_string()),
+            loss_scaler: shuffle.then(|| wgpt::train::scaler::LossScaler::new(65536.0, 2000)),
         };
         let p = dir.path().join("base_state.bin");
         write_state(&p, &TrainState { step: batches, m, v, extra }, shuffle).unwrap();

@@ -129,3 +129,30 @@ fn batch_auto_takes_the_largest_batch_that_fits() {
         assert!(!o.status.success() && err.lines().next().unwrap_or("").starts_with(want), "{batch} {mem}: {err}");
     }
 }
+
+#[test]
+fn the_plan_is_what_the_backends_allocate() {
+    // three shapes (one with an odd T, one with recompute and offload): the plan's total is the
+    // bytes the cpu and the wgpu backend allocate for the step's buffers, to the byte
+    #[derive(clap::Parser)]
+    struct W {
+        #[command(flatten)]
+        a: wgpt::plan::PlanArgs,
+    }
+    let shapes: [&[&str]; 3] = [
+        &["--model", "d2:c64", "--batch", "2", "--seq-len", "32"],
+        &["--model", "d3:c48", "--batch", "3", "--seq-len", "17"],
+        &["--model", "d4:c128", "--batch", "1", "--seq-len", "100", "--recompute", "--offload-optimizer"],
+    ];
+    for shape in shapes {
+        let a = <W as clap::Parser>::try_parse_from(std::iter::once("plan").chain(shape.iter().copied())).unwrap().a;
+        let planned = wgpt::plan::plan(&a).unwrap().total_bytes;
+        let (graph, _) = wgpt::plan::step_graph(&a).unwrap();
+        let cpu = wgpt::train::session::Session::new(Box::new(wgpt::backend::cpu::CpuBackend::new(Some(1)).unwrap()), graph.clone()).unwrap();
+        assert_eq!(cpu.backend.allocated_bytes(), Some(planned), "{shape:?}: cpu");
+        if let Some(g) = common::wgpu_adapter() {
+            let s = wgpt::train::session::Session::new(Box::new(g), graph).unwrap();
+            assert_eq!(s.backend.allocated_bytes(), Some(planned), "{shape:?}: wgpu");
+        }
+    }
+}

@@ -66,6 +66,11 @@ pub trait Backend: Send {
     fn alloc(&mut self, table: &BufferTable) -> Result<()>;
     /// The table given to `alloc` (empty before).
     fn table(&self) -> &BufferTable;
+    /// The bytes `alloc` took for the table's buffers, where the backend knows them (what
+    /// `wgpt plan` predicts; per-phase scratch that `prepare` adds is not included).
+    fn allocated_bytes(&self) -> Option<u64> {
+        None
+    }
     /// Copy `bytes` into the whole buffer `id` (already checked: the id exists and the byte count
     /// is the buffer's).
     fn upload_bytes(&mut self, id: BufId, bytes: &[u8]) -> Result<()>;

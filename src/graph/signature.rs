@@ -23,7 +23,8 @@ pub enum Access {
 /// What a view holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Class {
-    /// floating point, in the kernel's precision (f32 today; see [`Kernel::precisions`])
+    /// floating point, in the launch's precision (f32, f16 or bf16: [`Kernel::precision`]; every
+    /// float view of a launch has the same)
     Float,
     /// f32 whatever the precision: device scalars, statistics the kernels keep in f32
     F32,

@@ -236,6 +236,12 @@ pub fn read_state(path: &Path, num_params: usize) -> Result<TrainState> {
     if extra.outliers.as_ref().is_some_and(|w| w.restore().is_none()) {
         return Err(fail("corrupt outlier windows (--skip-loss-z/--skip-grad-z state)".into()));
     }
+    if let Some(p) = extra.precision.as_deref().filter(|p| !["f32", "f16", "bf16"].contains(p)) {
+        return Err(fail(format!("unknown precision {p:?} in the state (f32, f16 or bf16)")));
+    }
+    if let Some(s) = extra.loss_scaler.as_ref().filter(|s| !(s.scale.is_finite() && s.scale > 0.0) || s.window == 0) {
+        return Err(fail(format!("corrupt loss scaler (scale {}, window {}): the scale must be finite and positive", s.scale, s.window)));
+    }
     Ok(TrainState { step, m, v, extra })
 }
 

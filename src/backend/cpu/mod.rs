@@ -330,6 +330,12 @@ impl Backend for CpuBackend {
         &self.table
     }
 
+    /// Host bytes of the buffers: 4 per element, since f16 and bf16 are held as rounded f32
+    /// (so a 16-bit buffer takes twice what the plan, which counts device bytes, says).
+    fn allocated_bytes(&self) -> Option<u64> {
+        Some(self.bufs.iter().map(|b| 4 * match b { Buf::F32(v) => v.len(), Buf::I32(v) => v.len() } as u64).sum())
+    }
+
     fn upload_bytes(&mut self, id: BufId, bytes: &[u8]) -> Result<()> {
         let dtype = self.table.get(id).dtype;
         match &mut self.bufs[id.0 as usize] {

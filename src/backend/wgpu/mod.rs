@@ -722,6 +722,11 @@ impl Backend for WgpuBackend {
         &self.table
     }
 
+    /// The storage buffers' sizes: the table's bytes, each rounded up to whole 4-byte words.
+    fn allocated_bytes(&self) -> Option<u64> {
+        Some(self.buffers.iter().map(|b| b.size()).sum())
+    }
+
     fn upload_bytes(&mut self, id: BufId, bytes: &[u8]) -> Result<()> {
         if bytes.len() % 4 != 0 {
             // queue writes move whole words; pad a 2-byte buffer of odd length (its allocation is

@@ -85,17 +85,8 @@ pub struct BenchArgs {
     /// --profile: the device's memory bandwidth in GB/s (default: as --peak-gflops)
     #[arg(long, value_name = "GBS")]
     pub peak_gbs: Option<f64>,
-    /// recompute activations in backward, as `train --recompute` (1 = GELU, 2 = the flag alone:
-    /// GELU and layernorm)
-    #[arg(long, value_name = "0|1|2", default_value_t = 0, num_args = 0..=1, default_missing_value = "2", value_parser = clap::value_parser!(u8).range(0..=2))]
-    pub recompute: u8,
-    /// AdamW on the host, as `train --offload-optimizer`
-    #[arg(long)]
-    pub offload_optimizer: bool,
-    /// storage of parameters, gradients and activations (as `train --precision`): fp32, fp16 or
-    /// bf16 (with f32 master weights and AdamW state)
-    #[arg(long, default_value = "fp32", value_parser = crate::graph::parse_precision, value_name = "fp32|fp16|bf16")]
-    pub precision: crate::graph::DType,
+    #[command(flatten)]
+    pub modes: crate::plan::StepModes,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -148,9 +139,9 @@ pub(crate) fn time_train_steps(a: &BenchArgs, warmup: usize) -> Result<(Session,
             weight_decay: 0.1,
             decay_all: false,
             grad_clip: 1.0,
-            recompute: a.recompute,
-            offload_optimizer: a.offload_optimizer,
-            precision: a.precision,
+            recompute: a.modes.recompute,
+            offload_optimizer: a.modes.offload_optimizer,
+            precision: a.modes.precision,
             ..Default::default()
         },
     );
@@ -192,7 +183,7 @@ pub fn run_step(a: &BenchArgs) -> Result<BenchReport> {
         tokens_per_s: n as f64 / (ms / 1e3),
         tflops: flops_per_token * n as f64 / (ms / 1e3) / 1e12,
         device_bytes: sess.graph.total_bytes() as u64,
-        precision: a.precision.name().to_string(),
+        precision: a.modes.precision.name().to_string(),
     })
 }
 
@@ -396,9 +387,7 @@ pub fn run_data_parallel(a: &BenchArgs) -> Result<Option<DataParallelReport>> {
     ta.zero = a.zero;
     ta.reduce = a.reduce;
     ta.overlap = a.overlap;
-    ta.recompute = a.recompute;
-    ta.offload_optimizer = a.offload_optimizer;
-    ta.precision = a.precision;
+    ta.modes = a.modes.clone();
     let world = crate::dist::World::from_env()?;
     let s = crate::train::run(&ta)?;
     if world.rank != 0 {

@@ -40,20 +40,29 @@ pub struct PlanArgs {
     /// and llm.c's default there)
     #[arg(long)]
     pub tf32: bool,
-    /// recompute activations in backward (`train --recompute`): 1 = GELU outputs, 2 (the flag
-    /// alone) = GELU and layernorm outputs
-    #[arg(long, value_name = "0|1|2", default_value_t = 0, num_args = 0..=1, default_missing_value = "2", value_parser = clap::value_parser!(u8).range(0..=2))]
-    pub recompute: u8,
-    /// AdamW's state in host memory (`train --offload-optimizer`): no optimizer bytes on the device
-    #[arg(long)]
-    pub offload_optimizer: bool,
-    /// storage of parameters, gradients and activations (as `train --precision`): fp32, fp16 or
-    /// bf16 (with f32 master weights and AdamW state)
-    #[arg(long, default_value = "fp32", value_parser = crate::graph::parse_precision, value_name = "fp32|fp16|bf16")]
-    pub precision: crate::graph::DType,
+    #[command(flatten)]
+    pub modes: StepModes,
     /// print one JSON object as the last line of stdout
     #[arg(long)]
     pub json: bool,
+}
+
+/// How a training step stores and keeps its buffers: the flags `train`, `bench` and `plan` share.
+#[derive(Clone, Debug, clap::Args)]
+pub struct StepModes {
+    /// recompute activations in backward instead of keeping them per layer (llm.c's -r):
+    /// 1 = the GELU outputs, 2 (the flag alone) = GELU and layernorm outputs; same results, less
+    /// memory, a little more compute
+    #[arg(long, value_name = "0|1|2", default_value_t = 0, num_args = 0..=1, default_missing_value = "2", value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub recompute: u8,
+    /// keep AdamW's m and v (and fp32 master weights) in host memory and run AdamW on host
+    /// threads: the device holds parameters, gradients and activations only
+    #[arg(long)]
+    pub offload_optimizer: bool,
+    /// storage of parameters, gradients and activations: fp32, or mixed precision fp16 (with
+    /// dynamic loss scaling in `train`) or bf16, with f32 master weights, AdamW state and arithmetic
+    #[arg(long, default_value = "fp32", value_parser = crate::graph::parse_precision, value_name = "fp32|fp16|bf16")]
+    pub precision: crate::graph::DType,
 }
 
 /// Bytes by role, as `--json` names them.
@@ -143,7 +152,7 @@ pub fn step_graph(a: &PlanArgs) -> Result<(Graph, usize)> {
     if a.zero > 1 || (a.zero == 1 && a.world < 2) || a.world == 0 {
         return Err(Error::flag("--zero", "1 needs --world of at least 2 (and --zero is 0 or 1)"));
     }
-    if a.offload_optimizer && a.zero == 1 {
+    if a.modes.offload_optimizer && a.zero == 1 {
         return Err(Error::flag("--offload-optimizer", "cannot be combined with --zero 1"));
     }
     let opts = TrainOptions {
@@ -152,9 +161,9 @@ pub fn step_graph(a: &PlanArgs) -> Result<(Graph, usize)> {
         weight_decay: 0.1,
         decay_all: false,
         grad_clip: 1.0,
-        recompute: a.recompute,
-        offload_optimizer: a.offload_optimizer,
-        precision: a.precision,
+        recompute: a.modes.recompute,
+        offload_optimizer: a.modes.offload_optimizer,
+        precision: a.modes.precision,
         ..Default::default()
     };
     let g = if a.zero == 1 {
@@ -188,7 +197,7 @@ pub fn plan(a: &PlanArgs) -> Result<Plan> {
     };
     Ok(Plan {
         model: a.model.clone(),
-        precision: a.precision.name().to_string(),
+        precision: a.modes.precision.name().to_string(),
         batch: a.batch,
         seq_len: a.seq_len,
         params,

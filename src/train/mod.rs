@@ -207,19 +207,8 @@ pub struct TrainArgs {
     /// whose buffers fit it; with a fixed --batch: an error if they do not)
     #[arg(long, value_name = "SIZE", value_parser = crate::plan::parse_size)]
     pub memory: Option<u64>,
-    /// recompute activations in backward instead of keeping them per layer (llm.c's -r):
-    /// 1 = the GELU outputs, 2 (the flag alone) = GELU and layernorm outputs; same results, less
-    /// memory, a little more compute
-    #[arg(long, value_name = "0|1|2", default_value_t = 0, num_args = 0..=1, default_missing_value = "2", value_parser = clap::value_parser!(u8).range(0..=2))]
-    pub recompute: u8,
-    /// keep AdamW's m and v (and fp32 master weights) in host memory and run AdamW on host
-    /// threads: the device holds parameters, gradients and activations only
-    #[arg(long)]
-    pub offload_optimizer: bool,
-    /// storage of parameters, gradients and activations: fp32, or mixed precision fp16 (with
-    /// dynamic loss scaling) or bf16, with f32 master weights, AdamW state and arithmetic
-    #[arg(long, default_value = "fp32", value_parser = crate::graph::parse_precision, value_name = "fp32|fp16|bf16")]
-    pub precision: crate::graph::DType,
+    #[command(flatten)]
+    pub modes: crate::plan::StepModes,
     /// fp16: the first loss scale (halved on each overflow, doubled after --loss-scale-window
     /// clean steps; PyTorch's GradScaler defaults)
     #[arg(long, default_value_t = 65536.0, value_name = "S")]
@@ -239,9 +228,9 @@ impl TrainArgs {
             weight_decay: self.weight_decay,
             decay_all: false,
             grad_clip: self.grad_clip,
-            recompute: self.recompute,
-            offload_optimizer: self.offload_optimizer,
-            precision: self.precision,
+            recompute: self.modes.recompute,
+            offload_optimizer: self.modes.offload_optimizer,
+            precision: self.modes.precision,
         }
     }
 }
@@ -373,7 +362,7 @@ fn check_args(a: &TrainArgs, cfg: &Config, b: usize) -> Result<usize> {
     if !(a.grad_clip >= 0.0) {
         return Err(Error::flag("--grad-clip", "must be >= 0"));
     }
-    if a.offload_optimizer && a.zero == 1 {
+    if a.modes.offload_optimizer && a.zero == 1 {
         return Err(Error::flag("--offload-optimizer", "cannot be combined with --zero 1 (each rank would offload its own shard; not built): use one of them"));
     }
     Ok(total / bt)
@@ -504,7 +493,7 @@ fn auto_batch(a: &TrainArgs) -> Result<TrainArgs> {
     let mut last = None;
     for b in (1..=rows).rev().filter(|b| rows.is_multiple_of(*b)) {
         let mut g = build_train_step(&cfg, &a.train_options(b, rows / b));
-        if a.gen_tokens > 0 && a.precision == DType::F32 {
+        if a.gen_tokens > 0 && a.modes.precision == DType::F32 {
             crate::graph::add_decoder(&mut g, sample::decode_options(&cfg, a.gen_tokens.min(a.seq_len)));
         }
         let bytes = g.total_bytes() as u64;
@@ -698,8 +687,8 @@ fn calibrate_split(a: &TrainArgs, comm: &dyn Comm, cfg: &Config, make_backend: &
 fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_header: Option<String>) -> Result<TrainSummary> {
     let (rank, world) = (comm.rank(), comm.size());
     let lead = rank == 0;
-    if a.precision != DType::F32 && world > 1 {
-        return Err(Error::flag("--precision", format!("{} trains on one device so far (the gradient sums over ranks are f32 paths); use fp32 with several ranks", a.precision)));
+    if a.modes.precision != DType::F32 && world > 1 {
+        return Err(Error::flag("--precision", format!("{} trains on one device so far (the gradient sums over ranks are f32 paths); use fp32 with several ranks", a.modes.precision)));
     }
     let resume_step = match (&a.out, a.resume) {
         (Some(dir), true) => {
@@ -775,7 +764,7 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
         None => build_train_step(&cfg, &topts),
     };
     // the sample during training decodes with f32 parameters; a low-precision graph has none
-    let gen_tokens = if a.precision == DType::F32 { a.gen_tokens } else { 0 };
+    let gen_tokens = if a.modes.precision == DType::F32 { a.gen_tokens } else { 0 };
     if lead && gen_tokens > 0 {
         crate::graph::add_decoder(&mut graph, sample::decode_options(&cfg, gen_tokens.min(a.seq_len)));
     }
@@ -815,7 +804,7 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
     let mut start = 0;
     let mut saved_outliers = None;
     // fp16: dynamic loss scaling (bf16 has f32's exponent range and needs none)
-    let mut scaler = (a.precision == DType::F16).then(|| scaler::LossScaler::new(a.loss_scale, a.loss_scale_window));
+    let mut scaler = (a.modes.precision == DType::F16).then(|| scaler::LossScaler::new(a.loss_scale, a.loss_scale_window));
     if let (Some(s), Some(dir)) = (resume_step, &a.out) {
         // the whole optimiser state, whatever the saved run's world and sharding (a rank that did
         // not exist in it takes rank 0's: without ZeRO every rank's state is the same)
@@ -846,7 +835,7 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
         start = st.step;
         saved_outliers = st.extra.outliers;
         let saved = st.extra.precision.clone().unwrap_or_else(|| "f32".into());
-        if saved != a.precision.name() {
+        if saved != a.modes.precision.name() {
             return Err(Error::flag("--precision", format!("the checkpoint was trained in {saved}; resume it with that precision")));
         }
         if scaler.is_some() {
@@ -1424,7 +1413,7 @@ fn save_checkpoint(
             num_params,
             outliers: Some(outliers),
             zero,
-            precision: (a.precision != DType::F32).then(|| a.precision.name().to_string()),
+            precision: (a.modes.precision != DType::F32).then(|| a.modes.precision.name().to_string()),
             loss_scaler,
         },
     };

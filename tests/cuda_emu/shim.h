@@ -11,6 +11,7 @@
 #include <utility>
 using std::max;
 using std::min;
+using std::isfinite;  // a CUDA device function; the host has it in std
 
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;

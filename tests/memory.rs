@@ -221,3 +221,17 @@ fn gpt2_124m_at_t1024_trains_in_2gib() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success() && err.contains("1.54 GiB of buffers") && err.contains("step     1/1 | train loss"), "{err}");
 }
+
+#[test]
+fn offload_optimizer_in_fp16_keeps_the_master_weights_on_the_host_bit_exactly() {
+    // mixed precision with the optimiser offloaded: the device holds f16 parameters and no master
+    // weights; the host's f32 masters get exactly the on-device mixed-precision update
+    let (cfg, _) = read_checkpoint(Path::new(&format!("{TINY}/model.bin"))).unwrap();
+    let f16 = |offload| TrainOptions { precision: wgpt::graph::DType::F16, ..opts(0, offload) };
+    let g = build_train_step(&cfg, &f16(true));
+    assert!(g.io.masters.is_none() && g.io.m.is_none(), "no master weights or moments on the device");
+    let base = run(cpu(), &f16(false));
+    let off = run(cpu(), &f16(true));
+    assert_eq!(off.0, base.0, "losses");
+    assert!(off.1 == base.1 && off.2 == base.2 && off.3 == base.3, "master weights or AdamW state differ");
+}

@@ -2,7 +2,7 @@
 
 use crate::backend::BackendArgs;
 use crate::error::{Error, Result};
-use crate::graph::{build_train_step, TrainOptions};
+use crate::graph::build_train_step;
 use crate::train::session::{AdamConsts, Session};
 use crate::train::load_or_init;
 use std::time::Instant;
@@ -131,20 +131,7 @@ pub(crate) fn time_train_steps(a: &BenchArgs, warmup: usize) -> Result<(Session,
         return Err(Error::flag("--seq-len", format!("must be in 1..={}", cfg.max_t)));
     }
     let backend = a.backend.create()?;
-    let graph = build_train_step(
-        &cfg,
-        &TrainOptions {
-            b: a.batch,
-            t: a.seq_len,
-            weight_decay: 0.1,
-            decay_all: false,
-            grad_clip: 1.0,
-            recompute: a.modes.recompute,
-            offload_optimizer: a.modes.offload_optimizer,
-            precision: a.modes.precision,
-            ..Default::default()
-        },
-    );
+    let graph = build_train_step(&cfg, &a.modes.train_options(a.batch, a.seq_len));
     let mut sess = Session::new(backend, graph)?;
     sess.upload_params(&params)?;
     let n = a.batch * a.seq_len;

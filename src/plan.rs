@@ -65,6 +65,24 @@ pub struct StepModes {
     pub precision: crate::graph::DType,
 }
 
+impl StepModes {
+    /// A training step of micro-batch `b`, sequence `t` in these modes, with the CUDA trainer's
+    /// optimiser settings (weight decay 0.1 on the 2-D weights, clip 1.0; `train` sets its own).
+    pub fn train_options(&self, b: usize, t: usize) -> TrainOptions {
+        TrainOptions {
+            b,
+            t,
+            weight_decay: 0.1,
+            decay_all: false,
+            grad_clip: 1.0,
+            recompute: self.recompute,
+            offload_optimizer: self.offload_optimizer,
+            precision: self.precision,
+            ..Default::default()
+        }
+    }
+}
+
 /// Bytes by role, as `--json` names them.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct ByRole {
@@ -155,17 +173,7 @@ pub fn step_graph(a: &PlanArgs) -> Result<(Graph, usize)> {
     if a.modes.offload_optimizer && a.zero == 1 {
         return Err(Error::flag("--offload-optimizer", "cannot be combined with --zero 1"));
     }
-    let opts = TrainOptions {
-        b: a.batch,
-        t: a.seq_len,
-        weight_decay: 0.1,
-        decay_all: false,
-        grad_clip: 1.0,
-        recompute: a.modes.recompute,
-        offload_optimizer: a.modes.offload_optimizer,
-        precision: a.modes.precision,
-        ..Default::default()
-    };
+    let opts = a.modes.train_options(a.batch, a.seq_len);
     let g = if a.zero == 1 {
         // rank 0's share: ranks differ by at most one element
         build_train_step_sharded(&cfg, &opts, 0..n.div_ceil(a.world))

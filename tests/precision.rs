@@ -52,7 +52,10 @@ fn verify_in_fp16_and_bf16_stays_within_the_derived_tolerances() {
     }
 }
 
-fn train(dir: &Path, name: &str, extra: &[&str]) -> (Vec<(u64, Option<f64>, Option<f64>)>, String) {
+/// Each logged step: (step, train loss, grad norm: None when the update was skipped).
+type Steps = Vec<(u64, Option<f64>, Option<f64>)>;
+
+fn train(dir: &Path, name: &str, extra: &[&str]) -> (Steps, String) {
     let log = dir.join(format!("{name}.jsonl"));
     let mut a = vec![
         "train",

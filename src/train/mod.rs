@@ -221,17 +221,7 @@ pub struct TrainArgs {
 impl TrainArgs {
     /// The training graph's options for micro-batch `b` and `grad_accum` micro-steps.
     pub fn train_options(&self, b: usize, grad_accum: usize) -> TrainOptions {
-        TrainOptions {
-            b,
-            t: self.seq_len,
-            grad_accum,
-            weight_decay: self.weight_decay,
-            decay_all: false,
-            grad_clip: self.grad_clip,
-            recompute: self.modes.recompute,
-            offload_optimizer: self.modes.offload_optimizer,
-            precision: self.modes.precision,
-        }
+        TrainOptions { grad_accum, weight_decay: self.weight_decay, grad_clip: self.grad_clip, ..self.modes.train_options(b, self.seq_len) }
     }
 }
 

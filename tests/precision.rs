@@ -234,6 +234,10 @@ fn precision_flags_are_checked_and_the_plan_halves() {
     let o = wgpt(&["train", "--backend", "cpu", "--devices", "cpu,cpu", "--precision", "bf16", "--steps", "1", "--batch", "2"]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("--precision") && e.trim().lines().count() == 1, "{e}");
+    // the sample at the end of a low-precision run decodes the f32 master weights
+    let o = wgpt(&["train", "--backend", "cpu", "--init", "d2:c64", "--precision", "bf16", "--steps", "2", "--batch", "2", "--seq-len", "32", "--gen-tokens", "8", "--val-every", "0"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && e.contains("--- sample at step 2 ---"), "{e}");
     let plan = |p: &str| -> serde_json::Value {
         let o = wgpt(&["plan", "--model", "d12", "--batch", "1", "--seq-len", "1024", "--precision", p, "--json"]);
         serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap()

@@ -753,9 +753,10 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
         Some(r) => crate::graph::build_train_step_sharded(&cfg, &topts, r.clone()),
         None => build_train_step(&cfg, &topts),
     };
-    // the sample during training decodes with f32 parameters; a low-precision graph has none
-    let gen_tokens = if a.modes.precision == DType::F32 { a.gen_tokens } else { 0 };
-    if lead && gen_tokens > 0 {
+    // the sample during training decodes in the training graph, whose decode phases read f32
+    // parameters; a low-precision run samples with a decoder of its own instead (below)
+    let gen_tokens = a.gen_tokens;
+    if lead && gen_tokens > 0 && a.modes.precision == DType::F32 {
         crate::graph::add_decoder(&mut graph, sample::decode_options(&cfg, gen_tokens.min(a.seq_len)));
     }
     if let Some(m) = a.memory.filter(|&m| graph.total_bytes() as u64 > m) {
@@ -900,7 +901,16 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
         }
         let want_sample = stop.is_none() && gen_tokens > 0 && ((a.sample_every > 0 && step > 0 && step % a.sample_every == 0) || last);
         if want_sample && lead {
-            let text = sample::sample_in_graph(&mut sess, &tokenizer, a.gen_tokens.min(a.seq_len), 1337)?;
+            let n = a.gen_tokens.min(a.seq_len);
+            let text = if a.modes.precision == DType::F32 {
+                sample::sample_in_graph(&mut sess, &tokenizer, n, 1337)?
+            } else {
+                // an f32 decoder on a backend of its own, given the f32 master weights, for the
+                // time of the sample
+                let mut dec = Session::new(make_backend()?, crate::graph::build_decoder(&cfg, sample::decode_options(&cfg, n)))?;
+                dec.upload_params(&sess.download_params()?)?;
+                sample::sample_in_graph(&mut dec, &tokenizer, n, 1337)?
+            };
             logger.sample(step, &text);
             summary.sample = Some(text);
         }

@@ -755,9 +755,8 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
     };
     // the sample during training decodes in the training graph, whose decode phases read f32
     // parameters; a low-precision run samples with a decoder of its own instead (below)
-    let gen_tokens = a.gen_tokens;
-    if lead && gen_tokens > 0 && a.modes.precision == DType::F32 {
-        crate::graph::add_decoder(&mut graph, sample::decode_options(&cfg, gen_tokens.min(a.seq_len)));
+    if lead && a.gen_tokens > 0 && a.modes.precision == DType::F32 {
+        crate::graph::add_decoder(&mut graph, sample::decode_options(&cfg, a.gen_tokens.min(a.seq_len)));
     }
     if let Some(m) = a.memory.filter(|&m| graph.total_bytes() as u64 > m) {
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
@@ -899,7 +898,7 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
                 logger.eval(step, score)?;
             }
         }
-        let want_sample = stop.is_none() && gen_tokens > 0 && ((a.sample_every > 0 && step > 0 && step % a.sample_every == 0) || last);
+        let want_sample = stop.is_none() && a.gen_tokens > 0 && ((a.sample_every > 0 && step > 0 && step % a.sample_every == 0) || last);
         if want_sample && lead {
             let n = a.gen_tokens.min(a.seq_len);
             let text = if a.modes.precision == DType::F32 {

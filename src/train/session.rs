@@ -97,6 +97,9 @@ impl Session {
     /// fp16's loss scale S: the loss gradient is seeded S times larger, so every gradient carries
     /// S, and `GradNorm` divides it out of the norm and the update (1: no scaling).
     pub fn set_loss_scale(&mut self, scale: f32) -> Result<()> {
+        if self.scalars[Scalars::LOSS_SCALE] == scale {
+            return Ok(()); // unchanged: nothing to upload (the loop sets it every step)
+        }
         self.scalars[Scalars::LOSS_SCALE] = scale;
         self.scalars[Scalars::LOSS_SEED] = self.loss_seed * scale;
         self.upload_scalars()
@@ -245,8 +248,7 @@ impl Session {
     /// `--offload-optimizer`'s update: the scalars `GradNorm` left (the clip scale) are read back,
     /// then tensor by tensor its gradient is downloaded, AdamW updates the host's master copy and
     /// m and v, and the parameters are uploaded.
-    fn host_update(&mut self) -> Result<()> {
-        let hyper = self.backend.download_f32(self.graph.io.scalars)?;
+    fn host_update(&mut self, hyper: &[f32]) -> Result<()> {
         if hyper[Scalars::FOUND_INF] != 0.0 {
             return Ok(()); // a skipped step: AdamW would change nothing
         }
@@ -257,7 +259,7 @@ impl Session {
             let (o, n) = (self.layout.offsets[i], self.layout.sizes[i]);
             let g = self.backend.download_f32(grads[i])?;
             let r = o..o + n;
-            crate::backend::cpu::kernels::adamw(&mut h.master[r.clone()], &g, &mut h.m[r.clone()], &mut h.v[r.clone()], &hyper, h.decays[i]);
+            crate::backend::cpu::kernels::adamw(&mut h.master[r.clone()], &g, &mut h.m[r.clone()], &mut h.v[r.clone()], hyper, h.decays[i]);
             self.backend.upload_f32(params[i], &h.master[r])?;
         }
         Ok(())
@@ -373,6 +375,12 @@ impl Session {
     /// (before clipping).
     pub fn update(&mut self, lr: f32, adam: AdamConsts, t: usize) -> Result<f32> {
         self.queue_grad_norm(lr, adam, t)?;
+        if self.host_opt.is_some() {
+            // the host update needs the scalars anyway: one read-back serves it and the norm
+            let h = self.read_scalars()?;
+            self.host_update(&h)?;
+            return Ok(h[Scalars::GRAD_NORM]);
+        }
         self.apply_update()?;
         self.read_grad_norm()
     }
@@ -387,7 +395,10 @@ impl Session {
     /// The second half of `update`, after `grad_norm`: AdamW with the clip scale it left.
     pub fn apply_update(&mut self) -> Result<()> {
         match self.host_opt {
-            Some(_) => self.host_update(),
+            Some(_) => {
+                let h = self.read_scalars()?;
+                self.host_update(&h)
+            }
             None => self.run_phase(Phase::Update),
         }
     }
@@ -416,9 +427,14 @@ impl Session {
 
     /// The gradient norm `GradNorm` left in the scalars (waits for the device).
     fn read_grad_norm(&mut self) -> Result<f32> {
+        Ok(self.read_scalars()?[Scalars::GRAD_NORM])
+    }
+
+    /// The device scalars (waits for the device); notes whether `GradNorm` found an overflow.
+    fn read_scalars(&mut self) -> Result<Vec<f32>> {
         let h = self.backend.download_f32(self.graph.io.scalars)?;
         self.found_inf = h[Scalars::FOUND_INF] != 0.0;
-        Ok(h[Scalars::GRAD_NORM])
+        Ok(h)
     }
 
     /// Forward only; returns the loss at every position (B·T, row-major).

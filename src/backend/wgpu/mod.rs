@@ -158,6 +158,16 @@ struct Plan {
     _scratch: wgpu::Buffer,
 }
 
+/// One compute pass of `dispatches` in `enc` (with `ts`: timestamps at its start and end).
+fn encode_pass<'a>(enc: &mut wgpu::CommandEncoder, label: &str, dispatches: impl IntoIterator<Item = &'a Ready>, ts: Option<wgpu::ComputePassTimestampWrites<'_>>) {
+    let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(label), timestamp_writes: ts });
+    for d in dispatches {
+        pass.set_pipeline(&d.pipeline);
+        pass.set_bind_group(0, &d.bind_group, &[]);
+        pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
+    }
+}
+
 struct Ready {
     pipeline: wgpu::ComputePipeline,
     bind_group: wgpu::BindGroup,
@@ -498,14 +508,7 @@ impl WgpuBackend {
                 for i in 0..4 {
                     let t0 = std::time::Instant::now();
                     let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("autotune") });
-                    {
-                        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("autotune"), timestamp_writes: None });
-                        for d in &plan.dispatches {
-                            pass.set_pipeline(&d.pipeline);
-                            pass.set_bind_group(0, &d.bind_group, &[]);
-                            pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
-                        }
-                    }
+                    encode_pass(&mut enc, "autotune", &plan.dispatches, None);
                     self.queue.submit([enc.finish()]);
                     self.wait()?;
                     if i > 0 {
@@ -771,13 +774,7 @@ impl Backend for WgpuBackend {
             let enc = self
                 .pending
                 .get_or_insert_with(|| device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") }));
-            let mut pass =
-                enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(&plan.label), timestamp_writes: None });
-            for d in &plan.dispatches {
-                pass.set_pipeline(&d.pipeline);
-                pass.set_bind_group(0, &d.bind_group, &[]);
-                pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
-            }
+            encode_pass(enc, &plan.label, &plan.dispatches, None);
         }
         self.plans[phase.0] = Some((launches, Some(plan)));
         self.take_errors()
@@ -806,12 +803,7 @@ impl Backend for WgpuBackend {
     fn profile_valid(&mut self, launches: &[Launch]) -> Result<crate::backend::Profile> {
         let plan = self.build_plan(launches)?;
         let mut ms = vec![0f64; launches.len()];
-        let encode = |enc: &mut wgpu::CommandEncoder, d: &Ready, ts: Option<wgpu::ComputePassTimestampWrites<'_>>| {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("profile"), timestamp_writes: ts });
-            pass.set_pipeline(&d.pipeline);
-            pass.set_bind_group(0, &d.bind_group, &[]);
-            pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
-        };
+        let encode = |enc: &mut wgpu::CommandEncoder, d: &Ready, ts: Option<wgpu::ComputePassTimestampWrites<'_>>| encode_pass(enc, "profile", [d], ts);
         if !self.features.contains(wgpu::Features::TIMESTAMP_QUERY) {
             for (i, slot) in ms.iter_mut().enumerate() {
                 let t0 = std::time::Instant::now();

@@ -132,6 +132,47 @@ fn an_overflowing_loss_scale_backs_off_skipping_steps_then_trains() {
 }
 
 #[test]
+fn a_step_the_loss_scaler_skips_does_not_advance_adams_t() {
+    // A first scale of 2^40 overflows the first steps, which change nothing. The first update
+    // applied is then AdamW's first (t = 1: m̂ = g, v̂ = g²), which moves every parameter that has
+    // a gradient by lr (weight decay 0). Had the skipped steps counted, t would be the step
+    // number and the move smaller (0.40·lr at step 23, where the first update lands here).
+    let dir = tempfile::tempdir().unwrap();
+    let run = |steps: &str, extra: &[&str]| {
+        let log = dir.path().join(format!("probe{steps}.jsonl"));
+        let mut a = vec![
+            "train", "--backend", "cpu", "--init", "d2:c64", "--batch", "4", "--seq-len", "64", "--val-every", "0",
+            "--gen-tokens", "0", "--precision", "fp16", "--loss-scale", "1099511627776", "--schedule", "constant",
+            "--weight-decay", "0", "--lr", "1e-3", "--steps", steps, "--log-json", log.to_str().unwrap(),
+        ];
+        a.extend_from_slice(extra);
+        let o = wgpt(&a);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read_to_string(&log).unwrap()
+    };
+    // the first step whose update was applied (it has a grad norm)
+    let log = run("40", &[]);
+    let first = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v.get("train_loss").is_some() && v["grad_norm"].as_f64().is_some())
+        .map(|v| v["step"].as_u64().unwrap())
+        .expect("no step trained in 40");
+    assert!(first >= 3, "expected the first steps to overflow, but step {first} trained");
+    // checkpoints just before it and after it
+    let out = dir.path().join("out");
+    let (f, before) = (first.to_string(), (first - 1).to_string());
+    run(&f, &["--out", out.to_str().unwrap(), "--checkpoint-every", &before]);
+    let params = |s: u64| wgpt::model::checkpoint::read_checkpoint(&out.join(format!("model_{s:08}.bin"))).unwrap().1;
+    let (a, b) = (params(first - 1), params(first));
+    let mut moved: Vec<f64> = a.iter().zip(&b).map(|(x, y)| (*y as f64 - *x as f64).abs()).filter(|d| *d > 0.0).collect();
+    assert!(moved.len() > a.len() / 2, "only {} of {} parameters moved", moved.len(), a.len());
+    moved.sort_by(f64::total_cmp);
+    let median = moved[moved.len() / 2] / 1e-3;
+    assert!((median - 1.0).abs() < 0.01, "the first applied update moved parameters by {median}·lr, not lr (step {first})");
+}
+
+#[test]
 fn fp16_resumes_bit_exactly_with_its_loss_scaler() {
     // a window of 3 clean steps makes the scale grow until it overflows, so the scaler's state
     // (scale, clean steps, skips) changes all along and must come back with --resume

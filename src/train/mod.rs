@@ -1023,6 +1023,9 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
             reduce_ms = Some(before + tr.elapsed().as_secs_f64() * 1e3);
         }
         let lr = sched.lr_at(step);
+        // AdamW's t counts the updates applied: a step the loss scaler skipped (its gradients
+        // overflowed) does not advance it, as PyTorch's GradScaler skips optimizer.step()
+        let adam_t = (step + 1).saturating_sub(scaler.as_ref().map_or(0, |sc| sc.skipped)).max(1);
         let (loss, norm);
         if let Some(zn) = zero_norm {
             loss = global_loss.expect("several ranks");
@@ -1033,7 +1036,7 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
             } else if outlier::exceeds(zg, a.skip_grad_z) {
                 logger.note(&format!("step {}: update skipped (grad norm z-score {zg:.2} > {})", step + 1, a.skip_grad_z));
             } else {
-                sess.update_with_norm(lr, adam, step + 1, norm, a.grad_clip)?;
+                sess.update_with_norm(lr, adam, adam_t, norm, a.grad_clip)?;
                 // every rank's updated range, to every rank
                 let r = shard.clone().expect("ZeRO-1");
                 if let Some(nc) = nccl.as_ref() {
@@ -1049,7 +1052,7 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
                 }
             }
         } else if a.skip_loss_z == 0.0 && a.skip_grad_z == 0.0 {
-            norm = sess.update(lr, adam, step + 1)?;
+            norm = sess.update(lr, adam, adam_t)?;
             loss = match global_loss {
                 Some(l) => l,
                 None => sess.step_loss()?,
@@ -1060,7 +1063,7 @@ fn run_rank(a: &TrainArgs, comm: &dyn Comm, make_backend: &MakeBackend, dist_hea
                 Some(l) => l,
                 None => sess.step_loss()?,
             };
-            norm = sess.grad_norm(lr, adam, step + 1)?;
+            norm = sess.grad_norm(lr, adam, adam_t)?;
             let (zl, zg) = (loss_outliers.update(loss as f64), norm_outliers.update(norm as f64));
             // rank 0 decides, so ranks whose norms differ in the last bit still agree
             let mut skip = [if outlier::exceeds(zl, a.skip_loss_z) {

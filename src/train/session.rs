@@ -247,7 +247,11 @@ impl Session {
 
     /// `--offload-optimizer`'s update: the scalars `GradNorm` left (the clip scale) are read back,
     /// then tensor by tensor its gradient is downloaded, AdamW updates the host's master copy and
-    /// m and v, and the parameters are uploaded.
+    /// m and v, and the parameters are uploaded. The three overlap as a pipeline: a host thread
+    /// runs AdamW (itself on every core) on tensor i while this thread waits for the download of
+    /// tensor i+1 and uploads tensor i−1. The next step's forward cannot start earlier, since it
+    /// reads every updated weight (overlapping it would need a delayed update, a different
+    /// optimiser). The result is the same, bit for bit, as the sequential loop.
     fn host_update(&mut self, hyper: &[f32]) -> Result<()> {
         if hyper[Scalars::FOUND_INF] != 0.0 {
             return Ok(()); // a skipped step: AdamW would change nothing
@@ -255,14 +259,48 @@ impl Session {
         let grads = self.graph.io.grads.ok_or_else(|| not_train("gradients"))?;
         let params = self.graph.io.params;
         let h = self.host_opt.as_mut().expect("called with a host optimiser");
+        let decays = h.decays;
+        // each tensor's disjoint (master, m, v) slices, in checkpoint order
+        let mut parts = Vec::with_capacity(NUM_PARAM_TENSORS);
+        let (mut pm, mut mm, mut vm) = (&mut h.master[..], &mut h.m[..], &mut h.v[..]);
+        let mut at = 0;
         for i in 0..NUM_PARAM_TENSORS {
-            let (o, n) = (self.layout.offsets[i], self.layout.sizes[i]);
-            let g = self.backend.download_f32(grads[i])?;
-            let r = o..o + n;
-            crate::backend::cpu::kernels::adamw(&mut h.master[r.clone()], &g, &mut h.m[r.clone()], &mut h.v[r.clone()], hyper, h.decays[i]);
-            self.backend.upload_f32(params[i], &h.master[r])?;
+            let (skip, n) = (self.layout.offsets[i] - at, self.layout.sizes[i]);
+            let (p, rest_p) = std::mem::take(&mut pm)[skip..].split_at_mut(n);
+            let (m, rest_m) = std::mem::take(&mut mm)[skip..].split_at_mut(n);
+            let (v, rest_v) = std::mem::take(&mut vm)[skip..].split_at_mut(n);
+            (pm, mm, vm) = (rest_p, rest_m, rest_v);
+            at = self.layout.offsets[i] + n;
+            parts.push((p, m, v));
         }
-        Ok(())
+        let backend = &mut self.backend;
+        std::thread::scope(|s| -> Result<()> {
+            use std::sync::mpsc;
+            // one gradient waits while AdamW runs on another: at most two tensors' gradients in flight
+            let (to_worker, work) = mpsc::sync_channel::<(usize, Vec<f32>, &mut [f32], &mut [f32], &mut [f32])>(1);
+            let (to_main, done) = mpsc::channel::<(usize, &mut [f32])>();
+            s.spawn(move || {
+                for (i, g, p, m, v) in work {
+                    crate::backend::cpu::kernels::adamw(p, &g, m, v, hyper, decays[i]);
+                    if to_main.send((i, p)).is_err() {
+                        break; // the main thread gave up (a transfer failed)
+                    }
+                }
+            });
+            for (i, (p, m, v)) in parts.into_iter().enumerate() {
+                let g = backend.download_f32(grads[i])?;
+                // a closed channel means the worker panicked: the join at the end of the scope reports it
+                let _ = to_worker.send((i, g, p, m, v));
+                while let Ok((j, p)) = done.try_recv() {
+                    backend.upload_f32(params[j], p)?;
+                }
+            }
+            drop(to_worker);
+            for (j, p) in done.iter() {
+                backend.upload_f32(params[j], p)?;
+            }
+            Ok(())
+        })
     }
 
     fn upload_batch(&mut self, x: &[i32], y: &[i32]) -> Result<()> {

@@ -7,6 +7,7 @@
 mod common;
 
 use common::wgpt;
+use std::io::Write;
 use std::path::Path;
 
 const TINY: &str = "tests/data/tiny";
@@ -56,11 +57,15 @@ fn verify_in_fp16_and_bf16_stays_within_the_derived_tolerances() {
 type Steps = Vec<(u64, Option<f64>, Option<f64>)>;
 
 fn train(dir: &Path, name: &str, extra: &[&str]) -> (Steps, String) {
+    train_on("cpu", dir, name, extra)
+}
+
+fn train_on(backend: &str, dir: &Path, name: &str, extra: &[&str]) -> (Steps, String) {
     let log = dir.join(format!("{name}.jsonl"));
     let mut a = vec![
         "train",
         "--backend",
-        "cpu",
+        backend,
         "--init",
         "d2:c64",
         "--batch",
@@ -107,6 +112,31 @@ fn fifty_low_precision_steps_follow_the_fp32_curve() {
         assert!(worst <= bound, "{p}: the loss curve leaves fp32's by {worst} > {bound}");
         assert!(worst > 0.0, "{p}: identical to fp32, so nothing was rounded");
     }
+}
+
+#[test]
+fn fifty_fp16_steps_on_wgpu_follow_its_fp32_curve() {
+    // the wgpu f16 kernels (SHADER_F16; lavapipe has it), the same run as the cpu test above: the
+    // same seed, data and initialisation in fp32 and fp16 on the adapter, and the same bound
+    let Some(g) = common::wgpu_adapter() else { return };
+    if !wgpt::backend::Backend::precisions(&g).contains(&wgpt::graph::DType::F16) {
+        assert!(std::env::var("WGPT_REQUIRE_F16").is_err(), "WGPT_REQUIRE_F16=1 but {} has no SHADER_F16", wgpt::backend::Backend::name(&g));
+        // straight to stderr: libtest's capture would hide it
+        let _ = writeln!(std::io::stderr().lock(), "skipped: {} has no SHADER_F16, so no f16 kernels", wgpt::backend::Backend::name(&g));
+        return;
+    }
+    drop(g);
+    let dir = tempfile::tempdir().unwrap();
+    let (base, _) = train_on("wgpu", dir.path(), "fp32", &[]);
+    assert_eq!(base.len(), 50);
+    assert!(base[49].1.unwrap() < base[0].1.unwrap() - 2.0, "the fp32 run should learn: {base:?}");
+    let (run, err) = train_on("wgpu", dir.path(), "fp16", &["--precision", "fp16"]);
+    assert!(!err.contains("skipped"), "{err}");
+    assert_eq!(run.len(), 50);
+    let worst = base.iter().zip(&run).map(|(a, b)| (a.1.unwrap() - b.1.unwrap()).abs()).fold(0.0, f64::max);
+    let _ = writeln!(std::io::stderr().lock(), "wgpu fp16 vs fp32: at most {worst:.2e} nats over 50 steps");
+    assert!(worst <= 2e-3, "the wgpu fp16 loss curve leaves fp32's by {worst} > 2e-3");
+    assert!(worst > 0.0, "identical to fp32, so nothing was rounded");
 }
 
 #[test]

@@ -1,4 +1,6 @@
-// attention.cu: causal multi-head self-attention, flash style (fp32): no (T,T) matrix is stored.
+// attention.cu: causal multi-head self-attention, flash style: no (T,T) matrix is stored.
+// qkv, out and their gradients and the caches are floatX (common.cuh); lse, D, shared tiles and
+// all arithmetic are f32.
 // qkv is (B, T, 3C) = [q | k | v]; head h uses features [h·hs, (h+1)·hs), hs = C/NH ≤ 128.
 // The training kernels (the cached decoding ones are described at the end): block of 256 threads
 // = 8 warps; a block owns 32 rows (4 per warp) of one (b, h) and streams tiles of 32 rows of the
@@ -24,12 +26,12 @@ __device__ __forceinline__ float warp_max(float v) {
 
 // Copy rows [r0, r0+TILE) of one head's slice (feature offset `feat`) of a (B·T, stride) tensor into
 // dst[TILE][ld]; rows ≥ T are zero.
-__device__ __forceinline__ void load_tile(float* dst, int ld, const float* src, long long stride, int feat,
+__device__ __forceinline__ void load_tile(float* dst, int ld, const floatX* src, long long stride, int feat,
                                           int r0, int T, int hs) {
     for (int e = threadIdx.x; e < TILE * hs; e += blockDim.x) {
         int r = e / hs, d = e - r * hs;
         int t = r0 + r;
-        dst[r * ld + d] = t < T ? src[(long long)t * stride + feat + d] : 0.0f;
+        dst[r * ld + d] = t < T ? load(src, (long long)t * stride + feat + d) : 0.0f;
     }
 }
 
@@ -80,18 +82,18 @@ __device__ __forceinline__ void accumulate_rows(float (&acc)[RPW][NDL], const fl
 }
 
 // row[d] = acc[k]·mul for this lane's features d = lane + 32·k < hs.
-__device__ __forceinline__ void store_features(float* row, const float (&acc)[NDL], float mul, int lane, int hs) {
+__device__ __forceinline__ void store_features(floatX* row, const float (&acc)[NDL], float mul, int lane, int hs) {
 #pragma unroll
     for (int k = 0; k < NDL; k++) {
         int d = lane + 32 * k;
-        if (d < hs) row[d] = acc[k] * mul;
+        if (d < hs) store(row, d, acc[k] * mul);
     }
 }
 
 // s[u] = q_t·k_u/√hs (u ≤ t), p = softmax(s), out[b,t,h·hs..] = Σ_u p[u]·v_u;
 // lse[b,h,t] = max + ln Σ exp(s − max)
-extern "C" __global__ void __launch_bounds__(256, 2) attention_forward(float* __restrict__ out, float* __restrict__ lse,
-                                                                    const float* __restrict__ qkv, int B, int T,
+extern "C" __global__ void __launch_bounds__(256, 2) attention_forward(floatX* __restrict__ out, float* __restrict__ lse,
+                                                                    const floatX* __restrict__ qkv, int B, int T,
                                                                     int C, int NH) {
     extern __shared__ float smem[];
     int hs = C / NH, hsp = hs + 1;
@@ -104,7 +106,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) attention_forward(float* __
     int rb = warp * RPW;
     float scale = 1.0f / sqrtf((float)hs);
     long long stride = 3LL * C;
-    const float* base = qkv + (long long)b * T * stride;
+    const floatX* base = qkv + (long long)b * T * stride;
 
     load_tile(Qs, hs, base, stride, h * hs, q0, T, hs);
 
@@ -162,11 +164,11 @@ extern "C" __global__ void __launch_bounds__(256, 2) attention_forward(float* __
 
 // Backward, part 1 (per query row t): p = exp(s − lse), dP = dout·vᵀ, D_t = Σ dout_t·out_t,
 // dS = p∘(dP − D): dq_t = Σ_u dS[u]·k_u/√hs, written to dqkv[b,t,h·hs..]; D_t saved to Dbuf[b,h,t].
-extern "C" __global__ void __launch_bounds__(256, 2) attention_backward_dq(float* __restrict__ dqkv, float* __restrict__ Dbuf,
-                                                                       const float* __restrict__ dout,
-                                                                       const float* __restrict__ out,
+extern "C" __global__ void __launch_bounds__(256, 2) attention_backward_dq(floatX* __restrict__ dqkv, float* __restrict__ Dbuf,
+                                                                       const floatX* __restrict__ dout,
+                                                                       const floatX* __restrict__ out,
                                                                        const float* __restrict__ lse,
-                                                                       const float* __restrict__ qkv, int B, int T,
+                                                                       const floatX* __restrict__ qkv, int B, int T,
                                                                        int C, int NH) {
     extern __shared__ float smem[];
     int hs = C / NH, hsp = hs + 1;
@@ -180,9 +182,9 @@ extern "C" __global__ void __launch_bounds__(256, 2) attention_backward_dq(float
     int rb = warp * RPW;
     float scale = 1.0f / sqrtf((float)hs);
     long long stride = 3LL * C;
-    const float* base = qkv + (long long)b * T * stride;
-    const float* dbase = dout + (long long)b * T * C;
-    const float* obase = out + (long long)b * T * C;
+    const floatX* base = qkv + (long long)b * T * stride;
+    const floatX* dbase = dout + (long long)b * T * C;
+    const floatX* obase = out + (long long)b * T * C;
     long long lbase = ((long long)b * NH + h) * T;
 
     load_tile(Qs, hs, base, stride, h * hs, q0, T, hs);
@@ -197,7 +199,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) attention_backward_dq(float
 #pragma unroll
             for (int k = 0; k < NDL; k++) {
                 int d = lane + 32 * k;
-                if (d < hs) acc += dbase[(long long)t * C + h * hs + d] * obase[(long long)t * C + h * hs + d];
+                if (d < hs) acc += load(dbase, (long long)t * C + h * hs + d) * load(obase, (long long)t * C + h * hs + d);
             }
         }
         D[r] = warp_sum(acc);
@@ -235,11 +237,11 @@ extern "C" __global__ void __launch_bounds__(256, 2) attention_backward_dq(float
 // Backward, part 2 (per key row u, run after part 1): over queries t ≥ u, p = exp(s − lse),
 // dS = p∘(dout_t·v_u − D_t): dk_u = Σ_t dS·q_t/√hs, dv_u = Σ_t p·dout_t; written to dqkv[b,u,C+h·hs..]
 // and dqkv[b,u,2C+h·hs..].
-extern "C" __global__ void __launch_bounds__(256, 2) attention_backward_dkv(float* __restrict__ dqkv,
+extern "C" __global__ void __launch_bounds__(256, 2) attention_backward_dkv(floatX* __restrict__ dqkv,
                                                                         const float* __restrict__ Dbuf,
-                                                                        const float* __restrict__ dout,
+                                                                        const floatX* __restrict__ dout,
                                                                         const float* __restrict__ lse,
-                                                                        const float* __restrict__ qkv, int B, int T,
+                                                                        const floatX* __restrict__ qkv, int B, int T,
                                                                         int C, int NH) {
     extern __shared__ float smem[];
     __shared__ float Ls[TILE], Ds[TILE];
@@ -254,8 +256,8 @@ extern "C" __global__ void __launch_bounds__(256, 2) attention_backward_dkv(floa
     int rb = warp * RPW;
     float scale = 1.0f / sqrtf((float)hs);
     long long stride = 3LL * C;
-    const float* base = qkv + (long long)b * T * stride;
-    const float* dbase = dout + (long long)b * T * C;
+    const floatX* base = qkv + (long long)b * T * stride;
+    const floatX* dbase = dout + (long long)b * T * C;
     long long lbase = ((long long)b * NH + h) * T;
 
     load_tile(Ks, hs, base, stride, C + h * hs, u0, T, hs);
@@ -298,7 +300,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) attention_backward_dkv(floa
     for (int r = 0; r < RPW; r++) {
         int u = u0 + rb + r;
         if (u >= T) continue;
-        float* row = dqkv + ((long long)b * T + u) * stride + h * hs;
+        floatX* row = dqkv + ((long long)b * T + u) * stride + h * hs;
         store_features(row + C, dk[r], scale, lane, hs);
         store_features(row + 2 * C, dv[r], 1.0f, lane, hs);
     }
@@ -313,8 +315,8 @@ extern "C" __global__ void __launch_bounds__(256, 2) attention_backward_dkv(floa
 
 // kcache[slots[r], pos[r], :] = qkv[r, C..2C];  vcache[slots[r], pos[r], :] = qkv[r, 2C..3C].
 // Launch: 1-D grid-stride loop over N·C, any block size.
-extern "C" __global__ void kv_store(float* __restrict__ kcache, float* __restrict__ vcache,
-                                    const float* __restrict__ qkv, const int* __restrict__ slots,
+extern "C" __global__ void kv_store(floatX* __restrict__ kcache, floatX* __restrict__ vcache,
+                                    const floatX* __restrict__ qkv, const int* __restrict__ slots,
                                     const int* __restrict__ pos, int N, int C, int tmax, int nslots) {
     long long total = (long long)N * C;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
@@ -324,7 +326,7 @@ extern "C" __global__ void kv_store(float* __restrict__ kcache, float* __restric
         int s = slots[r], p = pos[r];
         if (s < 0 || s >= nslots || p < 0 || p >= tmax) continue;
         long long dst = ((long long)s * tmax + p) * C + d;
-        const float* row = qkv + (long long)r * 3 * C;
+        const floatX* row = qkv + (long long)r * 3 * C;
         kcache[dst] = row[C + d];
         vcache[dst] = row[2 * C + d];
     }
@@ -361,10 +363,10 @@ __device__ __forceinline__ float dec_block_sum(float v, float* buf) {
 // positions stream in tiles of DEC_NT with an online softmax (running max m and sum l): one
 // thread per position for the scores, then threads over (group g, feature d) accumulate
 // Σ p·v, group g taking the tile's positions j ≡ g (mod DEC_NT/hs); the groups add up at the end.
-extern "C" __global__ void __launch_bounds__(DEC_NT, 4) attention_cached(float* __restrict__ out,
-                                                                    const float* __restrict__ qkv,
-                                                                    const float* __restrict__ kcache,
-                                                                    const float* __restrict__ vcache,
+extern "C" __global__ void __launch_bounds__(DEC_NT, 4) attention_cached(floatX* __restrict__ out,
+                                                                    const floatX* __restrict__ qkv,
+                                                                    const floatX* __restrict__ kcache,
+                                                                    const floatX* __restrict__ vcache,
                                                                     const int* __restrict__ slots,
                                                                     const int* __restrict__ pos, int N, int C,
                                                                     int NH, int tmax, int nslots) {
@@ -376,31 +378,31 @@ extern "C" __global__ void __launch_bounds__(DEC_NT, 4) attention_cached(float* 
     int hs = C / NH;
     int tid = threadIdx.x;
     int s = slots[r], p = pos[r];
-    float* o = out + (long long)r * C + h * hs;
+    floatX* o = out + (long long)r * C + h * hs;
     if (s < 0 || s >= nslots || p < 0 || p >= tmax) {  // uniform over the block
-        for (int d = tid; d < hs; d += DEC_NT) o[d] = __int_as_float(0x7fc00000);
+        for (int d = tid; d < hs; d += DEC_NT) store(o, d, __int_as_float(0x7fc00000));
         return;
     }
-    const float* q = qkv + (long long)r * 3 * C + h * hs;
-    for (int d = tid; d < hs; d += DEC_NT) qs[d] = q[d];
+    const floatX* q = qkv + (long long)r * 3 * C + h * hs;
+    for (int d = tid; d < hs; d += DEC_NT) qs[d] = load(q, d);
     __syncthreads();
 
     long long base = (long long)s * tmax * C + h * hs;
-    const float* kb = kcache + base;
-    const float* vb = vcache + base;
+    const floatX* kb = kcache + base;
+    const floatX* vb = vcache + base;
     float scale = 1.0f / sqrtf((float)hs);
     int groups = DEC_NT / hs;
     int g = tid / hs, d = tid - g * hs;
     bool accum = g < groups;
-    // every key row 16-byte aligned: float4 loads
-    bool vec = ((unsigned long long)kb & 15ULL) == 0 && (C & 3) == 0 && (hs & 3) == 0;
+    // f32 with every key row 16-byte aligned: float4 loads
+    bool vec = FLOATX_IS_F32 && ((unsigned long long)kb & 15ULL) == 0 && (C & 3) == 0 && (hs & 3) == 0;
 
     float m = NEG_INF, l = 0.0f, acc = 0.0f;
     for (int u0 = 0; u0 <= p; u0 += DEC_NT) {
         int u = u0 + tid;
         float sc = NEG_INF;
         if (u <= p) {
-            const float* k = kb + (long long)u * C;
+            const floatX* k = kb + (long long)u * C;
             float dot = 0.0f;
             if (vec) {
                 const float4* k4 = reinterpret_cast<const float4*>(k);
@@ -414,7 +416,7 @@ extern "C" __global__ void __launch_bounds__(DEC_NT, 4) attention_cached(float* 
                     dot += qv.w * kv.w;
                 }
             } else {
-                for (int e = 0; e < hs; e++) dot += qs[e] * k[e];
+                for (int e = 0; e < hs; e++) dot += qs[e] * load(k, e);
             }
             sc = dot * scale;
         }
@@ -430,7 +432,7 @@ extern "C" __global__ void __launch_bounds__(DEC_NT, 4) attention_cached(float* 
         int cnt = min(DEC_NT, p - u0 + 1);
         if (accum) {
             float a = 0.0f;
-            for (int j = g; j < cnt; j += groups) a += ps[j] * vb[(long long)(u0 + j) * C + d];
+            for (int j = g; j < cnt; j += groups) a += ps[j] * load(vb, (long long)(u0 + j) * C + d);
             acc = acc * corr + a;
         }
     }
@@ -439,6 +441,6 @@ extern "C" __global__ void __launch_bounds__(DEC_NT, 4) attention_cached(float* 
     if (tid < hs) {
         float t = 0.0f;
         for (int k = 0; k < groups; k++) t += part[k * hs + tid];
-        o[tid] = t / l;
+        store(o, tid, t / l);
     }
 }

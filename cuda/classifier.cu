@@ -1,4 +1,4 @@
-// classifier.cu: softmax cross-entropy over the first V of Vp logits per row (fp32).
+// classifier.cu: softmax cross-entropy over the first V of Vp logits per row (floatX logits, f32 arithmetic and losses).
 // One block per row, blockDim.x a multiple of 32 (≤ 1024). Online (max, Σexp) per thread, merged
 // across the block; then, if write_grad, the logits row is overwritten with its gradient.
 
@@ -20,7 +20,7 @@ __device__ __forceinline__ void ms_merge(float& m, float& s, float m2, float s2)
 // to it;  if write_grad: logits[r,i] =
 // (softmax(logits[r,:V])_i − [i == target])·dloss for i < V, 0 for V ≤ i < Vp, with dloss = *seed (the
 // loss-gradient seed slot of the device scalars, read only if write_grad). Targets are valid (checked at upload).
-extern "C" __global__ void crossentropy_forward_backward(float* logits, float* __restrict__ losses,
+extern "C" __global__ void crossentropy_forward_backward(floatX* logits, float* __restrict__ losses,
                                                          const int* __restrict__ targets,
                                                          const float* __restrict__ seed, int N, int V, int Vp,
                                                          int write_grad, int accumulate) {
@@ -28,14 +28,14 @@ extern "C" __global__ void crossentropy_forward_backward(float* logits, float* _
     __shared__ float s_lse, s_xt;
     int row = blockIdx.x;
     if (row >= N) return;
-    float* x = logits + (long long)row * Vp;
+    floatX* x = logits + (long long)row * Vp;
     int tgt = targets[row];
     bool valid = tgt >= 0 && tgt < V;
-    if (threadIdx.x == 0) s_xt = valid ? x[tgt] : 0.0f;
+    if (threadIdx.x == 0) s_xt = valid ? load(x, tgt) : 0.0f;
 
     float m = NEG_INF, s = 0.0f;
     for (int i = threadIdx.x; i < V; i += blockDim.x) {
-        float v = x[i];
+        float v = load(x, i);
         if (v > m) {
             s = s * expf(m - v) + 1.0f;
             m = v;
@@ -75,7 +75,7 @@ extern "C" __global__ void crossentropy_forward_backward(float* logits, float* _
     float dloss = *seed;
     for (int i = threadIdx.x; i < Vp; i += blockDim.x) {
         float g = 0.0f;
-        if (i < V) g = (expf(x[i] - lse) - (i == tgt ? 1.0f : 0.0f)) * dloss;
-        x[i] = g;
+        if (i < V) g = (expf(load(x, i) - lse) - (i == tgt ? 1.0f : 0.0f)) * dloss;
+        store(x, i, g);
     }
 }

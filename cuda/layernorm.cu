@@ -1,4 +1,4 @@
-// layernorm.cu: LayerNorm over the last dimension (fp32), eps 1e-5, biased variance.
+// layernorm.cu: LayerNorm over the last dimension (floatX tensors; f32 arithmetic, mean and rstd), eps 1e-5, biased variance.
 // Row kernels: one warp per row, blockDim.x a multiple of 32.
 // Parameter-gradient reduction in two deterministic stages through a scratch buffer:
 //   partial[chunk][0][c] = Σ_{rows in chunk} dout·x̂,  partial[chunk][1][c] = Σ_{rows in chunk} dout
@@ -10,26 +10,26 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 // out = (x − mean)·rstd·weight + bias per row, rstd = 1/√(var + 1e-5); writes out (N,C), mean (N), rstd (N)
-extern "C" __global__ void layernorm_forward(float* __restrict__ out, float* __restrict__ mean,
-                                             float* __restrict__ rstd, const float* __restrict__ inp,
-                                             const float* __restrict__ weight, const float* __restrict__ bias,
+extern "C" __global__ void layernorm_forward(floatX* __restrict__ out, float* __restrict__ mean,
+                                             float* __restrict__ rstd, const floatX* __restrict__ inp,
+                                             const floatX* __restrict__ weight, const floatX* __restrict__ bias,
                                              int N, int C) {
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= N) return;
-    const float* x = inp + (long long)row * C;
+    const floatX* x = inp + (long long)row * C;
     float s = 0.0f;
-    for (int i = lane; i < C; i += 32) s += x[i];
+    for (int i = lane; i < C; i += 32) s += load(x, i);
     float m = warp_sum(s) / (float)C;
     float q = 0.0f;
     for (int i = lane; i < C; i += 32) {
-        float d = x[i] - m;
+        float d = load(x, i) - m;
         q += d * d;
     }
     float var = warp_sum(q) / (float)C;
     float r = 1.0f / sqrtf(var + 1e-5f);
-    float* o = out + (long long)row * C;
-    for (int i = lane; i < C; i += 32) o[i] = (x[i] - m) * r * weight[i] + bias[i];
+    floatX* o = out + (long long)row * C;
+    for (int i = lane; i < C; i += 32) store(o, i, (load(x, i) - m) * r * load(weight, i) + load(bias, i));
     if (lane == 0) {
         mean[row] = m;
         rstd[row] = r;
@@ -37,8 +37,8 @@ extern "C" __global__ void layernorm_forward(float* __restrict__ out, float* __r
 }
 
 // x̂ = (x−mean)·rstd, g = dout·weight: dinp = rstd·(g − mean(g) − x̂·mean(g·x̂)); adds if accumulate else writes
-extern "C" __global__ void layernorm_backward_dinp(float* dinp, const float* dout, const float* __restrict__ inp,
-                                                   const float* __restrict__ weight, const float* __restrict__ mean,
+extern "C" __global__ void layernorm_backward_dinp(floatX* dinp, const floatX* dout, const floatX* __restrict__ inp,
+                                                   const floatX* __restrict__ weight, const float* __restrict__ mean,
                                                    const float* __restrict__ rstd, int N, int C, int accumulate) {
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -47,26 +47,25 @@ extern "C" __global__ void layernorm_backward_dinp(float* dinp, const float* dou
     float m = mean[row], r = rstd[row];
     float sg = 0.0f, sgx = 0.0f;
     for (int i = lane; i < C; i += 32) {
-        float g = dout[base + i] * weight[i];
+        float g = load(dout, base + i) * load(weight, i);
         sg += g;
-        sgx += g * (inp[base + i] - m) * r;
+        sgx += g * (load(inp, base + i) - m) * r;
     }
     float mg = warp_sum(sg) / (float)C;
     float mgx = warp_sum(sgx) / (float)C;
     for (int i = lane; i < C; i += 32) {
-        float xh = (inp[base + i] - m) * r;
-        float g = dout[base + i] * weight[i];
+        float xh = (load(inp, base + i) - m) * r;
+        float g = load(dout, base + i) * load(weight, i);
         float d = r * (g - mg - xh * mgx);
-        if (accumulate) dinp[base + i] += d;
-        else dinp[base + i] = d;
+        store(dinp, base + i, accumulate ? load(dinp, base + i) + d : d);
     }
 }
 
 // partial[chunk][0][c] = Σ_rows dout·x̂, partial[chunk][1][c] = Σ_rows dout over rows [chunk·rpc, (chunk+1)·rpc)
 // grid (⌈C/32⌉, chunks), block (32, 8)
 extern "C" __global__ void layernorm_backward_params_partial(float* __restrict__ partial,
-                                                             const float* __restrict__ dout,
-                                                             const float* __restrict__ inp,
+                                                             const floatX* __restrict__ dout,
+                                                             const floatX* __restrict__ inp,
                                                              const float* __restrict__ mean,
                                                              const float* __restrict__ rstd,
                                                              int N, int C, int rows_per_chunk) {
@@ -81,8 +80,8 @@ extern "C" __global__ void layernorm_backward_params_partial(float* __restrict__
     if (c < C) {
         for (int r = r0 + ty; r < r1; r += 8) {
             long long k = (long long)r * C + c;
-            float d = dout[k];
-            dw += d * (inp[k] - mean[r]) * rstd[r];
+            float d = load(dout, k);
+            dw += d * (load(inp, k) - mean[r]) * rstd[r];
             db += d;
         }
     }
@@ -102,7 +101,7 @@ extern "C" __global__ void layernorm_backward_params_partial(float* __restrict__
 }
 
 // dweight[c] += Σ_chunk partial[chunk][0][c];  dbias[c] += Σ_chunk partial[chunk][1][c]   (fixed order)
-extern "C" __global__ void layernorm_backward_params_finish(float* dweight, float* dbias,
+extern "C" __global__ void layernorm_backward_params_finish(floatX* dweight, floatX* dbias,
                                                             const float* __restrict__ partial, int chunks, int C) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
@@ -111,6 +110,6 @@ extern "C" __global__ void layernorm_backward_params_finish(float* dweight, floa
         w += partial[(long long)(2 * k) * C + c];
         b += partial[(long long)(2 * k + 1) * C + c];
     }
-    dweight[c] += w;
-    dbias[c] += b;
+    store(dweight, c, load(dweight, c) + w);
+    store(dbias, c, load(dbias, c) + b);
 }

@@ -1,4 +1,4 @@
-// reduce.cu: gradient-norm reductions on the device (fp32). Zero is a memset on the host side.
+// reduce.cu: gradient-norm reductions on the device (floatX gradients, f32 sums). Zero is a memset on the host side.
 // Block reductions assume blockDim.x == 256. Deterministic: fixed grid, fixed combination order.
 
 #define NT 256
@@ -25,10 +25,10 @@ __device__ float block_sum(float v) {
 }
 
 // partial[block] = Σ_{i in this block's grid-stride share} x[i]²
-extern "C" __global__ void sum_squares_partial(float* __restrict__ partial, const float* __restrict__ x, long long n) {
+extern "C" __global__ void sum_squares_partial(float* __restrict__ partial, const floatX* __restrict__ x, long long n) {
     float s = 0.0f;
     for (long long i = blockIdx.x * (long long)NT + threadIdx.x; i < n; i += (long long)gridDim.x * NT) {
-        float v = x[i];
+        float v = load(x, i);
         s += v * v;
     }
     s = block_sum(s);

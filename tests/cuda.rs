@@ -1,15 +1,19 @@
 //! The CUDA backend.
-//! (a) every cuda/*.cu compiles with NVRTC for sm_70, sm_80 and sm_90 — skipped, visibly, where
-//!     NVRTC is absent, unless WGPT_REQUIRE_NVRTC=1 (CI), which makes that a failure;
+//! (a) every cuda/*.cu compiles with NVRTC for sm_70, sm_80 and sm_90 in every precision the
+//!     architecture has (f32 and f16; bf16 from sm_80) — skipped, visibly, where NVRTC is absent,
+//!     unless WGPT_REQUIRE_NVRTC=1 (CI), which makes that a failure;
 //! (b) without a driver, `CudaBackend::new` is a one-line `Unavailable` error and `probe` does not panic;
 //! (c) the kernel conformance suite (tests/common/conformance.rs: every kernel against the cpu
-//!     backend on awkward sizes, with cuBLAS and with the built-in GEMM), the tiny fixture's ten
-//!     steps, and `wgpt verify`/`wgpt train --backend cuda` — skipped, visibly, without a CUDA
+//!     backend on awkward sizes, in f32, f16 and bf16, with cuBLAS and with the built-in GEMM), the
+//!     tiny fixture's ten steps, `wgpt verify`/`wgpt train --backend cuda` (also `--precision
+//!     fp16` and `bf16` against the cpu reference) — skipped, visibly, without a CUDA
 //!     device (tests/conformance.rs checks the suite's cases on the cpu against float64 references);
 //! (d) the tests of (c) once more in a child process whose "device" is the CUDA emulator of
 //!     tests/cuda_emu (the real cuda/*.cu compiled for the host, behind a stand-in libcuda): the
 //!     whole backend runs — cudarc, NVRTC, module loading, every launch — with the kernels on the
-//!     CPU. Skipped, visibly, without a C++ compiler or NVRTC, unless WGPT_REQUIRE_NVRTC=1 (CI).
+//!     CPU. The emulator presents an sm_80, so bf16 runs there; an emulator-only test makes it an
+//!     sm_70 to see bf16 refused. Skipped, visibly, without a C++ compiler or NVRTC, unless
+//!     WGPT_REQUIRE_NVRTC=1 (CI).
 //!     This is not a GPU: it proves the host code and the kernels' logic, not timing or the memory model.
 
 mod common;
@@ -45,13 +49,19 @@ fn every_kernel_compiles_for_sm70_sm80_sm90() {
     let t0 = std::time::Instant::now();
     let reports = cuda::compile_all(&archs).unwrap_or_else(|e| panic!("{e}"));
     println!("NVRTC {desc}: {} compilations in {:.1} s", reports.len(), t0.elapsed().as_secs_f64());
-    assert_eq!(reports.len(), 3 * cuda::SOURCES.len());
+    // f32 and f16 for sm_70; f32, f16 and bf16 for sm_80 and sm_90
+    assert_eq!(reports.len(), 8 * cuda::SOURCES.len());
+    for (arch, want) in [("sm_70", "f32 f16"), ("sm_80", "f32 f16 bf16"), ("sm_90", "f32 f16 bf16")] {
+        let mut got: Vec<String> = reports.iter().filter(|r| r.arch == arch).map(|r| r.precision.to_string()).collect();
+        got.dedup();
+        assert_eq!(got.join(" "), want, "{arch}");
+    }
     for r in &reports {
         assert_eq!(r.spill_bytes, 0, "{} {} spills", r.file, r.arch);
         assert!(!r.functions.is_empty(), "{} {}: no functions parsed from\n{}", r.file, r.arch, r.log);
         assert!(r.registers > 0 && r.registers <= 255, "{} {}: {} registers", r.file, r.arch, r.registers);
         let fns: Vec<String> = r.functions.iter().map(|f| format!("{}:{}r/{}B", f.name, f.registers, f.shared_bytes)).collect();
-        println!("{} {}: max {} registers, {} B smem | {}", r.file, r.arch, r.registers, r.shared_bytes, fns.join(" "));
+        println!("{} {} {}: max {} registers, {} B smem | {}", r.file, r.arch, r.precision, r.registers, r.shared_bytes, fns.join(" "));
     }
     // each kernel the backend loads is in its file's report
     let all: Vec<&str> = reports.iter().filter(|r| r.arch == "sm_80").flat_map(|r| r.functions.iter().map(|f| f.name.as_str())).collect();
@@ -76,8 +86,8 @@ fn every_kernel_compiles_with_nvrtc11_too() {
     let mut lines = out.lines();
     let first = lines.next().unwrap_or_default();
     assert!(first.starts_with("nvrtc: 11."), "{first}");
-    assert_eq!(lines.filter(|l| l.contains(" 0 B spills")).count(), 3 * cuda::SOURCES.len(), "{out}");
-    println!("{first}: every kernel for sm_70/80/90, no spills");
+    assert_eq!(lines.filter(|l| l.contains(" 0 B spills")).count(), 8 * cuda::SOURCES.len(), "{out}");
+    println!("{first}: every kernel for sm_70/80/90 in every precision, no spills");
 }
 
 #[test]
@@ -274,6 +284,37 @@ fn training_follows_the_cpu_loss_curve() {
     assert_follows_cpu("cuda", &["--val-every", "3", "--val-batches", "1"]);
 }
 
+/// `wgpt train --backend cuda --precision fp16` (dynamic loss scaling) and `bf16` follow the cpu
+/// reference in the same precision: six steps, every loss within 1e-2 of the cpu's. Both sides
+/// store every value in the 16-bit format; they differ only where an f32 sum, added in another
+/// order, rounds to a neighbouring 16-bit value (2^-11 relative for f16, 2^-8 for bf16, at the
+/// loss of ~6 about 3e-3 and 2.3e-2 for one unit of the stored logits; the mean over 128
+/// positions averages such flips out, so 1e-2 holds with a wide margin for both).
+#[test]
+fn low_precision_training_follows_the_cpu_in_the_same_precision() {
+    let Some(g) = gpu(dflt()) else { return };
+    if !g.precisions().contains(&wgpt::graph::DType::F16) {
+        panic!("{} has no f16 kernels", g.name());
+    }
+    let has_bf16 = g.precisions().contains(&wgpt::graph::DType::BF16);
+    drop(g);
+    let dir = tempfile::tempdir().unwrap();
+    for p in ["fp16", "bf16"] {
+        if p == "bf16" && !has_bf16 {
+            skip_note("skipped: train --precision bf16 on cuda (the GPU is older than sm_80)");
+            continue;
+        }
+        let extra = ["--val-every", "3", "--val-batches", "1", "--precision", p];
+        let cpu = common::train_losses("cpu", &dir.path().join(format!("cpu-{p}.jsonl")), &extra);
+        let dev = common::train_losses("cuda", &dir.path().join(format!("cuda-{p}.jsonl")), &extra);
+        assert_eq!((cpu.len(), dev.len()), (6, 6), "{p}: {cpu:?} {dev:?}");
+        assert!(cpu[5] < cpu[0], "the cpu {p} run should learn: {cpu:?}");
+        let worst = cpu.iter().zip(&dev).map(|(c, g)| (c - g).abs()).fold(0.0, f64::max);
+        assert!(worst < 1e-2, "{p}: cpu {cpu:?} vs cuda {dev:?}");
+        println!("train --precision {p} on cuda: 6 losses within {worst:.1e} of the cpu's ({dev:?})");
+    }
+}
+
 /// Checkpoints and `--resume` on the device: a run stopped after its step-2 checkpoint and resumed
 /// gives the uninterrupted run's step 3 and 4 losses (within 1e-4: the wte gradient's atomics make
 /// CUDA runs not bit-reproducible).
@@ -350,7 +391,7 @@ fn device_tests_on_the_cuda_emulator() {
     }
     let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("cuda-emu");
     let t0 = std::time::Instant::now();
-    let dirs = match cuda_emu::build(&out, cuda::SOURCES) {
+    let dirs = match cuda_emu::build(&out, cuda::SOURCES, compile::COMMON) {
         Ok(d) => d,
         Err(e) => {
             assert!(!required, "WGPT_REQUIRE_NVRTC=1 but the CUDA emulator did not build: {e}");
@@ -370,7 +411,8 @@ fn device_tests_on_the_cuda_emulator() {
         .env(EMU_ENV, "1")
         .env("LD_LIBRARY_PATH", std::env::join_paths(&path).unwrap())
         .env("WGPT_CACHE_DIR", cache.path())
-        .env("WGPT_CUDA_EMU_CC", "70")
+        // sm_80: every precision (bf16 included) runs; a_bf16_launch_on_sm70_names_fp16 makes it an sm_70
+        .env("WGPT_CUDA_EMU_CC", "80")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&o.stdout);
@@ -382,7 +424,11 @@ fn device_tests_on_the_cuda_emulator() {
         skip_note(&format!("(on the emulator) {l}"));
     }
     assert!(stdout.contains("CUDA emulator"), "the child did not run on the emulator:\n{stdout}");
-    for must in ["tiny fixture on", "decode on cuda", "verify --backend cuda", "attention", "matmul", "norm/clip/adamw", "CUDA 11.4 driver + NVRTC 12", "host wait", "1 GiB GPU", "resume on cuda", "cuBLAS failing", "two ranks on one GPU", "profile on cuda"] {
+    for must in [
+        "tiny fixture on", "decode on cuda", "verify --backend cuda", "attention", "matmul", "norm/clip/adamw", "CUDA 11.4 driver + NVRTC 12",
+        "host wait", "1 GiB GPU", "resume on cuda", "cuBLAS failing", "two ranks on one GPU", "profile on cuda", "train --precision fp16 on cuda",
+        "train --precision bf16 on cuda", "bf16 on an sm_70",
+    ] {
         assert!(stdout.contains(must), "`{must}` missing from the emulated run:\n{stdout}");
     }
     if std::env::var("WGPT_TEST_NCCL_LIB").is_ok_and(|v| !v.is_empty()) {
@@ -390,9 +436,13 @@ fn device_tests_on_the_cuda_emulator() {
             assert!(stdout.contains(must), "`{must}` missing from the emulated run:\n{stdout}");
         }
     }
-    // the conformance suite ran twice there: every case with cuBLAS, the matmuls on the built-in GEMM
-    let suites: Vec<&str> = stdout.lines().filter(|l| l.contains(" f32 cases on cuda: ")).collect();
-    assert!(suites.len() == 2 && suites[1].contains("built-in GEMM"), "the conformance suites did not both run:\n{stdout}");
+    // the conformance suite ran twice per precision there: every case with cuBLAS, the matmuls on
+    // the built-in GEMM; no precision was skipped
+    for p in ["f32", "f16", "bf16"] {
+        let suites: Vec<&str> = stdout.lines().filter(|l| l.contains(&format!(" {p} cases on cuda: "))).collect();
+        assert!(suites.len() == 2 && suites[1].contains("built-in GEMM"), "the {p} conformance suites did not both run:\n{stdout}");
+    }
+    assert!(!stderr.contains("kernel conformance on cuda"), "a precision was skipped on the emulator:\n{stderr}");
     println!("{stdout}");
     println!("CUDA emulator: built in {built:.1} s, device tests in {:.1} s", t0.elapsed().as_secs_f64() - built);
 }
@@ -640,6 +690,30 @@ fn a_failing_cublas_falls_back_to_the_builtin_gemm() {
     let r: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert!(r["backend"].as_str().unwrap().contains("built-in GEMM"), "{}", r["backend"]);
     println!("cuBLAS failing: {warning}; verify passed on {}", r["backend"]);
+}
+
+/// Emulator only (its compute capability can be chosen): on an sm_70 (V100) a bf16 graph is
+/// refused when it is prepared, in one line that names `--precision fp16`, and fp16 runs.
+#[test]
+#[ignore = "emulator only: device_tests_on_the_cuda_emulator runs it"]
+fn a_bf16_launch_on_sm70_names_fp16() {
+    if !on_emulator() {
+        return;
+    }
+    let args = |p: &'static str| {
+        [
+            "train", "--backend", "cuda", "--init", "tests/data/tiny/model.bin", "--train", "tests/data/tiny/train.bin", "--val-every", "0",
+            "--gen-tokens", "0", "--batch", "2", "--seq-len", "32", "--steps", "1", "--precision", p,
+        ]
+    };
+    let o = wgpt_env(&args("bf16"), &[("WGPT_CUDA_EMU_CC", "70")]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && !err.contains("panicked"), "{err}");
+    let line = err.lines().find(|l| l.starts_with("error")).expect("an error line");
+    assert!(line.contains("bf16 needs sm_80 (this GPU is sm_70") && line.contains("use --precision fp16"), "{line}");
+    let o = wgpt_env(&args("fp16"), &[("WGPT_CUDA_EMU_CC", "70")]);
+    assert!(o.status.success(), "fp16 on an sm_70: {}", String::from_utf8_lossy(&o.stderr));
+    println!("bf16 on an sm_70: {line}; fp16 trains");
 }
 
 /// Say why a test is skipped where the person running `cargo test` sees it: written straight to

@@ -347,19 +347,48 @@ CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, void*) {
     memcpy(d, (void*)s, n);
     return OK;
 }
-static int g_mod_obj;
+// A loaded module: the precision its source was compiled in (cuda/common.cuh names it in the
+// image as the symbol wgpt_floatx_<p>), which picks the host build of each kernel.
+struct EmuModule {
+    std::string precision;
+};
 CUresult cuModuleLoadData(void** m, const void* img) {
     const unsigned char* b = (const unsigned char*)img;
     // what NVRTC made for this "device": a CUBIN (ELF) or PTX text
     bool elf = b[0] == 0x7f && b[1] == 'E' && b[2] == 'L' && b[3] == 'F';
     bool ptx = strstr((const char*)img, ".target") != nullptr && !elf;
     if (!elf && !ptx) return INVALID_IMAGE;
-    *m = &g_mod_obj;
+    size_t size = 0;
+    if (elf) {  // ELF64: the image ends with the section (or program) header table
+        uint64_t shoff, phoff;
+        uint16_t phentsize, phnum, shentsize, shnum;
+        memcpy(&phoff, b + 0x20, 8);
+        memcpy(&shoff, b + 0x28, 8);
+        memcpy(&phentsize, b + 0x36, 2);
+        memcpy(&phnum, b + 0x38, 2);
+        memcpy(&shentsize, b + 0x3a, 2);
+        memcpy(&shnum, b + 0x3c, 2);
+        size = std::max<uint64_t>(shoff + (uint64_t)shentsize * shnum, phoff + (uint64_t)phentsize * phnum);
+    } else {
+        size = strlen((const char*)img);
+    }
+    const char key[] = "wgpt_floatx_";
+    const unsigned char* hit = (const unsigned char*)memmem(b, size, key, sizeof key - 1);
+    if (!hit) {
+        fprintf(stderr, "cuda-emu: a module without its precision marker (wgpt_floatx_*)\n");
+        return INVALID_IMAGE;
+    }
+    std::string prec;
+    for (const unsigned char* c = hit + sizeof key - 1; c < b + size && ((*c >= 'a' && *c <= 'z') || (*c >= '0' && *c <= '9')); c++) prec += (char)*c;
+    *m = new EmuModule{prec};
     return OK;
 }
-CUresult cuModuleUnload(void*) { return OK; }
-CUresult cuModuleGetFunction(void** f, void*, const char* name) {
-    auto it = registry().find(name);
+CUresult cuModuleUnload(void* m) {
+    delete (EmuModule*)m;
+    return OK;
+}
+CUresult cuModuleGetFunction(void** f, void* m, const char* name) {
+    auto it = registry().find(std::string(name) + "@" + ((EmuModule*)m)->precision);
     if (it == registry().end()) return NOT_FOUND;
     *f = it->second;
     return OK;

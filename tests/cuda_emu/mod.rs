@@ -27,16 +27,33 @@ pub fn kernel_names(src: &str) -> Vec<String> {
     out
 }
 
-/// The host translation unit for one family: shim, source (dynamic shared memory made
-/// thread-local like every other `__shared__`), and the registration of each kernel.
-fn host_source(family: &str, src: &str) -> String {
-    let mut s = String::from("#include \"shim.h\"\n");
-    s.push_str(&src.replace("extern __shared__", "extern thread_local"));
-    s.push_str(&format!("\nstatic struct EmuRegister_{family} {{\n    EmuRegister_{family}() {{\n"));
-    for k in kernel_names(src) {
-        s.push_str(&format!("        emu_reg(\"{k}\", &{k});\n"));
+/// The precisions every family is built in, as the suffix of `wgpt_floatx_<p>` (cuda/common.cuh)
+/// and the `-D` that selects it.
+const PRECISIONS: [(&str, &str); 3] = [("f32", ""), ("f16", "FLOATX_F16"), ("bf16", "FLOATX_BF16")];
+
+/// The host translation unit for one family in one precision: shim, `cuda/common.cuh` with the
+/// precision's define, the source (dynamic shared memory made thread-local like every other
+/// `__shared__`; each kernel renamed `<name>__<p>` so the three builds link together), and the
+/// registration of each kernel as `<name>@<p>` (the driver looks a module's functions up under its
+/// precision).
+fn host_source(family: &str, src: &str, common: &str, precision: &str, define: &str) -> String {
+    let mut s = String::new();
+    if !define.is_empty() {
+        s.push_str(&format!("#define {define} 1\n"));
     }
-    s.push_str(&format!("    }}\n}} emu_register_{family};\n"));
+    s.push_str("#include \"shim.h\"\n");
+    s.push_str(common);
+    let names = kernel_names(src);
+    for k in &names {
+        s.push_str(&format!("\n#define {k} {k}__{precision}"));
+    }
+    s.push('\n');
+    s.push_str(&src.replace("extern __shared__", "extern thread_local"));
+    s.push_str(&format!("\nstatic struct EmuRegister_{family}_{precision} {{\n    EmuRegister_{family}_{precision}() {{\n"));
+    for k in &names {
+        s.push_str(&format!("        emu_reg(\"{k}@{precision}\", &{k});\n"));
+    }
+    s.push_str(&format!("    }}\n}} emu_register_{family}_{precision};\n"));
     s
 }
 
@@ -57,9 +74,10 @@ fn run(cmd: &mut Command) -> Result<(), String> {
     Ok(())
 }
 
-/// Build (or reuse) the emulator under `out`; returns the directories to put on LD_LIBRARY_PATH.
-/// Err(reason) where no C++20 compiler is available.
-pub fn build(out: &Path, sources: &[(&str, &str)]) -> Result<Vec<PathBuf>, String> {
+/// Build (or reuse) the emulator under `out` from the families' `sources` and `common` (the text
+/// of cuda/common.cuh), every family once per precision; returns the directories to put on
+/// LD_LIBRARY_PATH. Err(reason) where no C++20 compiler is available.
+pub fn build(out: &Path, sources: &[(&str, &str)], common: &str) -> Result<Vec<PathBuf>, String> {
     let cxx = cxx().ok_or("no C++ compiler (c++, g++ or clang++)")?;
     let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cuda_emu");
     std::fs::create_dir_all(out).map_err(|e| e.to_string())?;
@@ -67,7 +85,7 @@ pub fn build(out: &Path, sources: &[(&str, &str)]) -> Result<Vec<PathBuf>, Strin
     let driver = std::fs::read_to_string(here.join("driver.cpp")).map_err(|e| e.to_string())?;
     let blas = std::fs::read_to_string(here.join("cublas.cpp")).map_err(|e| e.to_string())?;
     // rebuild only when an input changed
-    let mut key = format!("{cxx}\n{shim}\n{driver}\n{blas}\n");
+    let mut key = format!("{cxx}\n{shim}\n{driver}\n{blas}\n{common}\n");
     for (f, s) in sources {
         key.push_str(f);
         key.push_str(s);
@@ -84,9 +102,11 @@ pub fn build(out: &Path, sources: &[(&str, &str)]) -> Result<Vec<PathBuf>, Strin
     let flags = ["-std=c++20", "-O2", "-g0", "-fPIC", "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-Wno-unknown-pragmas"];
     let mut units = vec![out.join("driver.cpp")];
     for (family, src) in sources {
-        let p = out.join(format!("k_{family}.cpp"));
-        std::fs::write(&p, host_source(family, src)).map_err(|e| e.to_string())?;
-        units.push(p);
+        for (precision, define) in PRECISIONS {
+            let p = out.join(format!("k_{family}_{precision}.cpp"));
+            std::fs::write(&p, host_source(family, src, common, precision, define)).map_err(|e| e.to_string())?;
+            units.push(p);
+        }
     }
     // compile the units two at a time (the CI machine has 2 cores)
     let mut objs = Vec::new();

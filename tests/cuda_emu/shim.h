@@ -4,6 +4,8 @@
 // shuffles are barriers between fibers. Shared memory is thread_local (one block per OS thread at
 // a time). This checks indexing, synchronisation and arithmetic, not speed or the memory model.
 #pragma once
+// cuda/common.cuh: no precision marker symbol on the host (the build registers kernels by precision)
+#define WGPT_CUDA_EMU 1
 #include <cmath>
 #include <cstring>
 #include <cstdint>

@@ -1,5 +1,11 @@
 //! NVRTC: compiling `cuda/*.cu` (embedded in the binary) to CUBIN, parsing ptxas' resource
 //! report, and the on-disk CUBIN cache.
+//!
+//! Every family is one source specialised per precision at compile time: `cuda/common.cuh`
+//! ([`COMMON`]) is prepended to it and defines `floatX` (the storage type of the launch's float
+//! views) and its `load`/`store`, selected by `-DFLOATX_F16` / `-DFLOATX_BF16` (f32 without
+//! either; [`precision_define`]). A family is compiled once per (architecture, precision), and
+//! the cache key includes the precision.
 
 use crate::backend::cuda::dl::CudaError;
 use std::path::PathBuf;
@@ -7,6 +13,36 @@ use std::path::PathBuf;
 use super::dl::{self, Which};
 use super::nvrtc;
 use crate::error::{Error, Result};
+use crate::graph::DType;
+
+/// `cuda/common.cuh`: `floatX`, the f16/bf16 conversions and `load`/`store`, prepended to every
+/// family's source (by [`family_source`]; the CUDA emulator prepends it too).
+pub const COMMON: &str = include_str!("../../../cuda/common.cuh");
+
+/// The NVRTC option that selects a precision's `floatX` in `cuda/common.cuh` (None for f32).
+pub fn precision_define(precision: DType) -> Option<&'static str> {
+    match precision {
+        DType::F16 => Some("-DFLOATX_F16"),
+        DType::BF16 => Some("-DFLOATX_BF16"),
+        _ => None,
+    }
+}
+
+/// The precisions the kernels are built in for compute capability `cc` (70 = sm_70): f32 and
+/// f16 everywhere, bf16 from sm_80 (Ampere), the first with bf16 arithmetic and tensor cores.
+pub fn precisions_for_cc(cc: u32) -> &'static [DType] {
+    if cc >= 80 {
+        &[DType::F32, DType::F16, DType::BF16]
+    } else {
+        &[DType::F32, DType::F16]
+    }
+}
+
+/// What NVRTC compiles for one family: `cuda/common.cuh`, then the family's source with its own
+/// line numbers (so errors name `cuda/<family>.cu` and its lines).
+pub fn family_source(file: &str, src: &str) -> String {
+    format!("{COMMON}\n#line 1 \"{file}\"\n{src}")
+}
 
 /// Every kernel source file, by family name (`Kernel::family()`), embedded at build time.
 pub const SOURCES: &[(&str, &str)] = &[
@@ -40,6 +76,8 @@ pub struct CompileReport {
     pub file: String,
     /// e.g. "sm_70"
     pub arch: String,
+    /// the precision `floatX` was specialised to
+    pub precision: DType,
     /// the most registers any kernel of the file uses
     pub registers: u32,
     /// the most static shared memory any kernel of the file uses
@@ -52,14 +90,15 @@ pub struct CompileReport {
 }
 
 impl std::fmt::Display for CompileReport {
-    /// One line for `wgpt kernels --cuda`: "cuda/attention.cu sm_80: 128 registers, 256 B smem, 0 B spills (attention_forward 106, ...)".
+    /// One line for `wgpt kernels --cuda`: "cuda/attention.cu sm_80 bf16: 128 registers, 256 B smem, 0 B spills (attention_forward 106, ...)".
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let fns: Vec<String> = self.functions.iter().map(|x| format!("{} {}", x.name, x.registers)).collect();
         write!(
             f,
-            "{} {}: {} registers, {} B smem, {} B spills ({})",
+            "{} {} {}: {} registers, {} B smem, {} B spills ({})",
             self.file,
             self.arch,
+            self.precision,
             self.registers,
             self.shared_bytes,
             self.spill_bytes,
@@ -125,9 +164,22 @@ fn base_options() -> Vec<String> {
 
 /// Compile one source with NVRTC. Ok((image, log)); Err(log or reason).
 pub fn compile_source(file: &str, src: &str, target: Target) -> std::result::Result<(Vec<u8>, String), CudaError> {
+    compile_with(file, src, target, &[])
+}
+
+fn compile_with(file: &str, src: &str, target: Target, extra: &[String]) -> std::result::Result<(Vec<u8>, String), CudaError> {
     let mut opts = base_options();
+    opts.extend_from_slice(extra);
     opts.push(format!("--gpu-architecture={}", target.arch_flag()));
     nvrtc::compile(file, src, &opts, matches!(target, Target::Ptx(_)))
+}
+
+/// Compile one family's source (`cuda/<family>.cu` with `cuda/common.cuh` before it) for
+/// `target` with `floatX` = `precision`. Ok((image, log)); Err(log or reason).
+pub fn compile_family(family: &str, src: &str, target: Target, precision: DType) -> std::result::Result<(Vec<u8>, String), CudaError> {
+    let file = format!("cuda/{family}.cu");
+    let extra: Vec<String> = precision_define(precision).into_iter().map(str::to_string).collect();
+    compile_with(&file, &family_source(&file, src), target, &extra)
 }
 
 /// The number just before `key` in `line` ("Used 40 registers" → 40 for "registers").
@@ -189,8 +241,9 @@ fn summarize(log: &str) -> String {
 }
 
 /// `wgpt kernels --cuda --arch sm_70,sm_80,sm_90`: compile every `cuda/*.cu` to CUBIN for each
-/// architecture with NVRTC (no GPU needed). Spills count as failures; any failure is an Err
-/// naming each file, arch and the compiler's error lines.
+/// architecture and each precision it has ([`precisions_for_cc`]: bf16 from sm_80) with NVRTC
+/// (no GPU needed). Spills count as failures; any failure is an Err naming each file, arch,
+/// precision and the compiler's error lines.
 pub fn compile_all(archs: &[String]) -> Result<Vec<CompileReport>> {
     let mut ccs = Vec::new();
     for a in archs.iter().flat_map(|a| a.split(',')).filter(|a| !a.trim().is_empty()) {
@@ -210,10 +263,11 @@ pub fn compile_all(archs: &[String]) -> Result<Vec<CompileReport>> {
             failures.push(format!("sm_{cc}: NVRTC {major}.{minor} cannot compile for it (supports {:?})", supported));
             continue;
         }
-        for (family, src) in SOURCES {
+        for (&precision, (family, src)) in precisions_for_cc(cc).iter().flat_map(|p| SOURCES.iter().map(move |s| (p, s))) {
             let file = format!("cuda/{family}.cu");
-            match compile_source(&file, src, Target::Cubin(cc)) {
-                Err(log) => failures.push(format!("{file} (sm_{cc}): {}", summarize(&log.msg))),
+            let at = format!("{file} (sm_{cc} {precision})");
+            match compile_family(family, src, Target::Cubin(cc), precision) {
+                Err(log) => failures.push(format!("{at}: {}", summarize(&log.msg))),
                 Ok((_, log)) => {
                     let functions = parse_ptxas_log(&log);
                     let spilling: Vec<String> = functions
@@ -222,14 +276,15 @@ pub fn compile_all(archs: &[String]) -> Result<Vec<CompileReport>> {
                         .map(|f| format!("{} spills {} bytes", f.name, f.spill_bytes))
                         .collect();
                     if !spilling.is_empty() {
-                        failures.push(format!("{file} (sm_{cc}): {}", spilling.join(", ")));
+                        failures.push(format!("{at}: {}", spilling.join(", ")));
                     }
                     if functions.is_empty() {
-                        failures.push(format!("{file} (sm_{cc}): no kernel in the ptxas report"));
+                        failures.push(format!("{at}: no kernel in the ptxas report"));
                     }
                     reports.push(CompileReport {
                         file: file.clone(),
                         arch: format!("sm_{cc}"),
+                        precision,
                         registers: functions.iter().map(|f| f.registers).max().unwrap_or(0),
                         shared_bytes: functions.iter().map(|f| f.shared_bytes).max().unwrap_or(0),
                         spill_bytes: functions.iter().map(|f| f.spill_bytes).sum(),
@@ -267,19 +322,21 @@ pub fn cache_dir() -> Option<PathBuf> {
     crate::cache::cache_dir("cuda")
 }
 
-/// Compile (or fetch from the disk cache) one family for `target`. The cache key covers the
-/// source text, the target, NVRTC's version and the options. Returns the image and, when it came
-/// from the cache, the cache file (so a caller that cannot load it can delete it and recompile).
-pub fn compile_cached(family: &str, src: &str, target: Target) -> Result<(Vec<u8>, Option<PathBuf>)> {
+/// Compile (or fetch from the disk cache) one family for `target` in `precision`. The cache key
+/// covers the source text (with `cuda/common.cuh`), the target, the precision, NVRTC's version
+/// and the options. Returns the image and, when it came from the cache, the cache file (so a
+/// caller that cannot load it can delete it and recompile).
+pub fn compile_cached(family: &str, src: &str, target: Target, precision: DType) -> Result<(Vec<u8>, Option<PathBuf>)> {
     let (major, minor) = nvrtc_version().map_err(unavailable)?;
     let opts = base_options().join(" ");
     let ver = format!("{major}.{minor}");
-    let key = fnv1a(&[src.as_bytes(), target.arch_flag().as_bytes(), ver.as_bytes(), opts.as_bytes()]);
+    let pflag = precision_define(precision).unwrap_or("");
+    let key = fnv1a(&[COMMON.as_bytes(), src.as_bytes(), target.arch_flag().as_bytes(), pflag.as_bytes(), ver.as_bytes(), opts.as_bytes()]);
     let ext = match target {
         Target::Cubin(_) => "cubin",
         Target::Ptx(_) => "ptx",
     };
-    let path = cache_dir().map(|d| d.join(format!("{family}-{}-{key:016x}.{ext}", target.arch_flag())));
+    let path = cache_dir().map(|d| d.join(format!("{family}-{}-{precision}-{key:016x}.{ext}", target.arch_flag())));
     if let Some(p) = &path {
         if let Ok(bytes) = std::fs::read(p) {
             if !bytes.is_empty() {
@@ -288,8 +345,8 @@ pub fn compile_cached(family: &str, src: &str, target: Target) -> Result<(Vec<u8
         }
     }
     let file = format!("cuda/{family}.cu");
-    let (image, _log) = compile_source(&file, src, target)
-        .map_err(|log| Error::backend("cuda", format!("{file} ({}): {}", target.arch_flag(), summarize(&log.msg))))?;
+    let (image, _log) = compile_family(family, src, target, precision)
+        .map_err(|log| Error::backend("cuda", format!("{file} ({} {precision}): {}", target.arch_flag(), summarize(&log.msg))))?;
     if let Some(p) = &path {
         // a cache that cannot be written only costs a recompile next time (and one warning)
         crate::cache::store(p, &image);

@@ -103,7 +103,7 @@ impl Which {
             Which::Nvrtc => super::nvrtc::SYMBOLS,
             Which::CublasLt => &["cublasLtCreate"],
             Which::Cublas => &[
-                "cublasCreate_v2", "cublasDestroy_v2", "cublasSetStream_v2", "cublasSgemm_v2", "cublasSetMathMode",
+                "cublasCreate_v2", "cublasDestroy_v2", "cublasSetStream_v2", "cublasSgemm_v2", "cublasGemmEx", "cublasSetMathMode",
             ],
         }
     }

@@ -1,9 +1,19 @@
-//! The CUDA backend: `cuda/*.cu` compiled at start-up by NVRTC for the exact GPU (CUBIN, cached on
-//! disk), matmuls through cuBLAS (or a built-in GEMM kernel where libcublas is absent, and for
-//! every matmul with an f16 weight: f16 inference converts each weight to f32), all on one
-//! stream with no host synchronisation inside `run`. Every NVIDIA library is loaded at run time
-//! through cudarc, so the binary builds and runs without a CUDA toolkit; see `dl` for how the
-//! libraries are found and `probe` for `wgpt info`.
+//! The CUDA backend: `cuda/*.cu` compiled by NVRTC for the exact GPU (CUBIN, cached on disk),
+//! matmuls through cuBLAS (or a built-in GEMM kernel where libcublas is absent, and for every
+//! matmul with an f16 weight in an f32 or bf16 launch: f16 inference converts each weight to
+//! f32), all on one stream with no host synchronisation inside `run`. Every NVIDIA library is
+//! loaded at run time through cudarc, so the binary builds and runs without a CUDA toolkit; see
+//! `dl` for how the libraries are found and `probe` for `wgpt info`.
+//!
+//! Precisions (`Backend::precisions`): f32 and f16 on every GPU (sm_70+), bf16 from sm_80; bf16
+//! on an older GPU is refused in one line naming `--precision fp16`. Each family is one source
+//! specialised per precision (`floatX` of `cuda/common.cuh`, see `compile`): the f32 modules are
+//! compiled at start-up, a 16-bit precision's the first time a phase using it is prepared, and
+//! each launch runs the functions of its own precision (`Kernel::precision`). A 16-bit kernel
+//! loads 16-bit values as f32, computes in f32 and rounds once on each store, which is what the
+//! cpu reference computes; 16-bit matmuls are cuBLAS GemmEx (A, B and C 16-bit, f32 compute,
+//! the default tensor-op algorithm; the bias is broadcast into C first and added with beta = 1,
+//! so the output is rounded once) or the built-in GEMM in that precision.
 
 pub mod compile;
 pub mod dl;
@@ -81,22 +91,27 @@ struct Buf {
     dtype: DType,
 }
 
-/// Every kernel of every module.
+/// Every kernel of every module, in one precision (the modules compiled with that `floatX`).
 struct Funcs {
     encoder_forward: CudaFunction,
     encoder_backward_wpe: CudaFunction,
+    /// f32 only (atomics)
     encoder_backward_wte: CudaFunction,
-    /// `encoder_at` by (wte, wpe) dtype: [f32 f32, f16 f16, f16 f32, f32 f16]
+    /// the deterministic wte gradient of the 16-bit precisions (row chains, then one store per element)
+    encoder_backward_wte_links: CudaFunction,
+    encoder_backward_wte_chain: CudaFunction,
+    /// `encoder_at` by (wte, wpe) dtype: [floatX floatX, f16 f16, f16 floatX, floatX f16]
     encoder_at: [CudaFunction; 4],
     layernorm_forward: CudaFunction,
     layernorm_backward_dinp: CudaFunction,
     layernorm_backward_params_partial: CudaFunction,
     layernorm_backward_params_finish: CudaFunction,
     add_bias: CudaFunction,
+    bias_broadcast: CudaFunction,
     bias_grad_partial: CudaFunction,
     bias_grad_finish: CudaFunction,
     sgemm_fallback: CudaFunction,
-    /// the built-in GEMM with an f16 B operand (the weight of an f16 matmul forward)
+    /// the built-in GEMM with an f16 B operand (an f16 weight of a matmul forward)
     sgemm_fallback_f16b: CudaFunction,
     attention_forward: CudaFunction,
     attention_backward_dq: CudaFunction,
@@ -153,15 +168,87 @@ pub struct CudaBackend {
     /// scratch buffers replaced while work may still use them; freed at the next sync
     retired: Vec<DevMem>,
     blas: Option<CudaBlas>,
-    f: Funcs,
-    /// dynamic shared memory each attention kernel has been allowed so far (cuFuncSetAttribute)
-    attn_smem_allowed: [usize; 3],
+    /// the kernels by precision ([`pidx`]); f32 from the start, the others once a phase needs them
+    funcs: [Option<Arc<Funcs>>; 3],
+    /// dynamic shared memory each attention kernel (by precision) has been allowed so far (cuFuncSetAttribute)
+    attn_smem_allowed: [[usize; 3]; 3],
     smem_optin: usize,
     info: CudaDeviceInfo,
     target: Target,
     tf32: bool,
     stream: Arc<CudaStream>,
     ctx: Arc<CudaContext>,
+}
+
+/// The index of a precision in the per-precision arrays: f32 0, f16 1, bf16 2.
+fn pidx(p: DType) -> usize {
+    match p {
+        DType::F16 => 1,
+        DType::BF16 => 2,
+        _ => 0,
+    }
+}
+
+/// Compile (or take from the cache) every family for `target` in `precision`, load the modules
+/// and look up every kernel.
+fn load_funcs(ctx: &Arc<CudaContext>, target: Target, precision: DType) -> Result<Funcs> {
+    let mut modules = std::collections::HashMap::new();
+    for (family, src) in SOURCES {
+        let what = format!("loading cuda/{family}.cu ({} {precision})", target.arch_flag());
+        let (image, cached) = compile::compile_cached(family, src, target, precision)?;
+        let m = match ctx.load_module(cudarc::nvrtc::Ptx::from_binary(image)) {
+            Ok(m) => m,
+            Err(e) => match cached {
+                // a damaged cache file: drop it and compile afresh
+                Some(path) => {
+                    let _ = std::fs::remove_file(&path);
+                    let (image, _) = compile::compile_cached(family, src, target, precision)?;
+                    ctx.load_module(cudarc::nvrtc::Ptx::from_binary(image)).map_err(|e| drv_err(&what, e))?
+                }
+                None => return Err(drv_err(&what, e)),
+            },
+        };
+        modules.insert(*family, m);
+    }
+    let get = |family: &str, name: &str| -> Result<CudaFunction> {
+        modules[family].load_function(name).map_err(|e| drv_err(&format!("cuda/{family}.cu ({precision}): kernel {name}"), e))
+    };
+    Ok(Funcs {
+        encoder_forward: get("encoder", "encoder_forward")?,
+        encoder_backward_wpe: get("encoder", "encoder_backward_wpe")?,
+        encoder_backward_wte: get("encoder", "encoder_backward_wte")?,
+        encoder_backward_wte_links: get("encoder", "encoder_backward_wte_links")?,
+        encoder_backward_wte_chain: get("encoder", "encoder_backward_wte_chain")?,
+        encoder_at: [
+            get("encoder", "encoder_at")?,
+            get("encoder", "encoder_at_f16")?,
+            get("encoder", "encoder_at_f16_wte")?,
+            get("encoder", "encoder_at_f16_wpe")?,
+        ],
+        layernorm_forward: get("layernorm", "layernorm_forward")?,
+        layernorm_backward_dinp: get("layernorm", "layernorm_backward_dinp")?,
+        layernorm_backward_params_partial: get("layernorm", "layernorm_backward_params_partial")?,
+        layernorm_backward_params_finish: get("layernorm", "layernorm_backward_params_finish")?,
+        add_bias: get("matmul", "add_bias")?,
+        bias_broadcast: get("matmul", "bias_broadcast")?,
+        bias_grad_partial: get("matmul", "bias_grad_partial")?,
+        bias_grad_finish: get("matmul", "bias_grad_finish")?,
+        sgemm_fallback: get("matmul", "sgemm_fallback")?,
+        sgemm_fallback_f16b: get("matmul", "sgemm_fallback_f16b")?,
+        attention_forward: get("attention", "attention_forward")?,
+        attention_backward_dq: get("attention", "attention_backward_dq")?,
+        attention_backward_dkv: get("attention", "attention_backward_dkv")?,
+        kv_store: get("attention", "kv_store")?,
+        attention_cached: get("attention", "attention_cached")?,
+        gelu_forward: get("gelu", "gelu_forward")?,
+        gelu_backward: get("gelu", "gelu_backward")?,
+        residual_forward: get("residual", "residual_forward")?,
+        crossentropy: get("classifier", "crossentropy_forward_backward")?,
+        sum_squares_partial: get("reduce", "sum_squares_partial")?,
+        sum_squares_finish: get("reduce", "sum_squares_finish")?,
+        clip_scale: get("reduce", "clip_scale")?,
+        adamw_update: get("adamw", "adamw_update")?,
+    })
 }
 
 fn grid1(n: usize, block: u32) -> u32 {
@@ -213,60 +300,7 @@ impl CudaBackend {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(|e| drv_err("creating a stream", e))?;
 
-        let mut modules = std::collections::HashMap::new();
-        for (family, src) in SOURCES {
-            let what = format!("loading cuda/{family}.cu ({})", target.arch_flag());
-            let (image, cached) = compile::compile_cached(family, src, target)?;
-            let m = match ctx.load_module(cudarc::nvrtc::Ptx::from_binary(image)) {
-                Ok(m) => m,
-                Err(e) => match cached {
-                    // a damaged cache file: drop it and compile afresh
-                    Some(path) => {
-                        let _ = std::fs::remove_file(&path);
-                        let (image, _) = compile::compile_cached(family, src, target)?;
-                        ctx.load_module(cudarc::nvrtc::Ptx::from_binary(image)).map_err(|e| drv_err(&what, e))?
-                    }
-                    None => return Err(drv_err(&what, e)),
-                },
-            };
-            modules.insert(*family, m);
-        }
-        let get = |family: &str, name: &str| -> Result<CudaFunction> {
-            modules[family].load_function(name).map_err(|e| drv_err(&format!("cuda/{family}.cu: kernel {name}"), e))
-        };
-        let f = Funcs {
-            encoder_forward: get("encoder", "encoder_forward")?,
-            encoder_backward_wpe: get("encoder", "encoder_backward_wpe")?,
-            encoder_backward_wte: get("encoder", "encoder_backward_wte")?,
-            encoder_at: [
-                get("encoder", "encoder_at")?,
-                get("encoder", "encoder_at_f16")?,
-                get("encoder", "encoder_at_f16_wte")?,
-                get("encoder", "encoder_at_f16_wpe")?,
-            ],
-            layernorm_forward: get("layernorm", "layernorm_forward")?,
-            layernorm_backward_dinp: get("layernorm", "layernorm_backward_dinp")?,
-            layernorm_backward_params_partial: get("layernorm", "layernorm_backward_params_partial")?,
-            layernorm_backward_params_finish: get("layernorm", "layernorm_backward_params_finish")?,
-            add_bias: get("matmul", "add_bias")?,
-            bias_grad_partial: get("matmul", "bias_grad_partial")?,
-            bias_grad_finish: get("matmul", "bias_grad_finish")?,
-            sgemm_fallback: get("matmul", "sgemm_fallback")?,
-            sgemm_fallback_f16b: get("matmul", "sgemm_fallback_f16b")?,
-            attention_forward: get("attention", "attention_forward")?,
-            attention_backward_dq: get("attention", "attention_backward_dq")?,
-            attention_backward_dkv: get("attention", "attention_backward_dkv")?,
-            kv_store: get("attention", "kv_store")?,
-            attention_cached: get("attention", "attention_cached")?,
-            gelu_forward: get("gelu", "gelu_forward")?,
-            gelu_backward: get("gelu", "gelu_backward")?,
-            residual_forward: get("residual", "residual_forward")?,
-            crossentropy: get("classifier", "crossentropy_forward_backward")?,
-            sum_squares_partial: get("reduce", "sum_squares_partial")?,
-            sum_squares_finish: get("reduce", "sum_squares_finish")?,
-            clip_scale: get("reduce", "clip_scale")?,
-            adamw_update: get("adamw", "adamw_update")?,
-        };
+        let f32_funcs = load_funcs(&ctx, target, DType::F32)?;
 
         let env_no_blas = std::env::var("WGPT_CUDA_NO_CUBLAS").map(|v| !v.is_empty() && v != "0").unwrap_or(false);
         let blas = if opts.no_cublas || env_no_blas || dl::lib(dl::Which::Cublas).is_err() {
@@ -294,8 +328,8 @@ impl CudaBackend {
             retired: Vec::new(),
             tf32: opts.tf32 && blas.is_some() && info.cc_major >= 8,
             blas,
-            f,
-            attn_smem_allowed: [48 * 1024; 3],
+            funcs: [Some(Arc::new(f32_funcs)), None, None],
+            attn_smem_allowed: [[48 * 1024; 3]; 3],
             smem_optin,
             info,
             target,
@@ -312,6 +346,34 @@ impl CudaBackend {
     /// Whether matmuls go through cuBLAS (else the built-in GEMM kernel).
     pub fn uses_cublas(&self) -> bool {
         self.blas.is_some()
+    }
+
+    /// The compute capability as one number (sm_86 → 86).
+    fn cc(&self) -> u32 {
+        (self.info.cc_major * 10 + self.info.cc_minor) as u32
+    }
+
+    /// The kernels of precision `p` (loaded by `load_precisions` when the phase was prepared).
+    fn funcs(&self, p: DType) -> Result<Arc<Funcs>> {
+        self.funcs[pidx(p)].clone().ok_or_else(|| Error::Internal(format!("cuda: no {p} kernels were loaded for a prepared launch")))
+    }
+
+    /// Compile and load the modules of every precision `launches` use that is not loaded yet
+    /// (at prepare time: a run never compiles).
+    fn load_precisions(&mut self, launches: &[Launch]) -> Result<()> {
+        for l in launches {
+            let p = l.kernel.precision(&self.table);
+            if self.funcs[pidx(p)].is_none() {
+                self.bind()?;
+                self.funcs[pidx(p)] = Some(Arc::new(load_funcs(&self.ctx, self.target, p)?));
+            }
+        }
+        Ok(())
+    }
+
+    /// The dtype of a view's buffer.
+    fn dtype(&self, v: &View) -> DType {
+        self.bufs[v.buf.0 as usize].dtype
     }
 
     /// Read a whole i32 buffer back (waits for pending work).
@@ -384,19 +446,20 @@ impl CudaBackend {
         self.launch1(f, n, &args, label)
     }
 
-    /// Allow `bytes` of dynamic shared memory for attention kernel `which` (0 fwd, 1 dq, 2 dkv).
-    fn attn_smem(&mut self, which: usize, bytes: usize, label: &str) -> Result<()> {
+    /// Allow `bytes` of dynamic shared memory for attention kernel `which` (0 fwd, 1 dq, 2 dkv) of
+    /// the precision `p` (whose kernels are `f`).
+    fn attn_smem(&mut self, f: &Funcs, p: DType, which: usize, bytes: usize, label: &str) -> Result<()> {
         if bytes > self.smem_optin {
             return Err(berr(format!(
                 "{label}: attention needs {bytes} bytes of shared memory per block, the GPU allows {}",
                 self.smem_optin
             )));
         }
-        if bytes > self.attn_smem_allowed[which] {
+        if bytes > self.attn_smem_allowed[pidx(p)][which] {
             let f = match which {
-                0 => &self.f.attention_forward,
-                1 => &self.f.attention_backward_dq,
-                _ => &self.f.attention_backward_dkv,
+                0 => &f.attention_forward,
+                1 => &f.attention_backward_dq,
+                _ => &f.attention_backward_dkv,
             };
             unsafe {
                 drv::function::set_function_attribute(
@@ -406,16 +469,17 @@ impl CudaBackend {
                 )
             }
             .map_err(|e| drv_err(label, e))?;
-            self.attn_smem_allowed[which] = bytes;
+            self.attn_smem_allowed[pidx(p)][which] = bytes;
         }
         Ok(())
     }
 
     /// Row-major C(m×n) = α·op(A)·op(B) + β·C through cuBLAS (column-major, so the operands
-    /// swap) or the fallback kernel. `kind` picks one of the three matmul shapes:
-    /// 0: out(n,oc) = inp(n,c)·Wᵀ;  1: dinp(n,c) = dout(n,oc)·W;  2: dW(oc,c) += doutᵀ·inp.
+    /// swap) or the fallback kernel, every operand in precision `p` (f32: Sgemm; f16/bf16: GemmEx
+    /// with f32 compute, one rounding of C). `kind` picks one of the three matmul shapes:
+    /// 0: out(n,oc) = inp(n,c)·Wᵀ (+ β·out);  1: dinp(n,c) = dout(n,oc)·W;  2: dW(oc,c) += doutᵀ·inp.
     #[allow(clippy::too_many_arguments)]
-    fn gemm(&self, kind: u8, c_ptr: u64, x: u64, w: u64, n: usize, c: usize, oc: usize, label: &str) -> Result<()> {
+    fn gemm(&self, f: &Funcs, p: DType, kind: u8, c_ptr: u64, x: u64, w: u64, n: usize, c: usize, oc: usize, beta: f32, label: &str) -> Result<()> {
         if n == 0 || c == 0 || oc == 0 {
             return Ok(());
         }
@@ -423,7 +487,6 @@ impl CudaBackend {
             return Err(berr(format!("{label}: matmul dimension too large")));
         }
         let (ni, ci, oi) = (n as i32, c as i32, oc as i32);
-        let beta: f32 = if kind == 2 { 1.0 } else { 0.0 };
         let alpha: f32 = 1.0;
         if let Some(b) = &self.blas {
             use blas_sys::cublasOperation_t::{CUBLAS_OP_N as N, CUBLAS_OP_T as T};
@@ -437,37 +500,67 @@ impl CudaBackend {
                 // dWᶜ(c×oc) += inpᶜ · doutᶜᵀ : A = inp (c×n) [here `w` carries inp], B = dout (oc×n)
                 _ => (N, T, ci, oi, ni, w, ci, x, oi, ci),
             };
-            unsafe {
-                blas_result::sgemm(
-                    h, ta, tb, m, nn, k, &alpha, a as *const f32, lda, bb as *const f32, ldb, &beta, c_ptr as *mut f32, ldc,
+            let dt = match p {
+                DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
+                DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
+                _ => {
+                    return unsafe {
+                        blas_result::sgemm(
+                            h, ta, tb, m, nn, k, &alpha, a as *const f32, lda, bb as *const f32, ldb, &beta, c_ptr as *mut f32, ldc,
+                        )
+                    }
+                    .map_err(|e| berr(format!("{label}: cublasSgemm: {e:?}")));
+                }
+            };
+            // 16-bit A, B and C, f32 accumulation and epilogue (alpha, beta are f32): tensor cores
+            let st = unsafe {
+                blas_sys::cublasGemmEx(
+                    h,
+                    ta,
+                    tb,
+                    m,
+                    nn,
+                    k,
+                    &alpha as *const f32 as *const c_void,
+                    a as *const c_void,
+                    dt,
+                    lda,
+                    bb as *const c_void,
+                    dt,
+                    ldb,
+                    &beta as *const f32 as *const c_void,
+                    c_ptr as *mut c_void,
+                    dt,
+                    ldc,
+                    blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
                 )
-            }
-            .map_err(|e| berr(format!("{label}: cublasSgemm: {e:?}")))
+            };
+            st.result().map_err(|e| berr(format!("{label}: cublasGemmEx ({p}): {e:?}")))
         } else {
-            self.builtin_gemm(&self.f.sgemm_fallback, kind, c_ptr, x, w, n, c, oc, label)
+            self.builtin_gemm(&f.sgemm_fallback, kind, c_ptr, x, w, n, c, oc, beta, label)
         }
     }
 
-    /// out(n,oc) = inp(n,c)·Wᵀ with W f16 (f16 inference): always the built-in GEMM, which
-    /// converts each weight to f32 as it stages it, the sums f32. cuBLAS has no GemmEx with an
-    /// f16 B and an f32 A, and converting the input to f16 for an f16×f16 GemmEx would round the
-    /// activations, which the contract (f32 everywhere but the weights) does not allow.
+    /// out(n,oc) = inp(n,c)·Wᵀ (+ β·out) with W f16 and inp, out f32 or bf16 (`f`'s precision):
+    /// always the built-in GEMM, which converts each weight to f32 as it stages it, the sums f32.
+    /// cuBLAS has no GemmEx with an f16 B and an f32 or bf16 A, and converting the input to f16
+    /// for an f16×f16 GemmEx would round the activations, which the contract does not allow.
     #[allow(clippy::too_many_arguments)]
-    fn gemm_f16_weight(&self, out: u64, x: u64, w: u64, n: usize, c: usize, oc: usize, label: &str) -> Result<()> {
+    fn gemm_f16_weight(&self, f: &Funcs, out: u64, x: u64, w: u64, n: usize, c: usize, oc: usize, beta: f32, label: &str) -> Result<()> {
         if n == 0 || c == 0 || oc == 0 {
             return Ok(());
         }
         if n.max(c).max(oc) > i32::MAX as usize {
             return Err(berr(format!("{label}: matmul dimension too large")));
         }
-        self.builtin_gemm(&self.f.sgemm_fallback_f16b, 0, out, x, w, n, c, oc, label)
+        self.builtin_gemm(&f.sgemm_fallback_f16b, 0, out, x, w, n, c, oc, beta, label)
     }
 
     /// The built-in GEMM kernel `f` (`sgemm_fallback` or its f16-B twin) for matmul shape `kind`
     /// (as in [`Self::gemm`]); the sizes are nonzero and fit in i32.
     #[allow(clippy::too_many_arguments)]
-    fn builtin_gemm(&self, f: &CudaFunction, kind: u8, c_ptr: u64, x: u64, w: u64, n: usize, c: usize, oc: usize, label: &str) -> Result<()> {
-        let beta: f32 = if kind == 2 { 1.0 } else { 0.0 };
+    fn builtin_gemm(&self, f: &CudaFunction, kind: u8, c_ptr: u64, x: u64, w: u64, n: usize, c: usize, oc: usize, beta: f32, label: &str) -> Result<()> {
         let alpha: f32 = 1.0;
         // Cm[i,j] = Σ_k A[i·sam + k·sak]·B[k·sbk + j·sbn]
         let (mm, nn, kk, a, sam, sak, bb, sbk, sbn, ldc) = match kind {
@@ -512,6 +605,8 @@ impl CudaBackend {
             Kernel::LayerNormBackward { n, c, .. } => Self::chunking(n).1 * 2 * c,
             Kernel::MatmulBackward { dbias: Some(_), n, oc, .. } if n > 0 && oc > 0 => Self::chunking(n).1 * oc,
             Kernel::AttentionBackward { b, t, nh, .. } => b * nh * t,
+            // the row chains of the 16-bit wte gradient (2·B·T ints)
+            Kernel::EncoderBackward { b, t, .. } => 2 * b * t,
             Kernel::SumSquares { inp, .. } => inp.len.div_ceil(256 * 8).clamp(1, SUMSQ_MAX_BLOCKS),
             _ => 0,
         }
@@ -521,6 +616,8 @@ impl CudaBackend {
         use Kernel::*;
         let label = l.label.as_str();
         let i32_ = |v: usize| v as i32;
+        let p = l.kernel.precision(&self.table);
+        let f = self.funcs(p)?;
         match &l.kernel {
             EncoderAt { out, tokens, pos, wte, wpe, n, c } => {
                 let (n, c) = (*n, *c);
@@ -538,13 +635,16 @@ impl CudaBackend {
                     A::I(i32_(wte.len / c)),
                     A::I(i32_(wpe.len / c)),
                 ];
-                let f = match (self.is_f16(wte), self.is_f16(wpe)) {
-                    (false, false) => &self.f.encoder_at[0],
-                    (true, true) => &self.f.encoder_at[1],
-                    (true, false) => &self.f.encoder_at[2],
-                    (false, true) => &self.f.encoder_at[3],
+                if let Some(d) = [self.dtype(wte), self.dtype(wpe)].into_iter().find(|&d| d != p && d != DType::F16) {
+                    return Err(berr(format!("{label}: a {d} embedding in a {p} launch has no CUDA kernel (embeddings are {p} or f16)")));
+                }
+                let k = match (self.is_f16(wte), self.is_f16(wpe)) {
+                    (false, false) => &f.encoder_at[0],
+                    (true, true) => &f.encoder_at[1],
+                    (true, false) => &f.encoder_at[2],
+                    (false, true) => &f.encoder_at[3],
                 };
-                self.launch1(f, n * c, &args, label)
+                self.launch1(k, n * c, &args, label)
             }
             KvStore { kcache, vcache, qkv, slots, pos, n, c, tmax } => {
                 let (n, c, tmax) = (*n, *c, *tmax);
@@ -562,7 +662,7 @@ impl CudaBackend {
                     A::I(i32_(tmax)),
                     A::I(i32_(kcache.len / (tmax * c))),
                 ];
-                self.launch1(&self.f.kv_store, n * c, &args, label)
+                self.launch1(&f.kv_store, n * c, &args, label)
             }
             AttentionCached { out, qkv, kcache, vcache, slots, pos, n, c, nh, tmax } => {
                 let (n, c, nh, tmax) = (*n, *c, *nh, *tmax);
@@ -587,7 +687,7 @@ impl CudaBackend {
                     A::I(i32_(kcache.len / (tmax * c))),
                 ];
                 // one block per (row, head); the cache streams through in tiles (static shared memory only)
-                self.launch(&self.f.attention_cached, ((n * nh) as u32, 1, 1), (DEC_THREADS, 1, 1), 0, &args, label)
+                self.launch(&f.attention_cached, ((n * nh) as u32, 1, 1), (DEC_THREADS, 1, 1), 0, &args, label)
             }
             EncoderForward { out, tokens, wte, wpe, b, t, c } => {
                 let (b, t, c) = (*b, *t, *c);
@@ -601,7 +701,7 @@ impl CudaBackend {
                 let wp = self.dp(wpe);
                 let vocab = wte.len / c;
                 self.launch1(
-                    &self.f.encoder_forward,
+                    &f.encoder_forward,
                     n * c,
                     &[A::P(o), A::P(tk), A::P(we), A::P(wp), A::I(i32_(n)), A::I(i32_(t)), A::I(i32_(c)), A::I(i32_(vocab))],
                     label,
@@ -619,15 +719,26 @@ impl CudaBackend {
                 let tk = self.dp(tokens);
                 let vocab = dwte.len / c;
                 self.launch1(
-                    &self.f.encoder_backward_wpe,
+                    &f.encoder_backward_wpe,
                     t * c,
                     &[A::P(dwp), A::P(d), A::I(i32_(b)), A::I(i32_(t)), A::I(i32_(c))],
                     label,
                 )?;
+                if p == DType::F32 {
+                    return self.launch1(
+                        &f.encoder_backward_wte,
+                        n * c,
+                        &[A::P(dwt), A::P(d), A::P(tk), A::I(i32_(n)), A::I(i32_(c)), A::I(i32_(vocab))],
+                        label,
+                    );
+                }
+                // 16 bits: each token's rows summed in order in f32 and stored once, no atomics
+                let links = self.scratch(2 * n)?;
+                self.launch1(&f.encoder_backward_wte_links, n, &[A::P(links), A::P(tk), A::I(i32_(n))], label)?;
                 self.launch1(
-                    &self.f.encoder_backward_wte,
+                    &f.encoder_backward_wte_chain,
                     n * c,
-                    &[A::P(dwt), A::P(d), A::P(tk), A::I(i32_(n)), A::I(i32_(c)), A::I(i32_(vocab))],
+                    &[A::P(dwt), A::P(d), A::P(tk), A::P(links), A::I(i32_(n)), A::I(i32_(c)), A::I(i32_(vocab))],
                     label,
                 )
             }
@@ -646,7 +757,7 @@ impl CudaBackend {
                     A::I(i32_(n)),
                     A::I(i32_(c)),
                 ];
-                self.launch(&self.f.layernorm_forward, (n.div_ceil(8) as u32, 1, 1), (256, 1, 1), 0, &args, label)
+                self.launch(&f.layernorm_forward, (n.div_ceil(8) as u32, 1, 1), (256, 1, 1), 0, &args, label)
             }
             LayerNormBackward { dinp, dweight, dbias, dout, inp, weight, mean, rstd, n, c, accumulate } => {
                 let (n, c) = (*n, *c);
@@ -662,7 +773,7 @@ impl CudaBackend {
                 let m = self.dp(mean);
                 let r = self.dp(rstd);
                 self.launch(
-                    &self.f.layernorm_backward_dinp,
+                    &f.layernorm_backward_dinp,
                     (n.div_ceil(8) as u32, 1, 1),
                     (256, 1, 1),
                     0,
@@ -672,7 +783,7 @@ impl CudaBackend {
                 let (rpc, chunks) = Self::chunking(n);
                 let s = self.scratch(chunks * 2 * c)?;
                 self.launch(
-                    &self.f.layernorm_backward_params_partial,
+                    &f.layernorm_backward_params_partial,
                     (c.div_ceil(32) as u32, chunks as u32, 1),
                     (32, 8, 1),
                     0,
@@ -680,7 +791,7 @@ impl CudaBackend {
                     label,
                 )?;
                 self.launch(
-                    &self.f.layernorm_backward_params_finish,
+                    &f.layernorm_backward_params_finish,
                     (c.div_ceil(256) as u32, 1, 1),
                     (256, 1, 1),
                     0,
@@ -693,15 +804,28 @@ impl CudaBackend {
                 let o = self.dp(out);
                 let x = self.dp(inp);
                 let w = self.dp(weight);
-                if self.is_f16(weight) {
-                    self.gemm_f16_weight(o, x, w, n, c, oc, label)?;
-                } else {
-                    self.gemm(0, o, x, w, n, c, oc, label)?;
+                let wd = self.dtype(weight);
+                if wd != p && wd != DType::F16 {
+                    return Err(berr(format!("{label}: a {wd} weight in a {p} matmul has no CUDA kernel (weights are {p} or f16)")));
                 }
-                if let Some(bias) = bias {
+                // 16 bits: out = bias first, then the GEMM adds inp·Wᵀ with beta = 1 (one rounding)
+                let mut beta = 0.0;
+                if let (Some(bias), true) = (bias, p != DType::F32) {
+                    if n * oc > 0 && c > 0 {
+                        let bp = self.dp(bias);
+                        self.launch1(&f.bias_broadcast, n * oc, &[A::P(o), A::P(bp), A::I(i32_(n)), A::I(i32_(oc))], label)?;
+                        beta = 1.0;
+                    }
+                }
+                if wd == DType::F16 && p != DType::F16 {
+                    self.gemm_f16_weight(&f, o, x, w, n, c, oc, beta, label)?;
+                } else {
+                    self.gemm(&f, p, 0, o, x, w, n, c, oc, beta, label)?;
+                }
+                if let (Some(bias), false) = (bias, beta == 1.0) {
                     if n * oc > 0 {
                         let bp = self.dp(bias);
-                        self.launch1(&self.f.add_bias, n * oc, &[A::P(o), A::P(bp), A::I(i32_(n)), A::I(i32_(oc))], label)?;
+                        self.launch1(&f.add_bias, n * oc, &[A::P(o), A::P(bp), A::I(i32_(n)), A::I(i32_(oc))], label)?;
                     }
                 }
                 Ok(())
@@ -713,15 +837,15 @@ impl CudaBackend {
                 let d = self.dp(dout);
                 let x = self.dp(inp);
                 let w = self.dp(weight);
-                self.gemm(1, di, d, w, n, c, oc, label)?;
-                self.gemm(2, dw, d, x, n, c, oc, label)?;
+                self.gemm(&f, p, 1, di, d, w, n, c, oc, 0.0, label)?;
+                self.gemm(&f, p, 2, dw, d, x, n, c, oc, 1.0, label)?;
                 if let Some(dbias) = dbias {
                     if n > 0 && oc > 0 {
                         let db = self.dp(dbias);
                         let (rpc, chunks) = Self::chunking(n);
                         let s = self.scratch(chunks * oc)?;
                         self.launch(
-                            &self.f.bias_grad_partial,
+                            &f.bias_grad_partial,
                             (oc.div_ceil(32) as u32, chunks as u32, 1),
                             (32, 8, 1),
                             0,
@@ -729,7 +853,7 @@ impl CudaBackend {
                             label,
                         )?;
                         self.launch(
-                            &self.f.bias_grad_finish,
+                            &f.bias_grad_finish,
                             (oc.div_ceil(256) as u32, 1, 1),
                             (256, 1, 1),
                             0,
@@ -750,9 +874,9 @@ impl CudaBackend {
                 let ls = self.dp(lse);
                 let q = self.dp(qkv);
                 let smem = (ATTN_TILE * hs + 2 * ATTN_TILE * (hs + 1)) * 4;
-                self.attn_smem(0, smem, label)?;
+                self.attn_smem(&f, p, 0, smem, label)?;
                 self.launch(
-                    &self.f.attention_forward,
+                    &f.attention_forward,
                     (t.div_ceil(ATTN_TILE) as u32, (b * nh) as u32, 1),
                     (ATTN_THREADS, 1, 1),
                     smem as u32,
@@ -773,25 +897,25 @@ impl CudaBackend {
                 let q = self.dp(qkv);
                 let dbuf = self.scratch(b * nh * t)?;
                 let smem = (2 * ATTN_TILE * hs + 2 * ATTN_TILE * (hs + 1)) * 4;
-                self.attn_smem(1, smem, label)?;
-                self.attn_smem(2, smem, label)?;
+                self.attn_smem(&f, p, 1, smem, label)?;
+                self.attn_smem(&f, p, 2, smem, label)?;
                 let grid = (t.div_ceil(ATTN_TILE) as u32, (b * nh) as u32, 1);
                 let dims = [A::I(i32_(b)), A::I(i32_(t)), A::I(i32_(c)), A::I(i32_(nh))];
                 let mut a1 = vec![A::P(dq), A::P(dbuf), A::P(d), A::P(o), A::P(ls), A::P(q)];
                 a1.extend_from_slice(&dims);
-                self.launch(&self.f.attention_backward_dq, grid, (ATTN_THREADS, 1, 1), smem as u32, &a1, label)?;
+                self.launch(&f.attention_backward_dq, grid, (ATTN_THREADS, 1, 1), smem as u32, &a1, label)?;
                 let mut a2 = vec![A::P(dq), A::P(dbuf), A::P(d), A::P(ls), A::P(q)];
                 a2.extend_from_slice(&dims);
-                self.launch(&self.f.attention_backward_dkv, grid, (ATTN_THREADS, 1, 1), smem as u32, &a2, label)
+                self.launch(&f.attention_backward_dkv, grid, (ATTN_THREADS, 1, 1), smem as u32, &a2, label)
             }
             GeluForward { out, inp, n } => {
-                self.elementwise(&self.f.gelu_forward, &[(out, "out"), (inp, "inp")], *n, label)
+                self.elementwise(&f.gelu_forward, &[(out, "out"), (inp, "inp")], *n, label)
             }
             GeluBackward { dinp, inp, dout, n } => {
-                self.elementwise(&self.f.gelu_backward, &[(dinp, "dinp"), (inp, "inp"), (dout, "dout")], *n, label)
+                self.elementwise(&f.gelu_backward, &[(dinp, "dinp"), (inp, "inp"), (dout, "dout")], *n, label)
             }
             ResidualForward { out, a, b, n } => {
-                self.elementwise(&self.f.residual_forward, &[(out, "out"), (a, "a"), (b, "b")], *n, label)
+                self.elementwise(&f.residual_forward, &[(out, "out"), (a, "a"), (b, "b")], *n, label)
             }
             CrossEntropy { logits, losses, targets, dloss, n, v, vp, write_grad, accumulate } => {
                 let (n, v, vp) = (*n, *v, *vp);
@@ -810,7 +934,7 @@ impl CudaBackend {
                     A::I(*accumulate as i32),
                 ];
                 let threads = if v >= 4096 { 1024 } else { 256 };
-                self.launch(&self.f.crossentropy, (n as u32, 1, 1), (threads, 1, 1), 0, &args, label)
+                self.launch(&f.crossentropy, (n as u32, 1, 1), (threads, 1, 1), 0, &args, label)
             }
             Zero { out } => {
                 if out.len == 0 {
@@ -827,9 +951,9 @@ impl CudaBackend {
                 let n = inp.len;
                 let blocks = n.div_ceil(256 * 8).clamp(1, SUMSQ_MAX_BLOCKS);
                 let s = self.scratch(blocks)?;
-                self.launch(&self.f.sum_squares_partial, (blocks as u32, 1, 1), (256, 1, 1), 0, &[A::P(s), A::P(x), A::L(n as i64)], label)?;
+                self.launch(&f.sum_squares_partial, (blocks as u32, 1, 1), (256, 1, 1), 0, &[A::P(s), A::P(x), A::L(n as i64)], label)?;
                 self.launch(
-                    &self.f.sum_squares_finish,
+                    &f.sum_squares_finish,
                     (1, 1, 1),
                     (256, 1, 1),
                     0,
@@ -841,7 +965,7 @@ impl CudaBackend {
                 let h = self.dp(hyper);
                 let p = self.dp(parts);
                 self.launch(
-                    &self.f.clip_scale,
+                    &f.clip_scale,
                     (1, 1, 1),
                     (256, 1, 1),
                     0,
@@ -849,11 +973,12 @@ impl CudaBackend {
                     label,
                 )
             }
-            // `master` comes with low-precision parameters, which `precisions` refuses first
-            AdamW { param, grad, m, v, hyper, weight_decay, .. } => {
+            // `master`: the f32 master weights of 16-bit parameters (null pointer: none)
+            AdamW { param, master, grad, m, v, hyper, weight_decay } => {
                 let n = param.len;
                 let args = [
                     A::P(self.dp(param)),
+                    A::P(master.as_ref().map_or(0, |w| self.dp(w))),
                     A::P(self.dp(grad)),
                     A::P(self.dp(m)),
                     A::P(self.dp(v)),
@@ -864,7 +989,7 @@ impl CudaBackend {
                 if n == 0 {
                     return Ok(());
                 }
-                self.launch1(&self.f.adamw_update, n, &args, label)
+                self.launch1(&f.adamw_update, n, &args, label)
             }
         }
     }
@@ -898,10 +1023,31 @@ impl Backend for CudaBackend {
     }
 
     fn supports(&self, dtype: DType) -> bool {
-        // f16: the weights of f16 inference (every GPU since sm_53 loads 16-bit values; ours are
-        // sm_70+), read by the kernels specialised for them (the matmul forward and the cached
-        // encoder, `Kernel::weight_dtypes`). bf16 storage has no kernels yet.
-        matches!(dtype, DType::F32 | DType::F16 | DType::I32)
+        // storage: every GPU (sm_70+) loads and stores 16-bit values; which precisions have
+        // kernels is `precisions` (bf16 from sm_80), checked when a phase is prepared
+        matches!(dtype, DType::F32 | DType::F16 | DType::BF16 | DType::I32)
+    }
+
+    /// f32 and f16 on every GPU, bf16 from sm_80 ([`compile::precisions_for_cc`]).
+    fn precisions(&self) -> &'static [DType] {
+        compile::precisions_for_cc(self.cc())
+    }
+
+    /// As every backend, but bf16 before sm_80 names the precision this GPU has.
+    fn check_precisions(&self, launches: &[Launch]) -> Result<()> {
+        for l in launches {
+            let p = l.kernel.precision(&self.table);
+            if self.precisions().contains(&p) {
+                continue;
+            }
+            let msg = if p == DType::BF16 {
+                format!("bf16 needs sm_80 (this GPU is sm_{}; launch '{}'); use --precision fp16", self.cc(), l.label)
+            } else {
+                format!("no {p} kernels (launch '{}'); use --precision fp32", l.label)
+            };
+            return Err(Error::Unsupported { backend: self.name(), msg });
+        }
+        Ok(())
     }
 
     fn alloc(&mut self, table: &BufferTable) -> Result<()> {
@@ -955,6 +1101,7 @@ impl Backend for CudaBackend {
     }
 
     fn prepare_valid(&mut self, launches: &[Launch]) -> Result<Prepared> {
+        self.load_precisions(launches)?;
         let need = launches.iter().map(|l| Self::scratch_floats(&l.kernel)).max().unwrap_or(0);
         self.reserve_scratch(need)?;
         self.phases.push(Some(launches.to_vec()));
@@ -994,6 +1141,7 @@ impl Backend for CudaBackend {
 
     /// An event before the first launch and after each one, on the backend's stream.
     fn profile_valid(&mut self, launches: &[Launch]) -> Result<crate::backend::Profile> {
+        self.load_precisions(launches)?;
         let need = launches.iter().map(|l| Self::scratch_floats(&l.kernel)).max().unwrap_or(0);
         self.reserve_scratch(need)?;
         self.bind()?;

@@ -355,8 +355,8 @@ fn a_range_of_the_gradients_is_that_slice_of_all_of_them() {
 
 #[test]
 fn a_backend_refuses_a_precision_it_has_no_kernels_for_in_one_line() {
-    // a mixed-precision step: the cpu reference has every precision; wgpu and CUDA have f32 kernels
-    // only (f16 weights of inference aside), and say so when the phases are prepared
+    // a mixed-precision step: the cpu reference and CUDA have every precision; wgpu has f32
+    // kernels only (f16 weights of inference aside), and says so when the phases are prepared
     let cfg = Config { max_t: 16, v: 50, vp: 64, l: 1, nh: 2, c: 16 };
     for precision in [DType::F16, DType::BF16] {
         let o = TrainOptions { b: 2, t: 8, precision, ..Default::default() };

@@ -117,7 +117,7 @@ pub trait Backend: Send {
                 return Err(Error::Unsupported {
                     backend: self.name(),
                     msg: format!(
-                        "no {p} kernels (launch '{}'; this backend has {}): use --precision fp32, or --backend cpu for {p}",
+                        "no {p} kernels (launch '{}'; this backend has {}): use --precision fp32, or --backend cpu or cuda for {p}",
                         l.label,
                         have.join("/")
                     ),

@@ -119,10 +119,15 @@ fn fifty_fp16_steps_on_wgpu_follow_its_fp32_curve() {
     // the wgpu f16 kernels (SHADER_F16; lavapipe has it), the same run as the cpu test above: the
     // same seed, data and initialisation in fp32 and fp16 on the adapter, and the same bound
     let Some(g) = common::wgpu_adapter() else { return };
+    let name = wgpt::backend::Backend::name(&g);
+    if !wgpt::backend::Backend::supports(&g, wgpt::graph::DType::F16) {
+        assert!(std::env::var("WGPT_REQUIRE_F16").is_err(), "WGPT_REQUIRE_F16=1 but {name} has no SHADER_F16");
+        let _ = writeln!(std::io::stderr().lock(), "skipped: {name} has no SHADER_F16");
+        return;
+    }
     if !wgpt::backend::Backend::precisions(&g).contains(&wgpt::graph::DType::F16) {
-        assert!(std::env::var("WGPT_REQUIRE_F16").is_err(), "WGPT_REQUIRE_F16=1 but {} has no SHADER_F16", wgpt::backend::Backend::name(&g));
         // straight to stderr: libtest's capture would hide it
-        let _ = writeln!(std::io::stderr().lock(), "skipped: {} has no SHADER_F16, so no f16 kernels", wgpt::backend::Backend::name(&g));
+        let _ = writeln!(std::io::stderr().lock(), "skipped: the wgpu backend has no f16 training kernels yet (issue 11)");
         return;
     }
     drop(g);

@@ -74,4 +74,18 @@ impl ParamLayout {
     pub fn split<'a>(&self, flat: &'a [f32]) -> Vec<&'a [f32]> {
         (0..NUM_PARAM_TENSORS).map(|i| &flat[self.offsets[i]..self.offsets[i] + self.sizes[i]]).collect()
     }
+
+    /// `split`, mutably: the 16 tensors of a flat vector as disjoint slices (the tensors are
+    /// contiguous, in file order).
+    pub fn split_mut<'a>(&self, flat: &'a mut [f32]) -> Vec<&'a mut [f32]> {
+        let mut rest = &mut flat[..self.total];
+        self.sizes
+            .iter()
+            .map(|&n| {
+                let (t, tail) = std::mem::take(&mut rest).split_at_mut(n);
+                rest = tail;
+                t
+            })
+            .collect()
+    }
 }

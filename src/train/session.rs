@@ -261,18 +261,8 @@ impl Session {
         let h = self.host_opt.as_mut().expect("called with a host optimiser");
         let decays = h.decays;
         // each tensor's disjoint (master, m, v) slices, in checkpoint order
-        let mut parts = Vec::with_capacity(NUM_PARAM_TENSORS);
-        let (mut pm, mut mm, mut vm) = (&mut h.master[..], &mut h.m[..], &mut h.v[..]);
-        let mut at = 0;
-        for i in 0..NUM_PARAM_TENSORS {
-            let (skip, n) = (self.layout.offsets[i] - at, self.layout.sizes[i]);
-            let (p, rest_p) = std::mem::take(&mut pm)[skip..].split_at_mut(n);
-            let (m, rest_m) = std::mem::take(&mut mm)[skip..].split_at_mut(n);
-            let (v, rest_v) = std::mem::take(&mut vm)[skip..].split_at_mut(n);
-            (pm, mm, vm) = (rest_p, rest_m, rest_v);
-            at = self.layout.offsets[i] + n;
-            parts.push((p, m, v));
-        }
+        let l = &self.layout;
+        let parts = l.split_mut(&mut h.master).into_iter().zip(l.split_mut(&mut h.m)).zip(l.split_mut(&mut h.v));
         let backend = &mut self.backend;
         std::thread::scope(|s| -> Result<()> {
             use std::sync::mpsc;
@@ -287,7 +277,7 @@ impl Session {
                     }
                 }
             });
-            for (i, (p, m, v)) in parts.into_iter().enumerate() {
+            for (i, ((p, m), v)) in parts.enumerate() {
                 let g = backend.download_f32(grads[i])?;
                 // a closed channel means the worker panicked: the join at the end of the scope reports it
                 let _ = to_worker.send((i, g, p, m, v));

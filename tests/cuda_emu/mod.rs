@@ -27,9 +27,13 @@ pub fn kernel_names(src: &str) -> Vec<String> {
     out
 }
 
-/// The precisions every family is built in, as the suffix of `wgpt_floatx_<p>` (cuda/common.cuh)
-/// and the `-D` that selects it.
-const PRECISIONS: [(&str, &str); 3] = [("f32", ""), ("f16", "FLOATX_F16"), ("bf16", "FLOATX_BF16")];
+/// The precisions every family is built in: the name (the suffix of `wgpt_floatx_<p>` in
+/// cuda/common.cuh) and the macro that selects it, the backend's own (`precision_define`).
+fn precisions() -> Vec<(&'static str, &'static str)> {
+    use wgpt::backend::cuda::compile::precision_define;
+    use wgpt::graph::DType;
+    [DType::F32, DType::F16, DType::BF16].into_iter().map(|p| (p.name(), precision_define(p).map_or("", |d| d.trim_start_matches("-D")))).collect()
+}
 
 /// The host translation unit for one family in one precision: shim, `cuda/common.cuh` with the
 /// precision's define, the source (dynamic shared memory made thread-local like every other
@@ -102,7 +106,7 @@ pub fn build(out: &Path, sources: &[(&str, &str)], common: &str) -> Result<Vec<P
     let flags = ["-std=c++20", "-O2", "-g0", "-fPIC", "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-Wno-unknown-pragmas"];
     let mut units = vec![out.join("driver.cpp")];
     for (family, src) in sources {
-        for (precision, define) in PRECISIONS {
+        for (precision, define) in precisions() {
             let p = out.join(format!("k_{family}_{precision}.cpp"));
             std::fs::write(&p, host_source(family, src, common, precision, define)).map_err(|e| e.to_string())?;
             units.push(p);

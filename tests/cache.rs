@@ -72,9 +72,9 @@ fn child_uses_the_cache() {
     if nvrtc_version().is_ok() {
         let src = wgpt::backend::cuda::SOURCES.iter().find(|(f, _)| *f == "adamw").unwrap().1;
         // compiled afresh, then (when the cache is writable) taken from $WGPT_CACHE_DIR/cuda
-        let (first, from) = compile_cached("adamw", src, Target::Cubin(70)).expect("compiles with an unwritable cache");
+        let (first, from) = compile_cached("adamw", src, Target::Cubin(70), wgpt::graph::DType::F32).expect("compiles with an unwritable cache");
         assert!(from.is_none() && !first.is_empty());
-        let (second, from) = compile_cached("adamw", src, Target::Cubin(70)).expect("compiles again");
+        let (second, from) = compile_cached("adamw", src, Target::Cubin(70), wgpt::graph::DType::F32).expect("compiles again");
         assert_eq!(first, second);
         match from {
             Some(p) => {
